@@ -1,0 +1,121 @@
+"""Benchmark conventions shared by every suite in benchmarks/.
+
+* ``make bench`` runs the suite at full size with timing on and writes ``benchmarks/results.json``
+  plus the readable table ``benchmarks/results.md``; ``make test`` runs each benchmark once at tiny
+  size (``--benchmark-disable``) so none of them rots.
+* A benchmark calls the ``measure`` fixture: it times the call, and records the figure a user
+  cares about (images/s, tokens/s, …), the model FLOP utilisation when FLOPs are given (against a
+  peak measured here by a large fp32 matmul in the same run), and the ``group``/``impl`` pair so the
+  report puts ours beside the peer and prints the ratio.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULTS = Path(__file__).parent / "results.md"
+_rows: list[dict] = []
+
+
+def _full(config) -> bool:
+    return not config.getoption("benchmark_disable", default=True)
+
+
+@pytest.fixture(scope="session")
+def full(request) -> bool:
+    """True under ``make bench`` (real sizes); False in the test run (tiny sizes, one call)."""
+    return _full(request.config)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def peak_gflops(full, device) -> float:
+    """Achievable fp32 matmul GFLOP/s on this machine now (bf16 on CUDA), the MFU denominator."""
+    n = 4096 if full else 256
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5 if full else 1):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture
+def measure(benchmark, peak_gflops, full, device):
+    """``measure(fn, group=, impl=, items=, unit=, flops=None)`` → fn's result.
+
+    ``items`` is how many images/tokens one call processes; ``flops`` how many FLOPs it costs
+    (2 per multiply-add). ``impl`` is "ours" or the peer's name; rows of one ``group`` are compared.
+    """
+
+    def run(fn, *, group: str, impl: str, items: int, unit: str, flops: float | None = None, rounds: int = 3):
+        def call():
+            out = fn()
+            _sync(device)
+            return out
+
+        benchmark.group = group
+        result = benchmark.pedantic(call, rounds=rounds if full else 1, warmup_rounds=1 if full else 0)
+        info = {"group": group, "impl": impl, "unit": unit, "items": items}
+        stats = getattr(benchmark, "stats", None)
+        if stats is not None and stats.stats is not None:
+            seconds = stats.stats.median
+            info["throughput"] = items / seconds
+            if flops is not None:
+                info["gflops"] = flops / seconds / 1e9
+                info["mfu"] = info["gflops"] / peak_gflops
+            _rows.append(info)
+        benchmark.extra_info.update(info)
+        return result
+
+    return run
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["torch"] = torch.__version__
+    machine_info["threads"] = torch.get_num_threads()
+    machine_info["cuda"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    machine_info["processor"] = platform.processor() or platform.machine()
+    machine_info["cpu_count"] = os.cpu_count()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _full(config) or not _rows:
+        return
+    lines = ["| group | impl | throughput | GFLOP/s | MFU | ours / peer |", "|---|---|---|---|---|---|"]
+    by_group: dict[str, list[dict]] = {}
+    for row in _rows:
+        by_group.setdefault(row["group"], []).append(row)
+    for group, rows in sorted(by_group.items()):
+        ours = next((r for r in rows if r["impl"] == "ours"), None)
+        for r in rows:
+            ratio = ""
+            if ours is not None and r is not ours:
+                ratio = f"{ours['throughput'] / r['throughput']:.2f}x"
+            gf = f"{r['gflops']:.1f}" if "gflops" in r else ""
+            mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else ""
+            lines.append(f"| {group} | {r['impl']} | {r['throughput']:.2f} {r['unit']} | {gf} | {mfu} | {ratio} |")
+    table = "\n".join(lines)
+    RESULTS.write_text(f"# Benchmark results\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads\n\n{table}\n")
+    terminalreporter.write_line("")
+    terminalreporter.write_line(table)
+    terminalreporter.write_line(f"(written to {RESULTS}; raw numbers: {len(_rows)} rows)")
