@@ -1,4 +1,6 @@
-"""latentforge-encoders: frozen representation encoders (DINOv2 with and without registers, SigLIP2, MAE) with their preprocessing and feature selection"""
+"""latentforge-encoders: frozen representation encoders (DINOv2 with and without registers, SigLIP2,
+MAE) with their preprocessing and feature selection."""
+
 from latentforge_encoders.convert import load_encoder, load_weights, read_source, save_encoder
 from latentforge_encoders.encoder import PRESETS, FeatureSpec, FrozenEncoder, Preset
 from latentforge_encoders.vit import VisionTransformer

@@ -13,6 +13,7 @@
 
 ``hf:<repo>`` downloads a folder through ``huggingface_hub`` (online use only; tests never do).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,15 @@ from typing import Any
 
 import attrs
 import torch
-from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into, load_state_file, save_checkpoint
-from latentforge_core.protocols import Preprocessing
 
+from latentforge_core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_into,
+    load_state_file,
+    save_checkpoint,
+)
+from latentforge_core.protocols import Preprocessing
 from latentforge_encoders.encoder import FeatureSpec, FrozenEncoder, Preset, apply_preset, resolve_preset
 from latentforge_encoders.vit import VisionTransformer
 
@@ -71,7 +78,9 @@ FAMILY_INPUT = {  # processor defaults when a folder has no preprocessor_config.
 
 def from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Hugging Face state dict (hub or transformers-5 names, any head on top) → ours."""
-    prefix = next((p for p in HF_TRUNK_PREFIXES if any(k.startswith(p + "embeddings.") for k in state_dict)), None)
+    prefix = next(
+        (p for p in HF_TRUNK_PREFIXES if any(k.startswith(p + "embeddings.") for k in state_dict)), None
+    )
     if prefix is None:
         raise CheckpointError(
             "not a Hugging Face ViT checkpoint: no 'embeddings.*' keys (under any of the prefixes "
@@ -130,7 +139,10 @@ def vit_config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
     """``VisionTransformer`` arguments from a transformers ``config.json`` (a dict)."""
     kind = config.get("model_type")
     if "vision_config" in config:  # a full SigLIP model: take its vision tower
-        config, kind = config["vision_config"], config["vision_config"].get("model_type", "siglip_vision_model")
+        config, kind = (
+            config["vision_config"],
+            config["vision_config"].get("model_type", "siglip_vision_model"),
+        )
     if kind not in FAMILY_INPUT:
         raise CheckpointError(
             f"unsupported Hugging Face model_type {kind!r}; expected one of {sorted(FAMILY_INPUT)} "
@@ -170,8 +182,9 @@ def vit_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]
     return dict(
         image_size=side * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
         num_heads=dim // 64, mlp_hidden_dim=hidden, ffn="swiglu" if swiglu else "mlp",
-        num_registers=sd["register_tokens"].shape[1] if "register_tokens" in sd else 0, class_token=class_token,
-        layerscale_init=1.0 if "blocks.0.ls1.gamma" in sd else None, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        num_registers=sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
+        class_token=class_token, layerscale_init=1.0 if "blocks.0.ls1.gamma" in sd else None,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
     )  # fmt: skip
 
 
@@ -202,7 +215,9 @@ def read_source(source: str | os.PathLike) -> Source:
     if path.is_dir():
         return _read_hf_folder(path)
     if not path.is_file():
-        raise FileNotFoundError(f"encoder checkpoint not found: {path} (expected a file, a folder, or 'hf:<repo>')")
+        raise FileNotFoundError(
+            f"encoder checkpoint not found: {path} (expected a file, a folder, or 'hf:<repo>')"
+        )
     if path.suffix == ".safetensors":
         sd, config = load_checkpoint(path)
         if FORMAT_KEY in config:
@@ -211,7 +226,9 @@ def read_source(source: str | os.PathLike) -> Source:
                                    "std": tuple(ours["preprocessing"]["std"]),
                                    "value_range": tuple(ours["preprocessing"]["value_range"])})  # fmt: skip
             spec = FeatureSpec(**ours["spec"])
-            return Source(sd, "ours", ours["vit"], pre, f"{path} (latentforge encoder {ours.get('name')!r})", spec)
+            return Source(
+                sd, "ours", ours["vit"], pre, f"{path} (latentforge encoder {ours.get('name')!r})", spec
+            )
     else:
         sd = load_state_file(path)
         for wrapper in ("model", "teacher", "state_dict"):  # training checkpoints nest the weights
@@ -272,7 +289,9 @@ def load_encoder(
     """A ``FrozenEncoder`` whose architecture and preprocessing come from the checkpoint itself."""
     src = read_source(source)
     if src.vit_config is None:
-        raise CheckpointError(f"{src.description}: cannot tell the architecture; build a registered encoder instead")
+        raise CheckpointError(
+            f"{src.description}: cannot tell the architecture; build a registered encoder instead"
+        )
     vit = VisionTransformer(**src.vit_config)
     load_weights(vit, src)
     pre = src.preprocessing or Preprocessing(

@@ -19,6 +19,7 @@ preset     features                               input
 CLS and register tokens are dropped from ``map``/``tokens``/``pooled`` outputs.  Images whose size
 differs from the preprocessing input size are resized to it (never refused).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from latentforge_core.protocols import Preprocessing
 
+from latentforge_core.protocols import Preprocessing
 from latentforge_encoders.vit import VisionTransformer
 
 NORMS = ("affine", "no_affine", "none")
@@ -194,15 +195,21 @@ class FrozenEncoder(nn.Module):
         """[0, 1] images ``[B, 3, H, W]`` → the ViT's input (resized, normalised)."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"{self.name} expects RGB images in [0, 1] as a [B, 3, H, W] tensor, got {shape}")
+            raise ValueError(
+                f"{self.name} expects RGB images in [0, 1] as a [B, 3, H, W] tensor, got {shape}"
+            )
         if not images.is_floating_point():
             raise TypeError(f"{self.name} expects floating-point images in [0, 1], got dtype {images.dtype}")
         if self.check_finite and not bool(torch.isfinite(images).all()):
-            raise ValueError(f"{self.name} was given images containing NaN or inf; expected finite values in [0, 1]")
+            raise ValueError(
+                f"{self.name} was given images containing NaN or inf; expected finite values in [0, 1]"
+            )
         size, mode = self.preprocessing.input_size, self.preprocessing.resize
         if tuple(images.shape[-2:]) != (size, size):
             smooth = mode in ("bilinear", "bicubic")
-            images = F.interpolate(images, size=(size, size), mode=mode, align_corners=False if smooth else None)
+            images = F.interpolate(
+                images, size=(size, size), mode=mode, align_corners=False if smooth else None
+            )
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -225,7 +232,9 @@ class FrozenEncoder(nn.Module):
             self.spec.output if output is None else output,
         )
         if spec.output == "cls" and self.vit.cls_token is None:
-            raise ValueError(f"{self.name} has no CLS token; ask for output='pooled' (mean of the patch tokens)")
+            raise ValueError(
+                f"{self.name} has no CLS token; ask for output='pooled' (mean of the patch tokens)"
+            )
         x = self.preprocess(images)
         h, w = self.vit.token_grid(*x.shape[-2:])
         blocks = self.vit.forward_blocks(x, spec.layers)

@@ -9,6 +9,7 @@ antialias).  Parameter names follow the official DINOv2/timm layout (``patch_emb
 
 Token order in every block: ``[CLS?, registers…, patches…]``; registers carry no position embedding.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
 from latentforge_core.attention import attention
 
 ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -150,12 +152,14 @@ class VisionTransformer(nn.Module):
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         if mlp_hidden_dim is None:
-            mlp_hidden_dim = swiglu_hidden_dim(embed_dim, mlp_ratio) if ffn == "swiglu" else int(embed_dim * mlp_ratio)
+            mlp_hidden_dim = (
+                swiglu_hidden_dim(embed_dim, mlp_ratio) if ffn == "swiglu" else int(embed_dim * mlp_ratio)
+            )
         self.config = dict(
-            image_size=image_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, mlp_hidden_dim=mlp_hidden_dim, num_registers=num_registers,
-            class_token=class_token, layerscale_init=layerscale_init, ffn=ffn, act=act, qkv_bias=qkv_bias,
-            norm_eps=norm_eps, pos_antialias=pos_antialias, pos_offset=pos_offset,
+            image_size=image_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, mlp_hidden_dim=mlp_hidden_dim,
+            num_registers=num_registers, class_token=class_token, layerscale_init=layerscale_init, ffn=ffn,
+            act=act, qkv_bias=qkv_bias, norm_eps=norm_eps, pos_antialias=pos_antialias, pos_offset=pos_offset,
         )  # fmt: skip
         self.patch_size, self.in_chans, self.embed_dim, self.depth = patch_size, in_chans, embed_dim, depth
         self.num_registers, self.norm_eps = num_registers, norm_eps
@@ -165,7 +169,9 @@ class VisionTransformer(nn.Module):
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        )
         self.pos_embed = nn.Parameter(torch.zeros(1, int(class_token) + self.grid_size**2, embed_dim))
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_hidden_dim, ffn=ffn, act=act, qkv_bias=qkv_bias,
@@ -292,4 +298,3 @@ class VisionTransformer(nn.Module):
     def extra_repr(self) -> str:
         return (f"patch_size={self.patch_size}, grid={self.grid_size}x{self.grid_size}, "
                 f"registers={self.num_registers}, prefix_tokens={self.num_prefix_tokens}")  # fmt: skip
-

@@ -6,14 +6,15 @@ for the entry's default hub repository or ``"hf:<repo>"``, online only), ``featu
 name or a ``FeatureSpec``), ``frozen``, ``image_size`` (the resolution the encoder runs at; the
 learned position grid is resized to it) and ``check_finite``.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import attrs
 import torch
-from latentforge_core.protocols import Preprocessing
 
+from latentforge_core.protocols import Preprocessing
 from latentforge_encoders.convert import load_weights
 from latentforge_encoders.encoder import FeatureSpec, FrozenEncoder, Preset, apply_preset, resolve_preset
 from latentforge_encoders.vit import VisionTransformer
@@ -92,7 +93,9 @@ def build_encoder(
     preprocessing = apply_preset(vit, entry.preprocessing, preset := resolve_preset(features))
     if image_size is not None:
         if image_size % vit.patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of {name}'s patch size {vit.patch_size}")
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of {name}'s patch size {vit.patch_size}"
+            )
         preprocessing = attrs.evolve(preprocessing, input_size=image_size)
     return FrozenEncoder(vit, preprocessing, preset.spec, frozen=frozen, check_finite=check_finite, name=name)
 
