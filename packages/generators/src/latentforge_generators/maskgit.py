@@ -1,0 +1,144 @@
+"""MaskGIT: a bidirectional transformer over token grids, decoded in a few parallel steps.
+
+Training masks floor(N·cos(π u / 2) + 1) random tokens per grid and scores only those; sampling
+starts from an all-masked grid and keeps the most confident samples at each step (the cosine
+unmasking schedule and annealed Gumbel confidence of ``token_sampling.maskgit_decode``, which
+DiGIT's 8-step stage-2 decoder also uses).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from latentforge_generators.gpt import Transformer, init_weights
+from latentforge_generators.token_sampling import (
+    as_sequence,
+    cfg_logits,
+    check_class_ids,
+    maskgit_decode,
+    random_mask,
+    smoothed_cross_entropy,
+    training_mask_counts,
+)
+
+#################################################################################
+#                                 The MaskGIT model                             #
+#################################################################################
+
+
+class MaskGIT(nn.Module):
+    """Embedding rows: ``[0, V)`` tokens, ``V`` [MASK], ``[V+1, V+1+C)`` classes, ``V+1+C`` null."""
+
+    def __init__(self, *, vocab_size: int, grid_size: int | tuple[int, int] = 16, num_classes: int = 0,
+                 dim: int = 768, depth: int = 24, num_heads: int = 16, ffn_dim: int | None = None,
+                 style: str = "prenorm", dropout: float = 0.0, class_dropout: float = 0.0,
+                 label_smoothing: float = 0.1, norm_eps: float = 1e-5, rope_theta: float = 10000.0):
+        super().__init__()
+        self.grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        self.seq_len = self.grid[0] * self.grid[1]
+        if not 0 <= class_dropout < 1:
+            raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
+        self.vocab_size, self.num_classes, self.dim, self.style = vocab_size, num_classes, dim, style
+        self.class_dropout, self.label_smoothing = class_dropout, label_smoothing
+        self.mask_id = vocab_size
+        self.null_id = vocab_size + 1 + num_classes
+
+        self.tok_embed = nn.Embedding(vocab_size + num_classes + 2, dim)
+        learned = style != "modern"
+        self.pos_embed = nn.Parameter(torch.zeros(self.seq_len + 1, dim)) if learned else None
+        self.embed_scale = math.sqrt(dim) if learned else 1.0
+        self.drop = nn.Dropout(dropout)
+        self.transformer = Transformer(dim, depth, num_heads, ffn_dim or 4 * dim, style, self.seq_len + 1,
+                                       dropout, norm_eps, rope_theta)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        init_weights(self, self.style, self.dim)
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        return self.grid
+
+    def start_ids(self, y, batch: int | None = None, device=None) -> torch.Tensor:
+        if isinstance(y, torch.Tensor):
+            check_class_ids(y, self.num_classes)
+            return y.long().to(device) + self.vocab_size + 1
+        n = y if isinstance(y, int) else batch
+        if n is None or n < 1:
+            raise ValueError(f"pass class labels [B] or a positive sample count, got {y!r}")
+        return torch.full((n,), self.null_id, dtype=torch.long, device=device)
+
+    def forward(self, tokens: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Grids with [MASK] (= ``vocab_size``) at unknown positions → logits ``[B, h*w, V]``."""
+        tokens = as_sequence(tokens, self.grid, self.vocab_size + 1)
+        start = self.start_ids(y, tokens.shape[0], tokens.device)
+        if len(start) != len(tokens):
+            raise ValueError(f"{len(start)} class labels for {len(tokens)} token grids")
+        if y is not None and self.training and self.class_dropout > 0:
+            drop = torch.rand(start.shape, device=start.device) < self.class_dropout
+            start = start.masked_fill(drop, self.null_id)
+        ids = torch.cat([start[:, None], tokens], dim=1)
+        x = self.tok_embed(ids) * self.embed_scale  # B 1+N D
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.transformer(self.drop(x), causal=False)
+        return self.head(x[:, 1:])  # B N V
+
+    def loss(self, tokens: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy on the masked positions of a cosine-scheduled random mask."""
+        tokens = as_sequence(tokens, self.grid, self.vocab_size)
+        masked = random_mask(training_mask_counts(len(tokens), self.seq_len, tokens.device), self.seq_len)
+        logits = self(tokens.masked_fill(masked, self.mask_id), y)
+        return smoothed_cross_entropy(logits[masked], tokens[masked], self.label_smoothing)
+
+    @torch.no_grad()
+    def sample(self, y: torch.Tensor | int, *, steps: int = 8, temperature: float = 1.0,
+               choice_temperature: float = 4.5, cfg_scale: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Token grids ``[B, h, w]`` for class labels ``y [B]`` (or ``y`` unconditional samples)."""
+        device = self.head.weight.device
+        start = self.start_ids(y, device=device)
+        y_cond = y if isinstance(y, torch.Tensor) else None
+        if cfg_scale != 1.0:
+            def logits_fn(tokens):
+                both = torch.cat([self(tokens, y_cond), self(tokens, len(tokens))])
+                return cfg_logits(both, cfg_scale)
+        else:
+            def logits_fn(tokens):
+                return self(tokens, y_cond if y_cond is not None else len(tokens))
+        tokens = torch.full((len(start), self.seq_len), self.mask_id, dtype=torch.long, device=device)
+        tokens = maskgit_decode(logits_fn, tokens, torch.ones_like(tokens, dtype=torch.bool), mask_id=self.mask_id,
+                                steps=steps, temperature=temperature, choice_temperature=choice_temperature,
+                                generator=generator)
+        return tokens.view(len(start), *self.grid)
+
+
+#################################################################################
+#                                 MaskGIT configs                               #
+#################################################################################
+
+MaskGIT_configs = {
+    # MaskGIT's ImageNet-256 transformer: 24 x 768, 16 heads, over 16x16 VQGAN codes (1024).
+    "maskgit-base": dict(vocab_size=1024, num_classes=1000, dim=768, depth=24, num_heads=16, ffn_dim=3072,
+                         style="prenorm", dropout=0.1, class_dropout=0.1, label_smoothing=0.1),
+    # DiGIT's base width over 8k K-Means tokens, with modern blocks.
+    "maskgit-modern-base": dict(vocab_size=8192, num_classes=1000, dim=1024, depth=16, num_heads=16,
+                                ffn_dim=2816, style="modern", class_dropout=0.1, label_smoothing=0.1),
+    "test-maskgit": dict(vocab_size=64, grid_size=4, num_classes=10, dim=64, depth=2, num_heads=4,
+                         style="prenorm", label_smoothing=0.0),
+}
+
+
+def maskgit_base(**kw) -> MaskGIT:
+    return MaskGIT(**{**MaskGIT_configs["maskgit-base"], **kw})
+
+
+def maskgit_modern_base(**kw) -> MaskGIT:
+    return MaskGIT(**{**MaskGIT_configs["maskgit-modern-base"], **kw})
+
+
+def tiny_maskgit(**kw) -> MaskGIT:
+    return MaskGIT(**{**MaskGIT_configs["test-maskgit"], **kw})
