@@ -23,7 +23,10 @@ _rows: list[dict] = []
 
 
 def _full(config) -> bool:
-    return not config.getoption("benchmark_disable", default=True)
+    """Timing on (``--benchmark-enable`` overrides the ``--benchmark-disable`` of addopts)."""
+    return config.getoption("benchmark_enable", default=False) or not config.getoption(
+        "benchmark_disable", default=True
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,80 @@
+"""Training-step throughput and MFU of the DiT family, ours beside diffusers' DiT in one run.
+
+One step = forward + backward + AdamW step with an MSE loss on the output, batch 32 at full size
+(DiT-S/2 and DiT-B/2 on 4×32×32 SD-VAE latents, LightningDiT-B/1 on 32×16×16 VA-VAE latents: 256
+tokens each).  FLOPs are counted analytically, 2 per multiply-add, backward = 2× forward.
+diffusers gets the very same weights through our converter.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentforge_generators.convert import to_diffusers
+from latentforge_generators.dit import DiT_models
+from latentforge_generators.lightningdit import LightningDiT_models
+
+
+def forward_macs(model) -> float:
+    """Multiply-adds of one forward pass for one image of a DiT / LightningDiT."""
+    d, p = model.hidden_size, model.patch_size
+    tokens = (model.input_size // p) ** 2
+    block = model.blocks[0]
+    ffn_hidden = (block.mlp.w3.in_features * 3 if hasattr(block.mlp, "w3") else block.mlp.fc1.out_features * 2)
+    per_block = 4 * tokens * d * d + 2 * tokens * tokens * d + tokens * d * ffn_hidden + 6 * d * d
+    embed = tokens * model.in_channels * p * p * d + 256 * d + d * d
+    final = 2 * d * d + tokens * d * p * p * model.out_channels
+    return embed + model.depth * per_block + final
+
+
+def training_step(model, forward, shape, batch: int, generator: torch.Generator):
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    c, s, c_out, num_classes = shape
+    x = torch.randn(batch, c, s, s, generator=generator)
+    t = torch.rand(batch, generator=generator)
+    y = torch.randint(0, num_classes, (batch,), generator=generator)
+    target = torch.randn(batch, c_out, s, s, generator=generator)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(forward(x, t, y), target)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+CASES = [  # name, builder, latent (C, S), has a diffusers peer
+    ("DiT-S/2", DiT_models["DiT-S/2"], (4, 32), True),
+    ("DiT-B/2", DiT_models["DiT-B/2"], (4, 32), True),
+    ("LightningDiT-B/1", LightningDiT_models["LightningDiT-B/1"], (32, 16), False),
+]
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers"])
+@pytest.mark.parametrize("name,builder,latent,has_peer", CASES, ids=[c[0] for c in CASES])
+def test_train_step(measure, full, name, builder, latent, has_peer, impl):
+    if impl == "diffusers" and not has_peer:
+        pytest.skip(f"diffusers has no {name.split('-')[0]}")
+    torch.manual_seed(0)
+    channels, size = latent
+    if full:
+        model, batch = builder(in_channels=channels, input_size=size, learn_sigma=False), 32
+    else:  # a tiny model of the same family, one call
+        tiny = DiT_models["DiT-T/2"] if name.startswith("DiT") else LightningDiT_models["LightningDiT-T/1"]
+        model, batch = tiny(in_channels=channels, input_size=8, learn_sigma=False, num_classes=10), 2
+    flops = 3 * 2 * forward_macs(model) * batch  # forward + backward (2× forward)
+    shape = (model.in_channels, model.input_size, model.out_channels, model.num_classes)
+    if impl == "ours":
+        trained, forward = model.train(), model
+    else:
+        trained = to_diffusers(model).train()
+
+        def forward(x, t, y):
+            return trained(x, t, y).sample
+
+    step = training_step(trained, forward, shape, batch, torch.Generator().manual_seed(0))
+    step()  # warm-up: allocations, optimizer state
+    measure(step, group=f"train step {name} b{batch}", impl=impl, items=batch, unit="images/s", flops=flops)
