@@ -1,0 +1,223 @@
+"""Data: ImageNet-layout folders with the ADM center crop, the embedded digits, and a resumable sampler.
+
+Every image leaves here as a float tensor in [0, 1] ``[3, H, W]`` with an int64 label; components
+apply their own preprocessing.  An unreadable image is skipped, counted and reported (the batch
+carries the paths it dropped) instead of stopping a long run.  The batch sampler's order depends
+only on ``(seed, epoch)``, so its position is two integers a checkpoint can store.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".JPEG")
+
+
+class DataError(ValueError):
+    """A data set that cannot serve a run (empty folder, wrong layout, bad arguments)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# ADM center crop
+# ------------------------------------------------------------------------------------------------
+def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's crop: halve with BOX while the short side is ≥ 2·size, BICUBIC to size, crop the centre."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` → float ``[3, H, W]`` in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Image folders
+# ------------------------------------------------------------------------------------------------
+class ImageFolder(torch.utils.data.Dataset):
+    """``root/<class>/*.jpg`` (ImageNet layout) or a flat folder of images (label 0).
+
+    Classes are the sorted sub-folder names.  An image that fails to decode yields ``None``; use
+    :func:`collate` to drop it and keep the count.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int):
+        self.root = Path(root)
+        self.image_size = image_size
+        if not self.root.is_dir():
+            raise DataError(f"data folder not found: {self.root}")
+        subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if subdirs:
+            self.classes = [p.name for p in subdirs]
+            files = [(f, i) for i, d in enumerate(subdirs) for f in sorted(_images(d))]
+        else:
+            self.classes = []
+            files = [(f, 0) for f in sorted(_images(self.root))]
+        if not files:
+            raise DataError(
+                f"no images found under {self.root}: expected root/<class>/*.jpg (ImageNet layout) or "
+                f"image files directly in the folder, with suffixes {', '.join(IMAGE_SUFFIXES[:-1])}"
+            )
+        self.samples = files
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                arr = center_crop_arr(img.convert("RGB"), self.image_size)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            return {"error": f"{path}: {type(err).__name__}: {err}"}
+        return {"image": to_tensor(arr), "label": label, "index": index}
+
+
+def _images(folder: Path) -> Iterator[Path]:
+    return (p for p in folder.rglob("*") if p.suffix in IMAGE_SUFFIXES or p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the good items; ``skipped`` lists what could not be read."""
+    good = [it for it in items if "error" not in it]
+    skipped = [it["error"] for it in items if "error" in it]
+    if not good:
+        return {"image": None, "label": None, "index": None, "skipped": skipped}
+    return {
+        "image": torch.stack([it["image"] for it in good]),
+        "label": torch.tensor([it["label"] for it in good], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+        "skipped": skipped,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The embedded data set: scikit-learn's digits
+# ------------------------------------------------------------------------------------------------
+class Digits(torch.utils.data.Dataset):
+    """scikit-learn's 1,797 8×8 digits as RGB images in [0, 1], upsampled to ``image_size``.
+
+    A fixed stratified split (seed 0) gives ``train`` (80%) and ``test`` (20%); ``all`` is both.
+    """
+
+    num_classes = 10
+
+    def __init__(self, split: str = "train", image_size: int = 16, channels: int = 3):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ("train", "test", "all"):
+            raise DataError(f"digits split must be 'train', 'test' or 'all', got {split!r}")
+        if image_size < 8:
+            raise DataError(f"digits image_size must be ≥ 8, got {image_size}")
+        digits = load_digits()
+        images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # [N, 1, 8, 8]
+        labels = torch.from_numpy(digits.target).long()
+        if split != "all":
+            train_idx, test_idx = train_test_split(
+                np.arange(len(labels)), test_size=0.2, random_state=0, stratify=digits.target
+            )
+            keep = torch.from_numpy(np.sort(train_idx if split == "train" else test_idx))
+            images, labels = images[keep], labels[keep]
+        if image_size != 8:
+            images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
+        self.images = images.clamp_(0, 1).expand(-1, channels, -1, -1).contiguous()
+        self.labels = labels
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "label": int(self.labels[index]), "index": index}
+
+    def batch(self, indices: Sequence[int] | torch.Tensor) -> dict[str, Any]:
+        """Gather a batch without a DataLoader (the data lives in memory)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {"image": self.images[idx], "label": self.labels[idx], "index": idx, "skipped": []}
+
+
+def build_dataset(name: str, *, split: str = "train", image_size: int, root: str | None = None):
+    """``digits`` or ``folder`` (ImageNet layout at ``root``)."""
+    if name == "digits":
+        return Digits(split, image_size)
+    if name == "folder":
+        if not root:
+            raise DataError("data.name 'folder' needs data.root: a folder in the ImageNet layout")
+        return ImageFolder(root, image_size)
+    raise DataError(f"unknown data set {name!r}: expected 'digits' (embedded) or 'folder' (needs data.root)")
+
+
+# ------------------------------------------------------------------------------------------------
+# A batch sampler whose position is part of the checkpoint
+# ------------------------------------------------------------------------------------------------
+class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled global batches, sharded across ranks, resumable from ``(epoch, batch)``.
+
+    Epoch ``e`` uses ``randperm(n)`` seeded by ``seed + e``; global batch ``b`` is positions
+    ``[b·B, (b+1)·B)`` of it and rank ``r`` of ``w`` takes the ``r``-th of ``w`` equal slices, so
+    two ranks with B/2 each see exactly the images one process sees with B.  The last incomplete
+    batch of an epoch is dropped.
+    """
+
+    def __init__(self, n: int, global_batch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if global_batch % world_size:
+            raise DataError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        if n < global_batch:
+            raise DataError(f"the data set has {n} items, fewer than one global batch of {global_batch}")
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch, self.batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        per_rank = self.global_batch // self.world_size
+        for b in range(self.batch, self.batches_per_epoch):
+            start = b * self.global_batch + self.rank * per_rank
+            yield order[start : start + per_rank].tolist()
+
+    def advance(self) -> None:
+        """Record that one global batch was consumed (called by the training loop, not the loader)."""
+        self.batch += 1
+        if self.batch >= self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": self.n,
+                "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "n", "global_batch"):
+            if state[key] != getattr(self, key):
+                raise DataError(
+                    f"cannot resume the data position: the checkpoint's {key} is {state[key]}, this run's "
+                    f"is {getattr(self, key)} (did the data set or batch size change?)"
+                )
+        self.epoch, self.batch = state["epoch"], state["batch"]
+
+
+def epochs_for(steps: int, batches_per_epoch: int) -> int:
+    return math.ceil(steps / max(batches_per_epoch, 1))
