@@ -1,0 +1,484 @@
+"""K-Means over frozen SSL features, and the tokenizer DiGIT builds from it.
+
+DiGIT clusters DINOv2 patch features (block L−3 + final LayerNorm) with ``faiss.Kmeans`` (K = 8192
+for ViT-B, 16384 for ViT-L, 20 iterations, seed 1234, at most 256 points per centroid) and then
+turns every image into a 16×16 grid of nearest-centroid ids.  ``KMeans`` fits the same way from a
+stream of feature batches (reservoir-sampled, so the features never sit in memory at once) on faiss
+when it is installed — faiss-gpu on CUDA — or on a plain torch Lloyd loop.  ``KMeansTokenizer``
+composes any registered encoder with the centroids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+from latentforge_core import registry
+from latentforge_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from latentforge_core.device import resolve_device
+from latentforge_tokenizers.codebook import check_codebook, check_token_ids, nearest
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "faiss", "torch"]
+BACKENDS = ("auto", "faiss", "torch")
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming a data set of feature batches
+# ------------------------------------------------------------------------------------------------
+def _as_rows(batch: Any) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)) and batch and not isinstance(batch[0], (int, float)):
+        batch = batch[0]  # (features, labels) pairs from a DataLoader
+    rows = torch.as_tensor(batch) if isinstance(batch, np.ndarray) else batch
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"expected feature batches as [N, D] tensors or arrays, got {type(batch).__name__}")
+    if rows.ndim != 2 or not rows.is_floating_point():
+        raise ValueError(
+            f"each feature batch must be a floating [N, D] matrix, got {rows.dtype} {tuple(rows.shape)}"
+        )
+    return rows
+
+
+def iter_feature_batches(data: Any, batch_rows: int = 65536) -> Iterator[torch.Tensor]:
+    """[N, D] float batches from one [N, D] array/tensor or from an iterable of batches."""
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        rows = _as_rows(data)
+        for start in range(0, rows.shape[0], batch_rows):
+            yield rows[start : start + batch_rows]
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"expected an [N, D] array or an iterable of feature batches, got {type(data).__name__}"
+        )
+    for batch in data:
+        yield _as_rows(batch)
+
+
+class Reservoir:
+    """A uniform sample without replacement of at most ``capacity`` rows of a stream of unknown length.
+
+    Every row gets a random key and the rows with the ``capacity`` largest keys are kept; a new batch
+    only touches the rows whose key beats the current smallest kept key.
+    """
+
+    def __init__(self, capacity: int, seed: int):
+        self.capacity = capacity
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.seen = 0
+        self.width: int | None = None
+
+    def add(self, batch: torch.Tensor) -> None:
+        batch = batch.detach().to("cpu", torch.float32)
+        if self.width is None:
+            self.width = batch.shape[1]
+        elif batch.shape[1] != self.width:
+            raise ValueError(f"feature batches change width: {self.width} before, {batch.shape[1]} now")
+        if not torch.isfinite(batch).all():
+            raise ValueError("feature batch holds NaN or infinite values; K-Means needs finite features")
+        keys = torch.rand(batch.shape[0], generator=self.generator)
+        self.seen += batch.shape[0]
+        if self.rows is None:
+            self.rows, self.keys = batch[:0].clone(), keys[:0]
+        room = self.capacity - self.rows.shape[0]
+        if room > 0:  # still filling: take what fits, the rest competes below
+            self.rows = torch.cat([self.rows, batch[:room]])
+            self.keys = torch.cat([self.keys, keys[:room]])
+            batch, keys = batch[room:], keys[room:]
+        if batch.shape[0] == 0:
+            return
+        better = keys > self.keys.min()
+        batch, keys = batch[better], keys[better]
+        if batch.shape[0] == 0:
+            return
+        kept = torch.zeros(self.capacity + keys.shape[0], dtype=torch.bool)
+        kept[torch.cat([self.keys, keys]).topk(self.capacity).indices] = True
+        freed = (~kept[: self.capacity]).nonzero().squeeze(1)
+        incoming = kept[self.capacity :].nonzero().squeeze(1)
+        self.rows[freed] = batch[incoming]
+        self.keys[freed] = keys[incoming]
+
+
+# ------------------------------------------------------------------------------------------------
+# Lloyd iterations: faiss or torch
+# ------------------------------------------------------------------------------------------------
+def _lloyd_faiss(
+    x: torch.Tensor, init: torch.Tensor | None, k: int, n_iter: int, seed: int, gpu: bool, verbose: bool
+):
+    import faiss
+
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=n_iter,
+        seed=seed,
+        gpu=gpu,
+        verbose=verbose,
+        max_points_per_centroid=x.shape[0],  # we subsampled already; faiss must not do it again
+        min_points_per_centroid=1,
+    )
+    km.train(x.numpy(), init_centroids=None if init is None else init.numpy())
+    return torch.from_numpy(km.centroids.copy()), [float(v) for v in km.obj]
+
+
+def _split_empty(centroids: torch.Tensor, counts: torch.Tensor, generator: torch.Generator) -> None:
+    """Give each empty cluster half of the largest one: two copies nudged apart by ±1/1024."""
+    for empty in (counts == 0).nonzero().squeeze(1).tolist():
+        donor = int(counts.argmax())
+        sign = torch.randint(0, 2, (centroids.shape[1],), generator=generator).to(centroids) * 2 - 1
+        base = centroids[donor].clone()
+        centroids[empty] = base * (1 + sign / 1024)
+        centroids[donor] = base * (1 - sign / 1024)
+        counts[empty] = counts[donor] // 2
+        counts[donor] -= counts[empty]
+
+
+def _lloyd_torch(x: torch.Tensor, init: torch.Tensor, n_iter: int, generator: torch.Generator):
+    centroids = init.clone()
+    k = centroids.shape[0]
+    objective = []
+    for _ in range(n_iter):
+        ids, dist = nearest(x, centroids)
+        objective.append(float(dist.sum(dtype=torch.float64)))
+        counts = torch.bincount(ids, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, ids, x)
+        nonempty = counts > 0
+        centroids[nonempty] = sums[nonempty] / counts[nonempty, None].to(sums)
+        if not nonempty.all():
+            cpu = centroids.cpu()
+            _split_empty(cpu, counts.cpu(), generator)
+            centroids.copy_(cpu)
+    return centroids, objective
+
+
+# ------------------------------------------------------------------------------------------------
+# K-Means
+# ------------------------------------------------------------------------------------------------
+class KMeans:
+    """Euclidean K-Means fitted from a stream of ``[N, D]`` feature batches, faiss defaults.
+
+    After ``fit``: ``centroids [K, D]`` (fp32), ``objective`` (sum of squared distances at each
+    iteration's assignment, faiss' convention), ``n_points_seen`` and ``n_points_used`` (the sample
+    size, at most ``max_points_per_centroid × K``), ``backend_used``.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        *,
+        n_iter: int = 20,
+        max_points_per_centroid: int = 256,
+        seed: int = 1234,
+        backend: Backend = "auto",
+        device: str | torch.device | None = None,
+        verbose: bool = False,
+    ):
+        if n_clusters < 1 or n_iter < 0 or max_points_per_centroid < 1:
+            raise ValueError(
+                f"need n_clusters ≥ 1, n_iter ≥ 0, max_points_per_centroid ≥ 1; got {n_clusters}, "
+                f"{n_iter}, {max_points_per_centroid}"
+            )
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown K-Means backend {backend!r}; expected one of {BACKENDS}")
+        if backend == "faiss" and not faiss_available():
+            raise ImportError("backend='faiss' needs faiss: pip install 'latentforge-tokenizers[faiss]'")
+        self.n_clusters = n_clusters
+        self.n_iter = n_iter
+        self.max_points_per_centroid = max_points_per_centroid
+        self.seed = seed
+        self.backend = backend
+        self.device = resolve_device(device)
+        self.verbose = verbose
+        self.centroids: torch.Tensor | None = None
+        self.objective: list[float] = []
+        self.n_points_seen = 0
+        self.n_points_used = 0
+        self.backend_used: str | None = None
+
+    def fit(self, data: Any, *, init: torch.Tensor | np.ndarray | None = None) -> KMeans:
+        """Sample at most ``max_points_per_centroid × K`` rows in one pass, then run Lloyd's on them."""
+        k = self.n_clusters
+        reservoir = Reservoir(k * self.max_points_per_centroid, self.seed)
+        for batch in iter_feature_batches(data):
+            reservoir.add(batch)
+        if reservoir.seen == 0:
+            raise ValueError("the feature data set is empty: K-Means needs at least K feature vectors")
+        if reservoir.seen < k:
+            raise ValueError(
+                f"cannot fit K={k} clusters to {reservoir.seen} feature vectors; need at least {k}"
+            )
+        x = reservoir.rows
+        self.n_points_seen, self.n_points_used = reservoir.seen, x.shape[0]
+        log.info(
+            "K-Means: %d of %d points used (max %d per centroid), K=%d, D=%d",
+            x.shape[0],
+            reservoir.seen,
+            self.max_points_per_centroid,
+            k,
+            x.shape[1],
+        )
+        generator = torch.Generator().manual_seed(self.seed)
+        if init is not None:
+            init = torch.as_tensor(init, dtype=torch.float32).cpu()
+            if tuple(init.shape) != (k, x.shape[1]):
+                raise ValueError(
+                    f"init centroids must have shape ({k}, {x.shape[1]}), got {tuple(init.shape)}"
+                )
+        use_faiss = self.backend == "faiss" or (self.backend == "auto" and faiss_available())
+        if use_faiss:
+            import faiss
+
+            gpu = (
+                self.device.type == "cuda"
+                and hasattr(faiss, "StandardGpuResources")
+                and faiss.get_num_gpus() > 0
+            )
+            self.centroids, self.objective = _lloyd_faiss(
+                x, init, k, self.n_iter, self.seed, gpu, self.verbose
+            )
+            self.backend_used = "faiss-gpu" if gpu else "faiss-cpu"
+        else:
+            if init is None:
+                init = x[torch.randperm(x.shape[0], generator=generator)[:k]]
+            x, init = x.to(self.device), init.to(self.device)
+            centroids, self.objective = _lloyd_torch(x, init, self.n_iter, generator)
+            self.centroids = centroids.cpu()
+            self.backend_used = "torch"
+        return self
+
+    # ---------------------------------------------------------------------------- using centroids
+    def _fitted(self) -> torch.Tensor:
+        if self.centroids is None:
+            raise RuntimeError("this KMeans is not fitted yet: call fit(data) or load centroids first")
+        return self.centroids
+
+    def assign(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Nearest-centroid ids (int64) of the rows of ``x [N, D]``."""
+        return nearest(torch.as_tensor(x), self._fitted().to(self.device))[0]
+
+    def score(self, data: Any) -> float:
+        """Inertia: the summed squared distance of every row of ``data`` to its nearest centroid."""
+        centroids = self._fitted().to(self.device)
+        sqnorm = centroids.square().sum(1)
+        return sum(
+            float(nearest(b, centroids, sqnorm)[1].sum(dtype=torch.float64))
+            for b in iter_feature_batches(data)
+        )
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Centroid vectors ``[..., D]`` of ids ``[...]``."""
+        centroids = self._fitted()
+        check_token_ids(ids, centroids.shape[0])
+        return centroids.to(ids.device)[ids]
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": "kmeans",
+            "n_clusters": self.n_clusters,
+            "n_iter": self.n_iter,
+            "seed": self.seed,
+            "max_points_per_centroid": self.max_points_per_centroid,
+            "n_points_seen": self.n_points_seen,
+            "n_points_used": self.n_points_used,
+            "backend": self.backend_used,
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Centroid files: ours (safetensors) and DiGIT's km_{8,16}k.npy
+# ------------------------------------------------------------------------------------------------
+def save_centroids(
+    centroids: torch.Tensor, path: str | os.PathLike, config: Mapping[str, Any] | None = None
+) -> Path:
+    check_codebook(centroids, "centroids")
+    config = {**(config or {}), "n_clusters": centroids.shape[0], "dim": centroids.shape[1]}
+    return save_checkpoint({"centroids": centroids.float()}, path, config)
+
+
+def load_centroids(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``(centroids [K, D] fp32, config)`` from our ``.safetensors`` or DiGIT's ``km_*.npy``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"centroid file not found: {path}")
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise CheckpointError(f"{path} is not a readable .npy array: {err}") from err
+        centroids, config = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), {}
+    elif path.suffix.lower() == ".safetensors":
+        state, config = load_checkpoint(path)
+        if set(state) != {"centroids"}:
+            raise CheckpointError(f"{path} holds {sorted(state)}; a centroid file holds exactly 'centroids'")
+        centroids = state["centroids"].float()
+    else:
+        raise CheckpointError(f"{path}: expected a .safetensors centroid file or DiGIT's km_*.npy")
+    if centroids.ndim != 2 or 0 in centroids.shape:
+        raise CheckpointError(
+            f"{path}: centroids must be a [K, D] matrix, got shape {tuple(centroids.shape)}"
+        )
+    return centroids, config
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+# ------------------------------------------------------------------------------------------------
+class KMeansTokenizer(nn.Module):
+    """Images in [0, 1] → encoder feature map → nearest-centroid ids ``[B, h, w]`` (int64)."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        centroids: torch.Tensor | None = None,
+        *,
+        n_clusters: int | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        if centroids is None and n_clusters is None:
+            raise ValueError("give either fitted centroids [K, D] or n_clusters to fit later")
+        self.encoder = encoder
+        self.preprocessing = encoder.preprocessing
+        self.config = dict(config or {})
+        self.n_clusters = n_clusters if centroids is None else centroids.shape[0]
+        self.kmeans: KMeans | None = None
+        self.register_buffer("centroids", None)
+        self.register_buffer("centroid_sqnorm", None)
+        if centroids is not None:
+            self.set_centroids(centroids)
+
+    def set_centroids(self, centroids: torch.Tensor) -> None:
+        check_codebook(centroids, "centroids")
+        if centroids.shape[1] != self.encoder.embed_dim:
+            raise ValueError(
+                f"centroids have width {centroids.shape[1]} but the encoder gives "
+                f"{self.encoder.embed_dim}-dim features; they were fitted on another encoder"
+            )
+        device = next(self.encoder.parameters(), torch.empty(0)).device
+        self.centroids = centroids.detach().to(device, torch.float32)
+        self.centroid_sqnorm = self.centroids.square().sum(1)
+        self.n_clusters = centroids.shape[0]
+
+    # ---------------------------------------------------------------------------- protocol
+    @property
+    def vocab_size(self) -> int:
+        return self.n_clusters
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return tuple(self.encoder.feature_shape()[-2:])
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's feature map ``[B, D, h, w]`` for images in [0, 1]."""
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(
+                f"expected float RGB images [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}"
+            )
+        if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+            raise ValueError(
+                f"images must lie in [0, 1] (got [{float(images.min()):.3g}, {float(images.max()):.3g}]); "
+                "the encoder applies its own normalisation"
+            )
+        feats = self.encoder(images)
+        if feats.ndim != 4:
+            raise ValueError(f"the encoder must return a [B, D, h, w] feature map, got {tuple(feats.shape)}")
+        return feats
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.centroids is None:
+            raise RuntimeError(
+                "this K-Means tokenizer has no centroids yet: call fit(...) or load a centroid file"
+            )
+        feats = self.features(images)  # B D h w
+        ids, _ = nearest(rearrange(feats, "b d h w -> (b h w) d"), self.centroids, self.centroid_sqnorm)
+        return rearrange(ids, "(b h w) -> b h w", b=feats.shape[0], h=feats.shape[2])  # B h w
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Centroid features ``[B, D, h, w]`` of a token grid ``[B, h, w]``, comparable with ``features``."""
+        if self.centroids is None:
+            raise RuntimeError("this K-Means tokenizer has no centroids yet")
+        if tokens.ndim != 3:
+            raise ValueError(f"expected a token grid [B, h, w], got shape {tuple(tokens.shape)}")
+        check_token_ids(tokens, self.n_clusters)
+        return rearrange(self.centroids[tokens.to(self.centroids.device)], "b h w d -> b d h w")
+
+    # ---------------------------------------------------------------------------- fitting and files
+    def fit(self, images: Iterable[Any], **kmeans_kwargs: Any) -> KMeansTokenizer:
+        """Fit the centroids on the features of a stream of image batches (or ``(images, labels)``)."""
+
+        def feature_rows():
+            for batch in images:
+                if isinstance(batch, (tuple, list)):
+                    batch = batch[0]
+                yield rearrange(self.features(batch), "b d h w -> (b h w) d")
+
+        device = next(self.encoder.parameters(), torch.empty(0)).device
+        self.kmeans = KMeans(self.n_clusters, device=kmeans_kwargs.pop("device", device), **kmeans_kwargs)
+        self.kmeans.fit(feature_rows())
+        self.set_centroids(self.kmeans.centroids)
+        self.config.update({k: v for k, v in self.kmeans.config().items() if k != "kind"})
+        return self
+
+    def save(self, path: str | os.PathLike) -> Path:
+        if self.centroids is None:
+            raise RuntimeError("nothing to save: the tokenizer has no centroids yet")
+        return save_centroids(self.centroids, path, {"kind": "kmeans", **self.config})
+
+
+# ------------------------------------------------------------------------------------------------
+# Registered builders
+# ------------------------------------------------------------------------------------------------
+def kmeans(
+    *,
+    encoder: str | None = None,
+    centroids: str | os.PathLike | torch.Tensor | None = None,
+    n_clusters: int | None = None,
+    features: str | None = None,
+    **encoder_kwargs: Any,
+) -> KMeansTokenizer:
+    """A K-Means tokenizer over a registered encoder; ``centroids`` is a tensor, our file or DiGIT's npy.
+
+    What is not given comes from our centroid file's config (encoder name, feature preset and
+    builder arguments such as ``image_size``/``pretrained``), else DiGIT's DINOv2-B/14-reg with the
+    ``digit`` features (block L−3 + final norm, 16×16 grid).  ``encoder_kwargs`` go to the encoder
+    builder.
+    """
+    saved: dict[str, Any] = {}
+    if centroids is not None and not isinstance(centroids, torch.Tensor):
+        centroids, saved = load_centroids(centroids)
+    encoder = encoder or saved.get("encoder") or "dinov2-vitb14-reg"
+    features = features or saved.get("features") or "digit"
+    encoder_kwargs = {**saved.get("encoder_kwargs", {}), **encoder_kwargs}
+    module = registry.encoders.build(encoder, features=features, **encoder_kwargs)
+    config = {"encoder": encoder, "features": features, "encoder_kwargs": encoder_kwargs}
+    if centroids is None and n_clusters is None:
+        n_clusters = 8192
+    return KMeansTokenizer(module, centroids, n_clusters=n_clusters, config=config)
+
+
+def kmeans_tiny(**kwargs: Any) -> KMeansTokenizer:
+    """Random ``test-vit-tiny`` features (32 px, 8×8 grid) and 64 clusters: for tests and demos."""
+    kwargs.setdefault("encoder", "test-vit-tiny")
+    kwargs.setdefault("image_size", 32)
+    kwargs.setdefault("n_clusters", 64)
+    return kmeans(**kwargs)
