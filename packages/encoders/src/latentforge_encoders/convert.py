@@ -63,12 +63,13 @@ HF_RENAMES = [
     (r"^(?:layernorm|post_layernorm)\.", "norm."),
 ]
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-FAMILY_INPUT = {  # processor defaults when a folder has no preprocessor_config.json
-    "dinov2": (224, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "dinov2_with_registers": (224, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "siglip_vision_model": (None, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "vit_mae": (None, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+FAMILY_INPUT = {  # processor defaults (resize, mean, std) when a folder has no preprocessor_config.json
+    "dinov2": ("bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "dinov2_with_registers": ("bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "siglip_vision_model": ("bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "vit_mae": ("bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
 
 #################################################################################
@@ -253,12 +254,15 @@ def _read_hf_folder(path: Path) -> Source:
         sd.update(load_state_file(file))
     vit = vit_config_from_hf(config)
     kind = config.get("vision_config", config).get("model_type", config.get("model_type"))
-    size, resize, mean, std = FAMILY_INPUT.get(kind, FAMILY_INPUT["siglip_vision_model"])
+    resize, mean, std = FAMILY_INPUT[kind]
+    size = vit["image_size"]  # without a processor file: the resolution the model was built for
     processor = path / "preprocessor_config.json"
-    if processor.is_file():
+    if processor.is_file():  # the evaluation crop (224 for DINOv2, whose position grid is 518 px)
         proc = json.loads(processor.read_text())
         mean, std = tuple(proc.get("image_mean", mean)), tuple(proc.get("image_std", std))
-    pre = Preprocessing(input_size=size or vit["image_size"], mean=mean, std=std, resize=resize)
+        resize = PIL_RESAMPLE.get(proc.get("resample"), resize)
+        size = (proc.get("crop_size") or proc.get("size") or {}).get("height", size)
+    pre = Preprocessing(input_size=size, mean=mean, std=std, resize=resize)
     return Source(from_hf(sd), "hf", vit, pre, f"{path} (Hugging Face {config.get('model_type')!r})")
 
 
