@@ -1,7 +1,6 @@
 """Registry rules of DESIGN.md, each against real distribution metadata on a temporary sys.path."""
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -162,6 +161,4 @@ def test_build_checks_the_protocol(site):
 def test_every_installed_entry_imports(kind):
     reg = registry.REGISTRIES[kind]
     assert reg.group == f"latentforge.{kind}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a broken first-party entry point fails here, loudly
-        assert reg.load_all() == {}
+    assert reg.load_all() == {}  # a broken first-party entry point is reported here, by name
