@@ -1,0 +1,181 @@
+"""DiT (Peebles & Xie, 2023): a ViT over latent patches, conditioned by adaLN-Zero on time + class.
+
+Key-compatible with the official ``facebookresearch/DiT`` checkpoints (``DiT-XL-2-256x256.pt`` is a
+raw state dict in exactly this layout).  The same class carries LightningDiT's options (RMSNorm,
+SwiGLU, 2-D RoPE, QK-norm), which is all LightningDiT changes; ``lightningdit.py`` sets them on.
+
+Time convention: t = 0 is noise and t = 1 data, fed unscaled to the sinusoidal embedding, as SiT and
+LightningDiT use this backbone.  The class label ``num_classes`` is the null class of CFG.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from latentforge_generators.layers import (
+    AdaLNBlock,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    RoPE2D,
+    TimestepEmbedder,
+    check_inputs,
+    init_dit_weights,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+class DiT(nn.Module):
+    """Diffusion transformer ``forward(x [B,C,H,W], t [B], y [B]) -> [B, C_out, H, W]``.
+
+    With ``learn_sigma`` the output has ``2·in_channels`` channels (prediction, then DiT's variance
+    interpolation); flow matching uses the first ``in_channels`` and ignores the rest, as SiT does.
+    """
+
+    time_convention = "noise_at_0"
+
+    def __init__(
+        self,
+        *,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        use_rmsnorm: bool = False,
+        use_swiglu: bool = False,
+        use_rope: bool = False,
+        use_qknorm: bool = False,
+        time_freq_shift: int = 0,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        grid = input_size // patch_size
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Frozen sin-cos table, kept as a parameter because the official checkpoints store it.
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        self.feat_rope = RoPE2D(hidden_size // num_heads, grid) if use_rope else None
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(hidden_size, num_heads, mlp_ratio, rmsnorm=use_rmsnorm, swiglu=use_swiglu,
+                       qk_norm=use_qknorm)
+            for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size**2 * self.out_channels, rmsnorm=use_rmsnorm)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        init_dit_weights(self)
+        grid = self.input_size // self.patch_size
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, grid).unsqueeze(0))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t, y = check_inputs(self, x, t, y)
+        h = self.x_embedder(x) + self.pos_embed  # B, T, D
+        c = self.t_embedder(t) + self.y_embedder(y)  # B, D
+        for block in self.blocks:
+            h = block(h, c, self.feat_rope)  # B, T, D
+        h = self.final_layer(h, c)  # B, T, p²·C_out
+        return unpatchify(h, self.patch_size, self.out_channels)  # B, C_out, H, W
+
+
+#################################################################################
+#                                   DiT Configs                                 #
+#################################################################################
+def DiT_XL_1(**kwargs):
+    return DiT(depth=28, hidden_size=1152, patch_size=1, num_heads=16, **kwargs)
+
+
+def DiT_XL_2(**kwargs):
+    return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+
+
+def DiT_XL_4(**kwargs):
+    return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
+
+
+def DiT_XL_8(**kwargs):
+    return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
+
+
+def DiT_L_1(**kwargs):
+    return DiT(depth=24, hidden_size=1024, patch_size=1, num_heads=16, **kwargs)
+
+
+def DiT_L_2(**kwargs):
+    return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
+
+
+def DiT_L_4(**kwargs):
+    return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
+
+
+def DiT_L_8(**kwargs):
+    return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
+
+
+def DiT_B_1(**kwargs):
+    return DiT(depth=12, hidden_size=768, patch_size=1, num_heads=12, **kwargs)
+
+
+def DiT_B_2(**kwargs):
+    return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
+
+
+def DiT_B_4(**kwargs):
+    return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
+
+
+def DiT_B_8(**kwargs):
+    return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
+
+
+def DiT_S_1(**kwargs):
+    return DiT(depth=12, hidden_size=384, patch_size=1, num_heads=6, **kwargs)
+
+
+def DiT_S_2(**kwargs):
+    return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
+
+
+def DiT_S_4(**kwargs):
+    return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
+
+
+def DiT_S_8(**kwargs):
+    return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
+
+
+def DiT_T_2(**kwargs):
+    """Tiny size for tests and CPU demos (not a published size)."""
+    return DiT(depth=2, hidden_size=64, patch_size=2, num_heads=4, **kwargs)
+
+
+DiT_models = {
+    "DiT-XL/1": DiT_XL_1, "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
+    "DiT-L/1": DiT_L_1, "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
+    "DiT-B/1": DiT_B_1, "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
+    "DiT-S/1": DiT_S_1, "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
+    "DiT-T/2": DiT_T_2,
+}  # fmt: skip

@@ -1,0 +1,146 @@
+"""DiT-DH (RAE, Zheng et al., 2025): a LightningDiT backbone plus a wide, shallow DDT head.
+
+Diffusing 768-channel representation latents needs a transformer at least as wide as the latent;
+the head (2048 wide, 2 blocks) gives that width cheaply.  The backbone reads the noisy latent and
+produces one condition per token; the head re-embeds the same noisy latent and is modulated token by
+token by the backbone's output (DDT's decoupled "condition encoder / velocity decoder").
+
+Key-compatible with the released RAE stage-2 checkpoints (``stage2_model.pt``: a raw EMA state dict of
+``DiTwDDTHead``; backbone blocks are ``blocks.0 … depth-1``, head blocks follow).  Time convention:
+t = 1 is noise and t = 0 data (RAE's), embedded with fixed Gaussian Fourier features stored in the
+checkpoint as ``t_embedder.W``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latentforge_generators.layers import (
+    AdaLNBlock,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    RoPE2D,
+    TimestepEmbedder,
+    check_inputs,
+    init_dit_weights,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+
+
+class FourierTimestepEmbedder(TimestepEmbedder):
+    """Time → vector through ``[sin, cos](2π·t·W)`` with a frozen W ~ N(0, 1) of 256 entries, then
+    the same SiLU MLP as DiT (input 512)."""
+
+    def __init__(self, hidden_size: int, num_frequencies: int = 256):
+        super().__init__(hidden_size, frequency_size=2 * num_frequencies)
+        self.W = nn.Parameter(torch.randn(num_frequencies), requires_grad=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = 2 * math.pi * t.float()[:, None] * self.W[None].float()  # B, 256
+        feats = torch.cat([args.sin(), args.cos()], dim=-1)  # B, 512
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))  # B, D
+
+
+#################################################################################
+#                                 DiT-DH Model                                  #
+#################################################################################
+class DiTDH(nn.Module):
+    """``forward(x [B,C,H,W], t [B], y [B]) -> velocity [B, C, H, W]`` with t = 1 noise (RAE's)."""
+
+    time_convention = "noise_at_1"
+
+    def __init__(
+        self,
+        *,
+        input_size: int = 16,
+        patch_size: int = 1,
+        in_channels: int = 768,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        head_hidden_size: int = 2048,
+        head_depth: int = 2,
+        head_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        use_qknorm: bool = False,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = self.out_channels = in_channels
+        self.num_classes = num_classes
+        self.learn_sigma = False
+        self.hidden_size, self.head_hidden_size = hidden_size, head_hidden_size
+        self.depth, self.head_depth = depth, head_depth
+        grid = input_size // patch_size
+
+        # Backbone ("condition encoder"): LightningDiT blocks over its own patch embedding + sin-cos table.
+        self.s_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        self.t_embedder = FourierTimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.enc_feat_rope = RoPE2D(hidden_size // num_heads, grid)
+        # Head ("velocity decoder"): a second embedding of the noisy input, RoPE only, per-token adaLN.
+        self.x_embedder = PatchEmbed(patch_size, in_channels, head_hidden_size)
+        self.s_projector = nn.Linear(hidden_size, head_hidden_size) if hidden_size != head_hidden_size else nn.Identity()
+        self.dec_feat_rope = RoPE2D(head_hidden_size // head_num_heads, grid)
+        block = dict(mlp_ratio=mlp_ratio, rmsnorm=True, swiglu=True, qk_norm=use_qknorm)
+        self.blocks = nn.ModuleList(
+            [AdaLNBlock(hidden_size, num_heads, **block) for _ in range(depth)]
+            + [AdaLNBlock(head_hidden_size, head_num_heads, **block) for _ in range(head_depth)]
+        )
+        self.final_layer = FinalLayer(head_hidden_size, patch_size**2 * in_channels, rmsnorm=True)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # RAE keeps PyTorch's default init for the linears (its xavier pass is off by default).
+        init_dit_weights(self, xavier_linears=False)
+        grid = self.input_size // self.patch_size
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, grid).unsqueeze(0))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t, y = check_inputs(self, x, t, y)
+        t_emb = self.t_embedder(t)  # B, D
+        c = F.silu(t_emb + self.y_embedder(y))  # B, D
+        s = self.s_embedder(x) + self.pos_embed  # B, T, D
+        for block in self.blocks[: self.depth]:
+            s = block(s, c, self.enc_feat_rope)  # B, T, D
+        s = self.s_projector(F.silu(s + t_emb.unsqueeze(1)))  # B, T, D_head: one condition per token
+        h = self.x_embedder(x)  # B, T, D_head
+        for block in self.blocks[self.depth :]:
+            h = block(h, s, self.dec_feat_rope)  # B, T, D_head
+        h = self.final_layer(h, s)  # B, T, p²·C
+        return unpatchify(h, self.patch_size, self.out_channels)  # B, C, H, W
+
+
+#################################################################################
+#                                 DiT-DH Configs                                #
+#################################################################################
+def DiTDH_XL(**kwargs):
+    """The RAE generator: backbone 1152×28 (16 heads) + head 2048×2 (16 heads), 839 M parameters."""
+    return DiTDH(hidden_size=1152, depth=28, num_heads=16, head_hidden_size=2048, head_depth=2, head_num_heads=16,
+                 **kwargs)  # fmt: skip
+
+
+def DiTDH_S(**kwargs):
+    """RAE's weak model for autoguidance: backbone 384×12 (6 heads) + the same 2048×2 head."""
+    return DiTDH(hidden_size=384, depth=12, num_heads=6, head_hidden_size=2048, head_depth=2, head_num_heads=16,
+                 **kwargs)  # fmt: skip
+
+
+def DiTDH_T(**kwargs):
+    """Tiny size for tests and CPU demos (not a published size)."""
+    return DiTDH(hidden_size=64, depth=2, num_heads=4, head_hidden_size=96, head_depth=1, head_num_heads=4,
+                 **kwargs)  # fmt: skip
+
+
+DiTDH_models = {"DiTDH-XL": DiTDH_XL, "DiTDH-S": DiTDH_S, "DiTDH-T": DiTDH_T}

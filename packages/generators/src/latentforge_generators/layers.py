@@ -1,0 +1,320 @@
+"""Layers shared by the DiT family (DiT, LightningDiT, DiT-DH).
+
+Module and parameter names follow the released checkpoints (``x_embedder.proj``, ``attn.qkv``,
+``mlp.fc1`` / ``mlp.w12``, ``adaLN_modulation.1``, ``feat_rope.freqs_cos`` …) so official state dicts
+load strictly.  The forward passes fuse what the references compute in separate steps (one qkv
+GEMM, ``addcmul`` for modulation and gated residuals, SDPA through core's ``attention``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from latentforge_core import attention
+
+
+#################################################################################
+#                          Position embeddings                                  #
+#################################################################################
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """MAE/DiT fixed 2-D sin-cos table ``[grid², dim]``, tokens row-major.
+
+    The first half of the channels encodes the column index and the second half the row index
+    (DiT builds its grid with ``meshgrid(w, h)``); each half is ``[sin, cos]`` of ``pos·ω_k`` with
+    ``ω_k = 10000^(-k / (dim/4))``.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    row, col = torch.meshgrid(pos, pos, indexing="ij")
+
+    def axis(p):
+        angles = p.reshape(-1, 1) * omega  # T, dim/4
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # T, dim/2
+
+    return torch.cat([axis(col), axis(row)], dim=1).float()  # T, dim
+
+
+class RoPE2D(nn.Module):
+    """2-D rotary embedding of EVA-02 / LightningDiT over a ``grid × grid`` token map.
+
+    Half of each head's channels rotate with the row index, the other half with the column index;
+    inside each half, frequency ``10000^(-2k / (head_dim/2))`` turns the adjacent pair (2k, 2k+1).
+    The cos/sin tables are buffers because the released checkpoints store them.
+    """
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
+        half = head_dim // 2
+        freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)  # half/2
+        angles = torch.arange(grid).float()[:, None] * freqs  # grid, half/2
+        angles = angles.repeat_interleave(2, dim=-1)  # grid, half
+        row = angles[:, None, :].expand(grid, grid, half)
+        col = angles[None, :, :].expand(grid, grid, half)
+        table = torch.cat([row, col], dim=-1).reshape(grid * grid, head_dim)  # T, head_dim
+        self.register_buffer("freqs_cos", table.cos())
+        self.register_buffer("freqs_sin", table.sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (-x_odd, x_even)
+        return torch.addcmul(x * self.freqs_cos, rotated, self.freqs_sin)  # B, H, T, D
+
+
+#################################################################################
+#                   Embedding layers for patches, timesteps and labels          #
+#################################################################################
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``p × p`` patches → tokens; ``proj`` is stored as a conv (timm's layout)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A conv with kernel = stride is a GEMM on (c p q)-flattened patches; as F.linear it is faster.
+        p = self.patch_size
+        patches = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)  # B, T, C·p²
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # B, T, D
+
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0):
+    """Sinusoidal features ``[cos, sin]`` of a (possibly fractional) time, as in DiT/GLIDE.
+
+    ``freq_shift`` = 1 reproduces diffusers' DiT port, whose frequencies divide by ``dim/2 − 1``
+    where the DiT code divides by ``dim/2``.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]  # B, half
+    return torch.cat([args.cos(), args.sin()], dim=-1)  # B, dim
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar time → vector: 256 sinusoidal features then a two-layer SiLU MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, freq_shift: int = 0):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.freq_shift = freq_shift
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        feats = timestep_features(t, self.frequency_size, freq_shift=self.freq_shift)  # B, 256
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))  # B, D
+
+
+class LabelEmbedder(nn.Module):
+    """Class label → vector; row ``num_classes`` is the null class that CFG uses.
+
+    In training each label is replaced by the null class with probability ``dropout_prob``.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)  # B, D
+
+
+#################################################################################
+#                      Norms, attention and feed-forward                        #
+#################################################################################
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable scale, computed in fp32 like LightningDiT's (then cast back)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x)
+        return normed * self.weight
+
+
+def affine_free_layernorm(dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, optional QK-RMSNorm and RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: RoPE2D | None = None) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)  # B, H, N, Dh
+        if rope is not None:
+            q, k = rope(q).type_as(v), rope(k).type_as(v)
+        out = attention(q, k, v)  # B, H, N, Dh
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # B, N, D
+
+
+class Mlp(nn.Module):
+    """DiT's feed-forward: D → 4D → D with tanh-approximated GELU."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """LightningDiT's SwiGLU: one fused ``w12`` (gate half first), SiLU(gate)·value, then ``w3``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+#################################################################################
+#                        adaLN-Zero block and final layer                       #
+#################################################################################
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(shift, x, 1 + scale)  # x·(1 + scale) + shift, one pass
+
+
+def _per_token(mod: torch.Tensor) -> torch.Tensor:
+    """Modulation from one vector per image [B, k] broadcasts over tokens as [B, 1, k]."""
+    return mod.unsqueeze(1) if mod.ndim == 2 else mod
+
+
+class AdaLNBlock(nn.Module):
+    """Pre-norm transformer block whose norms are modulated (shift, scale, gate) by a condition.
+
+    The condition is one vector per image ``[B, D]`` (DiT) or one per token ``[B, N, D]`` (the DDT
+    head of DiT-DH).  ``rmsnorm``/``swiglu``/``qk_norm`` select LightningDiT's variants.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, rmsnorm: bool = False,
+                 swiglu: bool = False, qk_norm: bool = False):
+        super().__init__()
+        norm = RMSNorm if rmsnorm else affine_free_layernorm
+        self.norm1 = norm(dim)
+        self.attn = Attention(dim, num_heads, qk_norm=qk_norm)
+        self.norm2 = norm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RoPE2D | None = None) -> torch.Tensor:
+        mods = _per_token(self.adaLN_modulation(c)).chunk(6, dim=-1)  # 6 × [B, 1|N, D]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
+        x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x  # B, N, D
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale; no gate) on the last tokens, then a linear map to patch pixels."""
+
+    def __init__(self, dim: int, out_features: int, *, rmsnorm: bool = False):
+        super().__init__()
+        self.norm_final = RMSNorm(dim) if rmsnorm else affine_free_layernorm(dim)
+        self.linear = nn.Linear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = _per_token(self.adaLN_modulation(c)).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # B, N, p²·C_out
+
+
+#################################################################################
+#                       Initialisation and input checks                         #
+#################################################################################
+def init_dit_weights(model: nn.Module, *, xavier_linears: bool = True) -> None:
+    """DiT's initialisation: xavier linears (optional, off in DiT-DH), patch convs as flattened
+    linears, label table N(0, 0.02), t-MLP N(0, 0.02), every adaLN output and the final linear zero."""
+    for module in model.modules():
+        if xavier_linears and isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, PatchEmbed):
+            nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
+            nn.init.zeros_(module.proj.bias)
+        elif isinstance(module, LabelEmbedder):
+            nn.init.normal_(module.embedding_table.weight, std=0.02)
+    for module in model.modules():
+        if isinstance(module, TimestepEmbedder):
+            nn.init.normal_(module.mlp[0].weight, std=0.02)
+            nn.init.normal_(module.mlp[2].weight, std=0.02)
+        elif isinstance(module, (AdaLNBlock, FinalLayer)):
+            nn.init.zeros_(module.adaLN_modulation[-1].weight)
+            nn.init.zeros_(module.adaLN_modulation[-1].bias)
+        if isinstance(module, FinalLayer):
+            nn.init.zeros_(module.linear.weight)
+            nn.init.zeros_(module.linear.bias)
+
+
+def check_inputs(model: nn.Module, x: torch.Tensor, t, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``(x, t, y)`` for a DiT-family backbone; returns ``t`` and ``y`` as ``[B]`` tensors.
+
+    ``t`` may be a Python number or a 0-d tensor (broadcast to the batch); ``y=None`` means the
+    null class for every sample.
+    """
+    name = type(model).__name__
+    c, s = model.in_channels, model.input_size
+    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != c or tuple(x.shape[-2:]) != (s, s):
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name} expects latents of shape [B, {c}, {s}, {s}], got {got}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} expects floating-point latents, got {x.dtype}")
+    b = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(b)
+    if t.shape != (b,):
+        raise ValueError(f"{name} expects one time per sample, shape [{b}], got {tuple(t.shape)}")
+    if y is None:
+        y = torch.full((b,), model.num_classes, dtype=torch.long, device=x.device)
+    y = torch.as_tensor(y, device=x.device)
+    if y.shape != (b,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{name} expects integer class labels of shape [{b}], got {y.dtype} {tuple(y.shape)}")
+    if b and (int(y.min()) < 0 or int(y.max()) > model.num_classes):
+        raise ValueError(
+            f"{name} class labels must lie in [0, {model.num_classes}] ({model.num_classes} = null "
+            f"class for guidance), got values in [{int(y.min())}, {int(y.max())}]"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} got latents containing NaN or inf")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} got times containing NaN or inf")
+    return t, y
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    side = math.isqrt(x.shape[1])
+    return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=side, p=patch_size, q=patch_size, c=channels)

@@ -1,0 +1,78 @@
+"""LightningDiT (Yao et al., 2025, VA-VAE paper): DiT with SwiGLU, RMSNorm and 2-D RoPE.
+
+It keeps DiT's skeleton, names and initialisation (the frozen sin-cos table is still added even with
+RoPE on), so it is the DiT class with LightningDiT's switches on by default.  Key-compatible with the
+released ``hustvl/LightningDiT`` checkpoints (``{"model", "ema", ...}``; inference loads ``ema``), whose
+default config is XL/1 on VA-VAE latents (32×16×16), no learned sigma, QK-norm off.  QK-norm
+(RMSNorm over the head dim, ``attn.q_norm`` / ``attn.k_norm``) is the authors' advice against NaN
+losses in long runs.
+"""
+from __future__ import annotations
+
+from latentforge_generators.dit import DiT
+
+
+#################################################################################
+#                               LightningDiT Model                              #
+#################################################################################
+class LightningDiT(DiT):
+    """DiT with LightningDiT's defaults; ``forward(x, t, y)`` is DiT's (t = 0 noise, t = 1 data)."""
+
+    time_convention = "noise_at_0"
+
+    def __init__(
+        self,
+        *,
+        input_size: int = 16,
+        in_channels: int = 32,
+        learn_sigma: bool = False,
+        use_rmsnorm: bool = True,
+        use_swiglu: bool = True,
+        use_rope: bool = True,
+        use_qknorm: bool = False,
+        **kwargs,
+    ):
+        super().__init__(
+            input_size=input_size, in_channels=in_channels, learn_sigma=learn_sigma, use_rmsnorm=use_rmsnorm,
+            use_swiglu=use_swiglu, use_rope=use_rope, use_qknorm=use_qknorm, **kwargs,
+        )  # fmt: skip
+
+
+#################################################################################
+#                              LightningDiT Configs                             #
+#################################################################################
+def LightningDiT_XL_1(**kwargs):
+    return LightningDiT(depth=28, hidden_size=1152, patch_size=1, num_heads=16, **kwargs)
+
+
+def LightningDiT_XL_2(**kwargs):
+    return LightningDiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+
+
+def LightningDiT_L_1(**kwargs):
+    return LightningDiT(depth=24, hidden_size=1024, patch_size=1, num_heads=16, **kwargs)
+
+
+def LightningDiT_L_2(**kwargs):
+    return LightningDiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
+
+
+def LightningDiT_B_1(**kwargs):
+    return LightningDiT(depth=12, hidden_size=768, patch_size=1, num_heads=12, **kwargs)
+
+
+def LightningDiT_B_2(**kwargs):
+    return LightningDiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
+
+
+def LightningDiT_T_1(**kwargs):
+    """Tiny size for tests and CPU demos (not a published size)."""
+    return LightningDiT(depth=2, hidden_size=64, patch_size=1, num_heads=4, **kwargs)
+
+
+LightningDiT_models = {
+    "LightningDiT-XL/1": LightningDiT_XL_1, "LightningDiT-XL/2": LightningDiT_XL_2,
+    "LightningDiT-L/1": LightningDiT_L_1, "LightningDiT-L/2": LightningDiT_L_2,
+    "LightningDiT-B/1": LightningDiT_B_1, "LightningDiT-B/2": LightningDiT_B_2,
+    "LightningDiT-T/1": LightningDiT_T_1,
+}  # fmt: skip

@@ -1,0 +1,213 @@
+"""DiT: conformance with diffusers' DiTTransformer2DModel, the official key layout, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from latentforge_core.checkpoint import CheckpointError
+
+from latentforge_generators.convert import (
+    dit_to_diffusers_state_dict,
+    from_diffusers,
+    load_official,
+    official_state_dict,
+    to_diffusers,
+)
+from latentforge_generators.dit import DiT, DiT_models
+
+TINY = dict(input_size=8, in_channels=4, num_classes=10)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Replace every trainable weight by a random one of sensible scale (adaLN-Zero's zeros too,
+    otherwise the blocks would be the identity and the comparison empty)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                fan_in = p.shape[-1] if p.ndim > 1 else 50
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+    return model
+
+
+def inputs(model, batch=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    s = model.input_size
+    x = torch.randn(batch, model.in_channels, s, s, generator=gen)
+    t = torch.tensor([0.0, 0.37, 0.9, 1.0])[:batch]
+    y = torch.tensor([0, 3, model.num_classes, 9])[:batch]  # includes the null class
+    return x, t, y
+
+
+# ------------------------------------------------------------------------------------------------
+# Conformance with diffusers
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("patch,learn_sigma", [(1, False), (2, True), (4, False)])
+def test_matches_diffusers_on_same_weights(patch, learn_sigma):
+    ours = randomize(DiT(patch_size=patch, hidden_size=64, depth=2, num_heads=4, learn_sigma=learn_sigma, **TINY))
+    theirs = to_diffusers(ours).eval()
+    # diffusers' port divides its sinusoid frequencies by half-1; the converter reproduces that.
+    back = from_diffusers(theirs).eval()
+    x, t = inputs(ours)[:2]
+    t = t * 999  # DDPM-style steps, as diffusers' pipelines feed them
+    y = torch.tensor([0, 3, 10, 9])
+    with torch.no_grad():
+        expected = theirs(x, t, y).sample
+        got = back(x, t, y)
+    assert got.shape == expected.shape == (4, ours.out_channels, 8, 8)
+    assert expected.abs().max() > 0.1  # a real signal, not adaLN-Zero's zeros
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dit_frequencies_match_diffusers_with_its_shift_removed():
+    """Our default (the DiT code's sinusoid) equals diffusers once its frequency shift is 0."""
+    ours = randomize(DiT_models["DiT-T/2"](**TINY)).eval()
+    theirs = to_diffusers(ours).eval()
+    for block in theirs.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    x, t, y = inputs(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t * 999, y), theirs(x, t * 999, y).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_converter_round_trip_is_lossless():
+    ours = randomize(DiT_models["DiT-T/2"](**TINY))
+    back = from_diffusers(to_diffusers(ours), time_freq_shift=0)
+    for name, tensor in ours.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], tensor, atol=0, rtol=0)
+    assert len(dit_to_diffusers_state_dict(ours.state_dict())) > 0
+
+
+def test_training_gradients_match_diffusers():
+    """The backward pass agrees too (eval mode: no label dropout, so both see the same labels)."""
+    ours = randomize(DiT(hidden_size=64, depth=2, num_heads=4, patch_size=2, **TINY))
+    theirs = to_diffusers(ours).eval()
+    back = from_diffusers(theirs).eval()
+    x, t, y = inputs(ours)
+    back(x, t * 999, y).square().mean().backward()
+    theirs(x, t * 999, y).sample.square().mean().backward()
+    ours_grad = back.blocks[1].attn.qkv.weight.grad
+    theirs_grad = torch.cat([getattr(theirs.transformer_blocks[1].attn1, f"to_{n}").weight.grad for n in "qkv"])
+    torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Official checkpoint layout (facebookresearch/DiT models.py, written out from the reference)
+# ------------------------------------------------------------------------------------------------
+def official_dit_layout(depth, d, c_in, patch, grid, num_classes=1000, learn_sigma=True):
+    c_out = 2 * c_in if learn_sigma else c_in
+    layout = {
+        "pos_embed": (1, grid * grid, d),
+        "x_embedder.proj.weight": (d, c_in, patch, patch), "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (num_classes + 1, d),
+        "final_layer.linear.weight": (patch * patch * c_out, d), "final_layer.linear.bias": (patch * patch * c_out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    }  # fmt: skip
+    for i in range(depth):
+        layout |= {
+            f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.attn.qkv.bias": (3 * d,),
+            f"blocks.{i}.attn.proj.weight": (d, d), f"blocks.{i}.attn.proj.bias": (d,),
+            f"blocks.{i}.mlp.fc1.weight": (4 * d, d), f"blocks.{i}.mlp.fc1.bias": (4 * d,),
+            f"blocks.{i}.mlp.fc2.weight": (d, 4 * d), f"blocks.{i}.mlp.fc2.bias": (d,),
+            f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d), f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
+        }  # fmt: skip
+    return layout
+
+
+def test_official_layout_of_every_size():
+    sizes = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}
+    for name, builder in DiT_models.items():
+        if name == "DiT-T/2":
+            continue
+        depth, d = sizes[name.split("-")[1].split("/")[0]]
+        patch = int(name.split("/")[1])
+        with torch.device("meta"):
+            model = builder()
+        expected = official_dit_layout(depth, d, 4, patch, 32 // patch)
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected, name
+    # The reference's DiT-XL/2 figures: qkv [3456, 1152], final linear [32, 1152], 675 M parameters.
+    with torch.device("meta"):
+        xl = DiT_models["DiT-XL/2"]()
+    assert sum(p.numel() for p in xl.parameters() if p.requires_grad) == pytest.approx(675e6, rel=1e-3)
+
+
+def test_official_state_dict_loads_strictly_and_is_used(tmp_path):
+    layout = official_dit_layout(2, 64, 4, 2, 4, num_classes=10)
+    gen = torch.Generator().manual_seed(0)
+    official = {k: torch.randn(s, generator=gen) * 0.1 for k, s in layout.items()}
+    # DiT's train.py saves {"model", "ema", "opt", "args"}; sample.py reads EMA weights.
+    model_weights = {k: torch.zeros_like(v) for k, v in official.items()}
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": model_weights, "ema": official}, path)
+    model = load_official(DiT_models["DiT-T/2"](**TINY), path)
+    for k, v in official.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    x, t, y = inputs(model)
+    with torch.no_grad():
+        assert model.eval()(x, t, y).abs().sum() > 0
+    # Wrapper prefixes of DDP / torch.compile are stripped.
+    wrapped = {f"module._orig_mod.{k}": v for k, v in official.items()}
+    assert official_state_dict(wrapped).keys() == official.keys()
+
+
+def test_checkpoint_of_another_size_names_the_keys():
+    big = {k: torch.zeros(s) for k, s in official_dit_layout(2, 96, 4, 2, 4, num_classes=10).items()}
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*blocks\.0\.attn\.qkv\.weight"):
+        load_official(DiT_models["DiT-T/2"](**TINY), big)
+    del big["blocks.1.mlp.fc2.bias"]
+    with pytest.raises(CheckpointError, match="missing"):
+        load_official(DiT(hidden_size=96, depth=2, num_heads=4, **TINY), big)
+
+
+# ------------------------------------------------------------------------------------------------
+# Behaviour
+# ------------------------------------------------------------------------------------------------
+def test_contract_attributes_and_zero_init():
+    model = DiT_models["DiT-T/2"](**TINY)
+    assert DiT.time_convention == "noise_at_0"
+    assert (model.in_channels, model.out_channels, model.input_size, model.num_classes) == (4, 8, 8, 10)
+    assert model.learn_sigma and not model.pos_embed.requires_grad
+    x, t, y = inputs(model)
+    assert torch.equal(model(x, t, y), torch.zeros(4, 8, 8, 8))  # adaLN-Zero: the final layer starts at 0
+    assert DiT(learn_sigma=False, hidden_size=64, depth=1, num_heads=4, **TINY).out_channels == 4
+
+
+def test_label_dropout_uses_the_null_class_in_training_only():
+    model = randomize(DiT(hidden_size=64, depth=1, num_heads=4, class_dropout_prob=1.0, **TINY))
+    x, t, y = inputs(model)
+    null = torch.full_like(y, model.num_classes)
+    with torch.no_grad():
+        dropped = model.train()(x, t, y)
+        model.eval()
+        torch.testing.assert_close(dropped, model(x, t, null))
+        assert not torch.allclose(model(x, t, y), dropped)
+        torch.testing.assert_close(model(x, t, None), model(x, t, null))  # y=None: unconditional
+
+
+def test_bad_input_is_explained():
+    model = DiT_models["DiT-T/2"](**TINY)
+    x, t, y = inputs(model)
+    with pytest.raises(ValueError, match=r"\[B, 4, 8, 8\].*\(4, 3, 8, 8\)"):
+        model(x[:, :3], t, y)
+    with pytest.raises(ValueError, match=r"\[B, 4, 8, 8\].*\(4, 4, 16, 16\)"):
+        model(torch.randn(4, 4, 16, 16), t, y)
+    with pytest.raises(ValueError, match=r"\[B, 4, 8, 8\]"):
+        model(x[0], t, y)
+    with pytest.raises(ValueError, match=r"\[0, 10\].*\[0, 11\]"):
+        model(x, t, torch.tensor([0, 1, 2, 11]))
+    with pytest.raises(ValueError, match=r"\[0, 10\].*\[-1, 2\]"):
+        model(x, t, torch.tensor([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match="integer class labels"):
+        model(x, t, y.float())
+    with pytest.raises(ValueError, match="one time per sample"):
+        model(x, t[:2], y)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(x.index_fill(0, torch.tensor([2]), float("nan")), t, y)
+    with pytest.raises(ValueError, match="times containing NaN"):
+        model(x, torch.tensor([0.1, float("nan"), 0.2, 0.3]), y)
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        DiT(input_size=9, patch_size=2)
+    assert model(x, 0.5, y).shape == (4, 8, 8, 8)  # a scalar time is broadcast
