@@ -21,7 +21,6 @@ import attrs
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 from latentforge_core.checkpoint import load_into, load_state_file
 
@@ -325,7 +324,7 @@ class FIDInceptionV3(nn.Module):
         out = {}
         if "spatial" in features:  # TF's mixed_6/conv: the 1x1 branch of Mixed_6d, 7 channels, NHWC order
             s = self.Mixed_6d.branch1x1(x)[:, :7]  # [B, 7, 17, 17]
-            out["spatial"] = rearrange(s, "b c h w -> b (h w c)")  # [B, 2023]
+            out["spatial"] = s.permute(0, 2, 3, 1).flatten(1)  # [B, 2023], (h w c) order
         if not {"pool3", "logits"} & set(features):
             return out
         x = self.Mixed_6e(self.Mixed_6d(x))  # [B, 768, 17, 17]

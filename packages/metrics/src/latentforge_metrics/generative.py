@@ -1,0 +1,372 @@
+"""Distribution metrics of generated images: FID, sFID, rFID, FD-DINOv2, Inception Score, precision/recall.
+
+Every metric has ``update`` / ``compute`` / ``reset`` / ``merge`` and states its protocol: which
+preprocessing feeds the Inception (``protocol=``, see ``inception.PROTOCOLS``), which reference
+(an ``.npz``, statistics, or real images given with ``update(images, real=True)``), and for IS how
+the splits are cut. ``compute`` sees every process's state when ``torch.distributed`` is initialised.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from latentforge_core import registry
+from latentforge_core.device import resolve_device
+from latentforge_metrics.inception import (
+    FIDInceptionV3,
+    InceptionProtocol,
+    check_images,
+    fid_inception_v3,
+    get_protocol,
+    preprocess,
+)
+from latentforge_metrics.npz import ReferenceStats, iter_npz_images, load_reference
+from latentforge_metrics.stats import FeatureBank, GaussianStats, frechet_distance, split_indices
+
+
+# ------------------------------------------------------------------------------------------------
+# Functional forms
+# ------------------------------------------------------------------------------------------------
+def inception_score(logits: torch.Tensor, splits: int = 10, shuffle: bool = True, seed: int = 2020):
+    """(mean, std) as torch-fidelity: RandomState(seed) shuffle, splits [i·N//s, (i+1)·N//s), float64."""
+    logits = torch.as_tensor(logits).double().cpu()
+    n = logits.shape[0]
+    if n < splits:
+        raise ValueError(f"the Inception Score needs at least splits={splits} samples, got {n}")
+    if shuffle:
+        logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
+    p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
+    scores = []
+    for lo, hi in split_indices(n, splits):
+        log_mean = p[lo:hi].mean(dim=0, keepdim=True).log()
+        kl = (p[lo:hi] * (log_p[lo:hi] - log_mean)).sum(dim=1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def inception_score_adm(logits: torch.Tensor, split_size: int = 5000):
+    """(mean, std) as the ADM evaluator: float32 softmax, consecutive blocks of ``split_size``."""
+    p = torch.as_tensor(logits).float().cpu().softmax(dim=1)
+    scores = []
+    for part in p.split(split_size):
+        kl = part * (part.log() - part.mean(dim=0, keepdim=True).log())
+        scores.append(kl.sum(dim=1).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@torch.no_grad()
+def _kth_neighbour_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+    """Distance of every row of ``x`` to its k-th nearest other row, without an N x N matrix."""
+    radii = []
+    for rows in x.split(batch_size):
+        best = torch.empty(rows.shape[0], 0, device=x.device)
+        for cols in x.split(batch_size):
+            best = torch.cat([best, torch.cdist(rows, cols)], dim=1)
+            best = best.topk(min(k + 1, best.shape[1]), dim=1, largest=False).values  # self is the 0th
+        radii.append(best[:, k])
+    return torch.cat(radii)
+
+
+@torch.no_grad()
+def _inside_fraction(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> float:
+    """Fraction of ``queries`` within some ball ``(centre, radius)``."""
+    inside = 0
+    for q in queries.split(batch_size):
+        hit = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+        for c, r in zip(centres.split(batch_size), radii.split(batch_size)):
+            hit |= (torch.cdist(q, c) <= r[None]).any(dim=1)
+        inside += int(hit.sum())
+    return inside / queries.shape[0]
+
+
+def precision_recall(real, fake, k: int = 3, batch_size: int = 10000, device=None) -> dict[str, float]:
+    """Improved precision/recall (k-NN manifolds): precision = generated inside the real manifold.
+
+    float32 Euclidean distances as torch-fidelity; the ADM evaluator's fp16 squared distances move
+    both numbers by up to about 1e-2.
+    """
+    device = resolve_device(device)
+    real, fake = (torch.as_tensor(f).float().to(device) for f in (real, fake))
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be [N, D] with one D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(real.shape[0], fake.shape[0]) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+    radii_real = _kth_neighbour_radii(real, k, batch_size)
+    radii_fake = _kth_neighbour_radii(fake, k, batch_size)
+    return {
+        "precision": _inside_fraction(fake, real, radii_real, batch_size),
+        "recall": _inside_fraction(real, fake, radii_fake, batch_size),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared pieces
+# ------------------------------------------------------------------------------------------------
+class _UsesInception:
+    """Builds the FID Inception lazily (weights from ``weights`` or the torch hub cache)."""
+
+    def _setup_inception(self, protocol, weights, inception, device) -> None:
+        self.device = resolve_device(device) if inception is None else next(inception.parameters()).device
+        self.protocol: InceptionProtocol = get_protocol(protocol)
+        self._weights, self._inception = weights, inception
+
+    @property
+    def inception(self) -> FIDInceptionV3:
+        if self._inception is None:
+            self._inception = fid_inception_v3(self._weights, self.protocol, self.device)
+        return self._inception
+
+    @torch.no_grad()
+    def inception_features(self, images: torch.Tensor, features=("pool3",)) -> dict[str, torch.Tensor]:
+        """The metric's protocol applies, whatever protocol the network was built with."""
+        x = preprocess(images.to(self.device), self.protocol)
+        return self.inception.forward_features(x, features)
+
+
+def _check_same(metric, other) -> None:
+    if type(other) is not type(metric):
+        raise TypeError(f"cannot merge a {type(other).__name__} into a {type(metric).__name__}")
+
+
+class FrechetMetric:
+    """Fréchet distance between the Gaussians of generated and reference features."""
+
+    dim: int | None = None
+    reference_key = "fid"  # which statistics of a reference file this metric compares with
+
+    def __init__(self, reference=None):
+        self.fake, self.real = GaussianStats(self.dim), GaussianStats(self.dim)
+        self.reference: GaussianStats | None = None
+        if reference is not None:
+            self.set_reference(reference)
+
+    def set_reference(self, reference) -> None:
+        """A path (ADM or pytorch-fid ``.npz``), ``ReferenceStats``, ``GaussianStats`` or ``(mu, sigma)``."""
+        if isinstance(reference, str | os.PathLike):
+            reference = load_reference(reference)
+        if isinstance(reference, ReferenceStats):
+            stats = getattr(reference, self.reference_key)
+            if stats is None:
+                raise ValueError(f"{reference.path} has no {self.reference_key} statistics for {type(self).__name__}")
+            reference = stats
+        if isinstance(reference, tuple):
+            reference = GaussianStats.from_moments(*reference)
+        if not isinstance(reference, GaussianStats):
+            raise TypeError(f"unsupported reference {type(reference).__name__}; expected a path or statistics")
+        if self.dim is not None and reference.dim != self.dim:
+            raise ValueError(
+                f"the reference statistics are {reference.dim}-d but {type(self).__name__} features are "
+                f"{self.dim}-d (pool3 is 2048-d, sFID's spatial features 2023-d)"
+            )
+        self.reference = reference
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, images: torch.Tensor, real: bool = False) -> None:
+        self.update_features(self.features(images), real=real)
+
+    def update_features(self, features: torch.Tensor, real: bool = False) -> None:
+        if real and self.reference is not None:
+            raise ValueError(f"{type(self).__name__} has a fixed reference; real images are not accumulated")
+        (self.real if real else self.fake).update(features)
+
+    def compute(self) -> float:
+        fake = self.fake.gathered()
+        real = self.reference if self.reference is not None else self.real.gathered()
+        if fake.n == 0:
+            raise ValueError(f"{type(self).__name__}: no generated images were given to update()")
+        if real.mean is None:
+            raise ValueError(
+                f"{type(self).__name__} has no reference: pass reference=<.npz or statistics> or give real "
+                "images with update(images, real=True)"
+            )
+        return frechet_distance(fake.mu, fake.sigma, real.mu, real.sigma)
+
+    def reset(self) -> None:
+        """Forget the accumulated images (a fixed reference is kept)."""
+        self.fake.reset()
+        self.real.reset()
+
+    def merge(self, other: FrechetMetric) -> None:
+        _check_same(self, other)
+        self.fake.merge(other.fake)
+        self.real.merge(other.real)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inception metrics
+# ------------------------------------------------------------------------------------------------
+class FID(FrechetMetric, _UsesInception):
+    """FID on 2048-d pool3 features. ``protocol``: "torch-fidelity" (= "adm", TF graph), "pytorch-fid",
+    "torchmetrics"; references computed with one protocol only compare with images fed by it."""
+
+    dim, feature = 2048, "pool3"
+
+    def __init__(self, reference=None, *, protocol="torch-fidelity", weights=None, inception=None, device=None):
+        self._setup_inception(protocol, weights, inception, device)
+        super().__init__(reference)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inception_features(images, (self.feature,))[self.feature]
+
+
+class SFID(FID):
+    """sFID (Nash et al.; ADM): the Fréchet distance of Mixed_6d's 7-channel spatial features (2023-d)."""
+
+    dim, feature, reference_key = 2023, "spatial", "spatial"
+
+
+class RFID(FID):
+    """Reconstruction FID: reconstructions against their originals, both accumulated by ``update``."""
+
+    def update(self, images: torch.Tensor, target: torch.Tensor | None = None, real: bool = False) -> None:
+        if target is not None:
+            if target.shape != images.shape:
+                raise ValueError(f"reconstructions {tuple(images.shape)} and originals {tuple(target.shape)} differ")
+            self.update_features(self.features(target), real=True)
+        super().update(images, real=real)
+
+
+class InceptionScore(_UsesInception):
+    """IS on the unbiased 1008-way logits. ``protocol="adm"`` splits as the ADM evaluator (blocks of
+    5000, no shuffle); any other protocol splits as torch-fidelity (10 splits after a seeded shuffle)."""
+
+    def __init__(self, splits: int = 10, *, protocol="torch-fidelity", weights=None, inception=None, device=None):
+        self.split_mode = "adm" if protocol == "adm" else "torch-fidelity"
+        self.splits = splits
+        self._setup_inception(protocol, weights, inception, device)
+        self.logits = FeatureBank(1008)
+
+    def update(self, images: torch.Tensor) -> None:
+        self.logits.update(self.inception_features(images, ("logits",))["logits"])
+
+    def update_features(self, logits: torch.Tensor) -> None:
+        self.logits.update(logits)
+
+    def compute(self) -> dict[str, float]:
+        logits = self.logits.gathered()
+        if self.split_mode == "adm":
+            mean, std = inception_score_adm(logits)
+        else:
+            mean, std = inception_score(logits, self.splits)
+        return {"inception_score": mean, "inception_score_std": std}
+
+    def reset(self) -> None:
+        self.logits.reset()
+
+    def merge(self, other: InceptionScore) -> None:
+        _check_same(self, other)
+        self.logits.merge(other.logits)
+
+
+class PrecisionRecall(_UsesInception):
+    """Improved precision/recall on pool3 (k = 3). ``reference``: an ADM ``.npz`` with ``arr_0`` images,
+    a real-feature tensor ``[N, 2048]``, or real images given with ``update(images, real=True)``."""
+
+    def __init__(self, reference=None, *, k: int = 3, batch_size: int = 10000, protocol="torch-fidelity",
+                 weights=None, inception=None, device=None):
+        self.k, self.batch_size = k, batch_size
+        self._setup_inception(protocol, weights, inception, device)
+        self.fake, self.real = FeatureBank(2048), FeatureBank(2048)
+        self.reference_features: torch.Tensor | None = None
+        self.reference_path = None
+        if isinstance(reference, str | os.PathLike):
+            self.reference_path = Path(reference)
+        elif reference is not None:
+            self.reference_features = torch.as_tensor(reference).float()
+            if self.reference_features.ndim != 2 or self.reference_features.shape[1] != 2048:
+                raise ValueError(f"reference features must be [N, 2048], got {tuple(self.reference_features.shape)}")
+
+    def update(self, images: torch.Tensor, real: bool = False) -> None:
+        self.update_features(self.inception_features(images)["pool3"], real=real)
+
+    def update_features(self, features: torch.Tensor, real: bool = False) -> None:
+        (self.real if real else self.fake).update(features)
+
+    def _reference(self) -> torch.Tensor:
+        if self.reference_path is not None and self.reference_features is None:
+            bank = FeatureBank(2048)
+            for batch in iter_npz_images(self.reference_path):
+                bank.update(self.inception_features(batch)["pool3"].cpu())
+            self.reference_features = torch.cat(bank.parts)
+        if self.reference_features is not None:
+            return self.reference_features
+        if not len(self.real) and not self.real.parts:
+            raise ValueError("PrecisionRecall has no reference: pass reference= or update(images, real=True)")
+        return self.real.gathered()
+
+    def compute(self) -> dict[str, float]:
+        return precision_recall(self._reference(), self.fake.gathered(), self.k, self.batch_size, self.device)
+
+    def reset(self) -> None:
+        self.fake.reset()
+        self.real.reset()
+
+    def merge(self, other: PrecisionRecall) -> None:
+        _check_same(self, other)
+        self.fake.merge(other.fake)
+        self.real.merge(other.real)
+
+
+# ------------------------------------------------------------------------------------------------
+# FD-DINOv2 (or any registered encoder)
+# ------------------------------------------------------------------------------------------------
+def encoder_features(encoder: nn.Module | Callable, images: torch.Tensor, output: str = "cls") -> torch.Tensor:
+    """``[B, C]`` features of a registered encoder (its ``features(output=...)``) or any callable.
+
+    Maps ``[B, C, h, w]`` and token outputs ``[B, N, C]`` are averaged to ``[B, C]``.
+    """
+    images = check_images(images)
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    with torch.no_grad():
+        feats = encoder.features(x, output=output) if hasattr(encoder, "features") else encoder(x)
+    if feats.ndim == 4:
+        feats = feats.mean(dim=(2, 3))
+    elif feats.ndim == 3:
+        feats = feats.mean(dim=1)
+    return feats.float()
+
+
+class FDDINOv2(FrechetMetric):
+    """Fréchet distance in the feature space of a registered encoder (default DINOv2 ViT-L/14, CLS
+    token, as dgm-eval's FD_DINOv2); images are resized by the encoder's own preprocessing."""
+
+    def __init__(self, reference=None, *, encoder: str | nn.Module = "dinov2-vitl14", output: str = "cls",
+                 encoder_kwargs: dict | None = None, device=None):
+        self.device = resolve_device(device)
+        if isinstance(encoder, str):
+            encoder = registry.encoders.build(encoder, **(encoder_kwargs or {}))
+        self.encoder = encoder.to(self.device).eval()
+        self.output = output
+        self.dim = getattr(encoder, "embed_dim", None)
+        super().__init__(reference)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return encoder_features(self.encoder, images.to(self.device), self.output)
+
+
+# ------------------------------------------------------------------------------------------------
+# The ADM evaluator, in one pass over a sample batch
+# ------------------------------------------------------------------------------------------------
+def evaluate_npz(samples: str | os.PathLike, reference: str | os.PathLike, *, weights=None, inception=None,
+                 batch_size: int = 64, device=None) -> dict[str, float]:
+    """IS, FID, sFID, precision and recall of an ADM sample batch against an ADM reference batch,
+    with the evaluator's protocol (TF preprocessing, 5000-sample IS splits, k = 3)."""
+    fid = FID(reference, protocol="adm", weights=weights, inception=inception, device=device)
+    sfid = SFID(reference, protocol="adm", inception=fid.inception, device=device)
+    isc = InceptionScore(protocol="adm", inception=fid.inception)
+    prc = PrecisionRecall(reference, protocol="adm", inception=fid.inception)
+    for batch in iter_npz_images(samples, batch_size):
+        out = fid.inception_features(batch, ("pool3", "logits", "spatial"))
+        fid.update_features(out["pool3"])
+        sfid.update_features(out["spatial"])
+        isc.update_features(out["logits"])
+        prc.update_features(out["pool3"])
+    return {"inception_score": isc.compute()["inception_score"], "fid": fid.compute(), "sfid": sfid.compute(),
+            **prc.compute()}
