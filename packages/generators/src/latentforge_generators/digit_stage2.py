@@ -86,6 +86,7 @@ class DiGITStage2(nn.Module):
     def forward_ids(self, ids: torch.Tensor, cache: KVCache | None = None, causal: bool = True) -> torch.Tensor:
         """Ids of [cond | sep | codes] (continuing ``cache``) → logits ``[B, N, V]``."""
         start = 0 if cache is None else cache.length
+        self.transformer.check_length(start + ids.shape[1])
         pos = torch.cat([self.pos_cond[: self.cond_len], self.pos_gen[: self.seq_len + 1]])
         x = self.tok_embed(ids) * self.embed_scale + pos[start : start + ids.shape[1]]  # B N D
         return self.head(self.transformer(self.drop(x), cache=cache, causal=causal))

@@ -166,14 +166,14 @@ class Transformer(nn.Module):
         return KVCache(len(self.blocks), batch, self.num_heads, dim // self.num_heads, max_len,
                        device=like.device, dtype=like.dtype)
 
+    def check_length(self, end: int) -> None:
+        if end > self.max_positions:
+            raise ValueError(f"sequence of {end} positions is longer than the model's {self.max_positions} positions")
+
     def forward(self, x, *, cache: KVCache | None = None, causal: bool = True, hidden: list | None = None):
         """``x [B, N, D]`` → ``[B, N, D]``; appends each block's input and the last output to ``hidden``."""
         start = 0 if cache is None else cache.length
-        if start + x.shape[1] > self.max_positions:
-            raise ValueError(
-                f"sequence of {start + x.shape[1]} positions is longer than the model's "
-                f"{self.max_positions} positions"
-            )
+        self.check_length(start + x.shape[1])
         for i, block in enumerate(self.blocks):
             if hidden is not None:
                 hidden.append(x)
@@ -262,6 +262,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        self.transformer.check_length(start + ids.shape[1])
         x = self.tok_embed(ids) * self.embed_scale  # B N D
         if self.pos_embed is not None:
             x = x + self.pos_embed[start : start + ids.shape[1]]
