@@ -150,6 +150,7 @@ class Transport:
     ``sample_shift`` (default: ``shift``) to the sampler grid. "auto" means RAE's dimension shift
     ``sqrt(C·H·W / shift_base)``, resolved once the latent shape is known. ``cos_weight`` adds
     LightningDiT's velocity-direction term ``1 - cos(v̂, u)`` along channels (1.0 in its recipe).
+    Samplers stop at ``time_shift(sample_eps)`` (RAE: 0.001; SiT and LightningDiT: 0).
     """
 
     time_dist: str = attrs.field(default="uniform", validator=attrs.validators.in_(("uniform", "logit-normal")))
@@ -161,10 +162,13 @@ class Transport:
     sample_shift: float | str | None = attrs.field(default=None, validator=_check_shift)
     shift_base: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     cos_weight: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+    sample_eps: float = attrs.field(default=0.0, validator=_check_unit)
 
     def __attrs_post_init__(self) -> None:
         if self.t_min >= self.t_max:
             raise ValueError(f"t_min must be below t_max, got [{self.t_min}, {self.t_max}]")
+        if self.sample_eps >= 1.0:
+            raise ValueError(f"sample_eps must lie in [0, 1), got {self.sample_eps}")
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
