@@ -5,6 +5,7 @@ One step = forward + backward + AdamW step with an MSE loss on the output, batch
 tokens each).  FLOPs are counted analytically, 2 per multiply-add, backward = 2× forward.
 diffusers gets the very same weights through our converter.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ def forward_macs(model) -> float:
     d, p = model.hidden_size, model.patch_size
     tokens = (model.input_size // p) ** 2
     block = model.blocks[0]
-    ffn_hidden = (block.mlp.w3.in_features * 3 if hasattr(block.mlp, "w3") else block.mlp.fc1.out_features * 2)
+    ffn_hidden = block.mlp.w3.in_features * 3 if hasattr(block.mlp, "w3") else block.mlp.fc1.out_features * 2
     per_block = 4 * tokens * d * d + 2 * tokens * tokens * d + tokens * d * ffn_hidden + 6 * d * d
     embed = tokens * model.in_channels * p * p * d + 256 * d + d * d
     final = 2 * d * d + tokens * d * p * p * model.out_channels

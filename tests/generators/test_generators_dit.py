@@ -1,12 +1,13 @@
 """DiT: conformance with diffusers' DiTTransformer2DModel, the official key layout, bad input."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from latentforge_core.checkpoint import CheckpointError
 
+from latentforge_core.checkpoint import CheckpointError
 from latentforge_generators.convert import (
     dit_to_diffusers_state_dict,
     from_diffusers,
@@ -45,7 +46,9 @@ def inputs(model, batch=4, seed=1):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("patch,learn_sigma", [(1, False), (2, True), (4, False)])
 def test_matches_diffusers_on_same_weights(patch, learn_sigma):
-    ours = randomize(DiT(patch_size=patch, hidden_size=64, depth=2, num_heads=4, learn_sigma=learn_sigma, **TINY))
+    ours = randomize(
+        DiT(patch_size=patch, hidden_size=64, depth=2, num_heads=4, learn_sigma=learn_sigma, **TINY)
+    )
     theirs = to_diffusers(ours).eval()
     # diffusers' port divides its sinusoid frequencies by half-1; the converter reproduces that.
     back = from_diffusers(theirs).eval()
@@ -88,7 +91,9 @@ def test_training_gradients_match_diffusers():
     back(x, t * 999, y).square().mean().backward()
     theirs(x, t * 999, y).sample.square().mean().backward()
     ours_grad = back.blocks[1].attn.qkv.weight.grad
-    theirs_grad = torch.cat([getattr(theirs.transformer_blocks[1].attn1, f"to_{n}").weight.grad for n in "qkv"])
+    theirs_grad = torch.cat(
+        [getattr(theirs.transformer_blocks[1].attn1, f"to_{n}").weight.grad for n in "qkv"]
+    )
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-5, rtol=1e-4)
 
 
@@ -103,7 +108,8 @@ def official_dit_layout(depth, d, c_in, patch, grid, num_classes=1000, learn_sig
         "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
         "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
         "y_embedder.embedding_table.weight": (num_classes + 1, d),
-        "final_layer.linear.weight": (patch * patch * c_out, d), "final_layer.linear.bias": (patch * patch * c_out,),
+        "final_layer.linear.weight": (patch * patch * c_out, d),
+        "final_layer.linear.bias": (patch * patch * c_out,),
         "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
     }  # fmt: skip
     for i in range(depth):
@@ -112,7 +118,8 @@ def official_dit_layout(depth, d, c_in, patch, grid, num_classes=1000, learn_sig
             f"blocks.{i}.attn.proj.weight": (d, d), f"blocks.{i}.attn.proj.bias": (d,),
             f"blocks.{i}.mlp.fc1.weight": (4 * d, d), f"blocks.{i}.mlp.fc1.bias": (4 * d,),
             f"blocks.{i}.mlp.fc2.weight": (d, 4 * d), f"blocks.{i}.mlp.fc2.bias": (d,),
-            f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d), f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
+            f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d),
+            f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
         }  # fmt: skip
     return layout
 

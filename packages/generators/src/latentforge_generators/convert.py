@@ -11,6 +11,7 @@ layer).  Two details of that port differ from the DiT code: its sinusoidal frequ
 ``half − 1`` (``time_freq_shift=1`` here reproduces it) and its second LayerNorm uses
 ``config.norm_eps`` (DiT's is 1e-6).  diffusers is not a dependency: it is imported only when asked.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,8 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
-from latentforge_core.checkpoint import CheckpointError, load_into, load_state_file, load_torch_file
 
+from latentforge_core.checkpoint import CheckpointError, load_into, load_state_file, load_torch_file
 from latentforge_generators.dit import DiT
 from latentforge_generators.layers import Mlp, sincos_pos_embed_2d
 
@@ -33,9 +34,15 @@ def official_state_dict(obj: Mapping | str | os.PathLike) -> dict[str, torch.Ten
     """A flat state dict from an official DiT / LightningDiT / RAE stage-2 file or loaded object."""
     if isinstance(obj, (str, os.PathLike)):
         suffix = os.fspath(obj).lower()
-        obj = load_torch_file(obj) if suffix.endswith((".pt", ".pth", ".ckpt", ".bin")) else load_state_file(obj)
+        obj = (
+            load_torch_file(obj)
+            if suffix.endswith((".pt", ".pth", ".ckpt", ".bin"))
+            else load_state_file(obj)
+        )
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"expected a state dict or a training checkpoint dict, got {type(obj).__name__}")
+        raise CheckpointError(
+            f"expected a state dict or a training checkpoint dict, got {type(obj).__name__}"
+        )
     for key in ("ema", "model", "state_dict"):
         if key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -82,7 +89,9 @@ def dit_to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
             out[theirs + f"attn1.to_out.0.{kind}"] = state[ours + f"attn.proj.{kind}"]
             out[theirs + f"ff.net.0.proj.{kind}"] = state[ours + f"mlp.fc1.{kind}"]
             out[theirs + f"ff.net.2.{kind}"] = state[ours + f"mlp.fc2.{kind}"]
-        out[theirs + "norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
+        out[theirs + "norm1.emb.class_embedder.embedding_table.weight"] = state[
+            "y_embedder.embedding_table.weight"
+        ]
     return out
 
 

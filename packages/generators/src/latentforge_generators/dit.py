@@ -7,6 +7,7 @@ SwiGLU, 2-D RoPE, QK-norm), which is all LightningDiT changes; ``lightningdit.py
 Time convention: t = 0 is noise and t = 1 data, fed unscaled to the sinusoidal embedding, as SiT and
 LightningDiT use this backbone.  The class label ``num_classes`` is the null class of CFG.
 """
+
 from __future__ import annotations
 
 import torch
@@ -78,8 +79,9 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
         self.feat_rope = RoPE2D(hidden_size // num_heads, grid) if use_rope else None
         self.blocks = nn.ModuleList(
-            AdaLNBlock(hidden_size, num_heads, mlp_ratio, rmsnorm=use_rmsnorm, swiglu=use_swiglu,
-                       qk_norm=use_qknorm)
+            AdaLNBlock(
+                hidden_size, num_heads, mlp_ratio, rmsnorm=use_rmsnorm, swiglu=use_swiglu, qk_norm=use_qknorm
+            )
             for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size**2 * self.out_channels, rmsnorm=use_rmsnorm)

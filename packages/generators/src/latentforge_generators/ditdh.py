@@ -10,6 +10,7 @@ Key-compatible with the released RAE stage-2 checkpoints (``stage2_model.pt``: a
 t = 1 is noise and t = 0 data (RAE's), embedded with fixed Gaussian Fourier features stored in the
 checkpoint as ``t_embedder.W``.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,7 +92,9 @@ class DiTDH(nn.Module):
         self.enc_feat_rope = RoPE2D(hidden_size // num_heads, grid)
         # Head ("velocity decoder"): a second embedding of the noisy input, RoPE only, per-token adaLN.
         self.x_embedder = PatchEmbed(patch_size, in_channels, head_hidden_size)
-        self.s_projector = nn.Linear(hidden_size, head_hidden_size) if hidden_size != head_hidden_size else nn.Identity()
+        self.s_projector = (
+            nn.Linear(hidden_size, head_hidden_size) if hidden_size != head_hidden_size else nn.Identity()
+        )
         self.dec_feat_rope = RoPE2D(head_hidden_size // head_num_heads, grid)
         block = dict(mlp_ratio=mlp_ratio, rmsnorm=True, swiglu=True, qk_norm=use_qknorm)
         self.blocks = nn.ModuleList(
@@ -127,20 +130,20 @@ class DiTDH(nn.Module):
 #################################################################################
 def DiTDH_XL(**kwargs):
     """The RAE generator: backbone 1152×28 (16 heads) + head 2048×2 (16 heads), 839 M parameters."""
-    return DiTDH(hidden_size=1152, depth=28, num_heads=16, head_hidden_size=2048, head_depth=2, head_num_heads=16,
-                 **kwargs)  # fmt: skip
+    head = dict(head_hidden_size=2048, head_depth=2, head_num_heads=16)
+    return DiTDH(hidden_size=1152, depth=28, num_heads=16, **head, **kwargs)
 
 
 def DiTDH_S(**kwargs):
     """RAE's weak model for autoguidance: backbone 384×12 (6 heads) + the same 2048×2 head."""
-    return DiTDH(hidden_size=384, depth=12, num_heads=6, head_hidden_size=2048, head_depth=2, head_num_heads=16,
-                 **kwargs)  # fmt: skip
+    head = dict(head_hidden_size=2048, head_depth=2, head_num_heads=16)
+    return DiTDH(hidden_size=384, depth=12, num_heads=6, **head, **kwargs)
 
 
 def DiTDH_T(**kwargs):
     """Tiny size for tests and CPU demos (not a published size)."""
-    return DiTDH(hidden_size=64, depth=2, num_heads=4, head_hidden_size=96, head_depth=1, head_num_heads=4,
-                 **kwargs)  # fmt: skip
+    head = dict(head_hidden_size=96, head_depth=1, head_num_heads=4)
+    return DiTDH(hidden_size=64, depth=2, num_heads=4, **head, **kwargs)
 
 
 DiTDH_models = {"DiTDH-XL": DiTDH_XL, "DiTDH-S": DiTDH_S, "DiTDH-T": DiTDH_T}

@@ -5,6 +5,7 @@ Module and parameter names follow the released checkpoints (``x_embedder.proj``,
 load strictly.  The forward passes fuse what the references compute in separate steps (one qkv
 GEMM, ``addcmul`` for modulation and gated residuals, SDPA through core's ``attention``).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
 from latentforge_core import attention
 
 
@@ -219,8 +221,16 @@ class AdaLNBlock(nn.Module):
     head of DiT-DH).  ``rmsnorm``/``swiglu``/``qk_norm`` select LightningDiT's variants.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, rmsnorm: bool = False,
-                 swiglu: bool = False, qk_norm: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        rmsnorm: bool = False,
+        swiglu: bool = False,
+        qk_norm: bool = False,
+    ):
         super().__init__()
         norm = RMSNorm if rmsnorm else affine_free_layernorm
         self.norm1 = norm(dim)
@@ -302,7 +312,9 @@ def check_inputs(model: nn.Module, x: torch.Tensor, t, y) -> tuple[torch.Tensor,
         y = torch.full((b,), model.num_classes, dtype=torch.long, device=x.device)
     y = torch.as_tensor(y, device=x.device)
     if y.shape != (b,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"{name} expects integer class labels of shape [{b}], got {y.dtype} {tuple(y.shape)}")
+        raise ValueError(
+            f"{name} expects integer class labels of shape [{b}], got {y.dtype} {tuple(y.shape)}"
+        )
     if b and (int(y.min()) < 0 or int(y.max()) > model.num_classes):
         raise ValueError(
             f"{name} class labels must lie in [0, {model.num_classes}] ({model.num_classes} = null "

@@ -7,6 +7,7 @@ default config is XL/1 on VA-VAE latents (32×16×16), no learned sigma, QK-norm
 (RMSNorm over the head dim, ``attn.q_norm`` / ``attn.k_norm``) is the authors' advice against NaN
 losses in long runs.
 """
+
 from __future__ import annotations
 
 from latentforge_generators.dit import DiT
