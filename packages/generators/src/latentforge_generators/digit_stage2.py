@@ -127,7 +127,7 @@ class DiGITStage2(nn.Module):
                use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """VQGAN code grids ``[B, h, w]`` for first-stage tokens ``y``; AR uses top-k/top-p,
         MaskGIT uses ``steps`` and ``choice_temperature``."""
-        prefix = self.prefix(y.to(self.head.weight.device))
+        prefix = self.prefix(y).to(self.head.weight.device)
         batch = len(prefix)
         if self.mode == "maskgit":
             def logits_fn(codes):

@@ -1,0 +1,163 @@
+"""DiGIT stage 2: fairseq checkpoints (strict, vs transformers' pre-LN OPT), KV cache, the 8-step
+MaskGIT schedule over 256 codes, attention direction per variant, and bad input."""
+import math
+
+import pytest
+import torch
+
+from latentforge_core import generators
+from latentforge_core.checkpoint import CheckpointError
+from latentforge_generators.digit_stage2 import DiGITStage2, convert_digit_stage2, load_digit_stage2
+
+V, K, GRID, DIM, DEPTH, HEADS = 24, 12, 4, 32, 2, 4
+N = GRID * GRID
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core runner they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_fairseq_stage2(seed=0, positions=1024):
+    """DiGIT's ``st2vtlm`` layout: one table [5 specials + V codes | 5 specials + K tokens], two position
+    tables, pre-LN layers and a final LayerNorm, plus the frozen VQGAN/encoder/centroids it carries."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2
+    sd = {"decoder.embed_tokens.weight": r(V + 5 + K + 5, DIM),
+          "decoder.embed_positions.weight": r(positions + 2, DIM),
+          "decoder.embed_positions_1.weight": r(positions + 2, DIM),
+          "decoder.layer_norm.weight": 1 + r(DIM), "decoder.layer_norm.bias": r(DIM),
+          "decoder.output_projection.weight": r(V + 5, DIM), "decoder.version": torch.tensor([3.0]),
+          "centroids": r(8, K), "centroid_norm": r(1, K), "vqgan.quantize.embedding.weight": r(V, 4),
+          "pretrained_encoder.pos_embed": r(1, 5, 8)}
+    for i in range(DEPTH):
+        p = f"decoder.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd[p + f"self_attn.{name}.weight"], sd[p + f"self_attn.{name}.bias"] = r(DIM, DIM), r(DIM)
+        sd[p + "fc1.weight"], sd[p + "fc1.bias"] = r(4 * DIM, DIM), r(4 * DIM)
+        sd[p + "fc2.weight"], sd[p + "fc2.bias"] = r(DIM, 4 * DIM), r(DIM)
+        for ln in ("self_attn_layer_norm", "final_layer_norm"):
+            sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"] = 1 + r(DIM), r(DIM)
+    return sd
+
+
+def tiny(mode, grid=GRID):
+    torch.manual_seed(0)
+    return DiGITStage2(vocab_size=V, cond_vocab_size=K, grid_size=grid, dim=DIM, depth=DEPTH, num_heads=HEADS,
+                       mode=mode).eval()
+
+
+def test_stage2_checkpoint_matches_pre_ln_opt():
+    """transformers' OPT keeps fairseq's layer layout; fed the fairseq embeddings (scaled by √d, with
+    each segment's own position table) it is the reference for the whole causal AR decoder."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    sd = random_fairseq_stage2()
+    model = load_digit_stage2(sd, mode="ar", num_heads=HEADS, grid_size=GRID).eval()
+    config = OPTConfig(vocab_size=V + 5, hidden_size=DIM, num_hidden_layers=DEPTH, ffn_dim=4 * DIM,
+                       num_attention_heads=HEADS, max_position_embeddings=64, do_layer_norm_before=True,
+                       activation_function="gelu", dropout=0.0, word_embed_proj_dim=DIM, enable_bias=True,
+                       tie_word_embeddings=False, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    opt = OPTForCausalLM(config).eval()
+    theirs = {"model." + k: v for k, v in sd.items() if k.startswith("decoder.layers.")}
+    theirs["model.decoder.embed_tokens.weight"] = sd["decoder.output_projection.weight"]  # unused: embeds given
+    theirs["model.decoder.embed_positions.weight"] = torch.zeros(66, DIM)  # positions added by hand below
+    theirs["model.decoder.final_layer_norm.weight"] = sd["decoder.layer_norm.weight"]
+    theirs["model.decoder.final_layer_norm.bias"] = sd["decoder.layer_norm.bias"]
+    theirs["lm_head.weight"] = sd["decoder.output_projection.weight"]
+    opt.load_state_dict(theirs, strict=True)
+
+    cond, codes = torch.randint(0, K, (2, GRID, GRID)), torch.randint(0, V, (2, GRID, GRID))
+    ids = torch.cat([cond.flatten(1) + V + 10, torch.full((2, 1), 2), codes.flatten(1)[:, :-1] + 5], 1)
+    emb = sd["decoder.embed_tokens.weight"][ids] * math.sqrt(DIM)
+    pos = torch.cat([sd["decoder.embed_positions_1.weight"][2 : 2 + N], sd["decoder.embed_positions.weight"][2 : 2 + N]])
+    with torch.no_grad():
+        ref = opt(inputs_embeds=emb + pos).logits[:, N:, 5:]
+        ours = model(codes, cond)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_stage2_converter_is_strict_and_maps_the_specials():
+    sd = random_fairseq_stage2()
+    ours, config = convert_digit_stage2(sd, num_heads=HEADS)
+    assert (config["vocab_size"], config["cond_vocab_size"]) == (V, K)
+    emb = sd["decoder.embed_tokens.weight"]
+    torch.testing.assert_close(ours["tok_embed.weight"][V + K], emb[2])  # </s> separates the segments
+    torch.testing.assert_close(ours["tok_embed.weight"][V + K + 1], emb[3])  # <unk> is the NAR [MASK]
+    torch.testing.assert_close(ours["tok_embed.weight"][V], emb[V + 5 + 5])  # first K-Means token
+    nar = load_digit_stage2(sd, mode="maskgit", num_heads=HEADS, grid_size=GRID)
+    assert nar.mode == "maskgit"
+    with pytest.raises(CheckpointError, match="embed_positions_1"):
+        convert_digit_stage2({k: v for k, v in sd.items() if "positions_1" not in k})
+    with pytest.raises(CheckpointError, match="layer_norm"):  # a stage-1 (post-LN, no final LN) checkpoint
+        convert_digit_stage2({k: v for k, v in sd.items() if not k.startswith("decoder.layer_norm")})
+
+
+def test_ar_kv_cache_matches_full_forward_at_every_step():
+    model = tiny("ar")
+    cond, codes = torch.randint(0, K, (3, GRID, GRID)), torch.randint(0, V, (3, GRID, GRID))
+    full = model(codes, cond)  # B N V
+    ids = torch.cat([model.prefix(cond), codes.flatten(1)], 1)
+    cache = model.transformer.new_cache(3, N + N + 1, model.head.weight)
+    steps = [model.forward_ids(ids[:, : N + 1], cache)[:, -1:]]  # the prefix is computed once
+    steps += [model.forward_ids(ids[:, i : i + 1], cache) for i in range(N + 1, 2 * N)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    g = lambda: torch.Generator().manual_seed(1)
+    assert torch.equal(model.sample(cond, generator=g()), model.sample(cond, use_cache=False, generator=g()))
+
+
+def test_attention_direction_per_variant():
+    cond, codes = torch.randint(0, K, (1, GRID, GRID)), torch.randint(0, V, (1, GRID, GRID))
+    later = codes.clone()
+    later[0, -1, -1] = (later[0, -1, -1] + 1) % V
+    ar, nar = tiny("ar"), tiny("maskgit")
+    torch.testing.assert_close(ar(codes, cond), ar(later, cond))  # the last code predicts nothing in AR
+    assert not torch.allclose(nar(codes, cond)[:, 0], nar(later, cond)[:, 0])
+    # the conditioning prefix matters in both
+    other = (cond + 1) % K
+    assert not torch.allclose(ar(codes, cond), ar(codes, other))
+
+
+def test_maskgit_variant_follows_digit_schedule_over_256_codes():
+    model = tiny("maskgit", grid=16)
+    seen = []
+    forward_ids = model.forward_ids
+
+    def spy(ids, *a, **kw):
+        seen.append(int((ids[:, 16 * 16 + 1 :] == model.mask_id).sum()))
+        return forward_ids(ids, *a, **kw)
+
+    model.forward_ids = spy
+    out = model.sample(torch.randint(0, K, (1, 16, 16)), steps=8)
+    assert seen == [256, 251, 236, 212, 181, 142, 97, 49]
+    assert out.shape == (1, 16, 16) and out.max() < V
+
+
+@pytest.mark.parametrize("name", ["test-digit-stage2-ar", "test-digit-stage2-maskgit"])
+def test_registered_tiny_models_fulfil_the_protocol(name):
+    model = generators.build(name)
+    codes, cond = torch.randint(0, 32, (2, 4, 4)), torch.randint(0, 16, (2, 4, 4))
+    loss = model.loss(codes, cond)
+    loss.backward()
+    assert loss.item() > 0 and model.sample(cond).shape == (2, 4, 4)
+
+
+def test_bad_input_is_explained():
+    model = tiny("ar")
+    codes, cond = torch.randint(0, V, (2, GRID, GRID)), torch.randint(0, K, (2, GRID, GRID))
+    with pytest.raises(ValueError, match=rf"\[0, {K}\)"):
+        model.loss(codes, cond + K)
+    with pytest.raises(ValueError, match=rf"\[0, {V}\)"):
+        model.loss(codes + V, cond)
+    with pytest.raises(ValueError, match="conditioned on first-stage token grids"):
+        model.sample(3)
+    with pytest.raises(ValueError, match="3 conditioning grids for 2"):
+        model.loss(codes, torch.randint(0, K, (3, GRID, GRID)))
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
+        model.sample(cond, top_p=2.0)
+    with pytest.raises(ValueError, match="unknown stage-2 mode"):
+        DiGITStage2(mode="diffusion")
