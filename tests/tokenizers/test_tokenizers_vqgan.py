@@ -248,7 +248,7 @@ def test_tiny_vqgan_learns_digits():
         start = psnr(model, test)
         gen = torch.Generator().manual_seed(0)
         for step in range(300):
-            train_step(model, loss_fn, train[torch.randint(0, len(train), (32,), generator=gen)], opt, step)
+            train_step(model, loss_fn, train[torch.randint(0, len(train), (16,), generator=gen)], opt, step)
         end = psnr(model, test)
         codes_used = model.encode(test).unique().numel()
     print(f"held-out PSNR {start:.2f} → {end:.2f} dB, {codes_used}/64 codes used")
