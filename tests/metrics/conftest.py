@@ -1,4 +1,5 @@
 """Fixtures shared by the metrics tests: one random FID-Inception state dict loaded into ours and peers."""
+
 from __future__ import annotations
 
 import pytest

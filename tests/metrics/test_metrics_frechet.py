@@ -1,4 +1,5 @@
 """Fréchet distance against pytorch-fid's sqrtm path; streaming statistics against np.cov."""
+
 from __future__ import annotations
 
 import warnings
@@ -35,7 +36,9 @@ def test_equals_pytorch_fid(n1, n2):
     m2, s2 = _moments(_features(n2, d, 1, shift=0.1))
     want = _reference(m1, s1, m2, s2)
     assert abs(frechet_distance(m1, s1, m2, s2) - want) <= 1e-6 * abs(want)
-    assert abs(frechet_distance(torch.from_numpy(m2), torch.from_numpy(s2), m1, s1) - want) <= 1e-6 * abs(want)
+    assert abs(frechet_distance(torch.from_numpy(m2), torch.from_numpy(s2), m1, s1) - want) <= 1e-6 * abs(
+        want
+    )
 
 
 @pytest.mark.slow
@@ -65,7 +68,9 @@ def test_streaming_stats_equal_np_cov_and_do_not_depend_on_batching():
             stats.update(chunk)
         assert stats.n == 300
         np.testing.assert_allclose(stats.mu, x.astype(np.float32).mean(0, dtype=np.float64), rtol=1e-12)
-        np.testing.assert_allclose(stats.sigma, np.cov(x.astype(np.float32), rowvar=False), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            stats.sigma, np.cov(x.astype(np.float32), rowvar=False), rtol=1e-9, atol=1e-12
+        )
         fids.append(frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma))
     assert max(fids) - min(fids) <= 1e-8 * abs(fids[0])
 
@@ -87,11 +92,11 @@ def test_fewer_samples_than_dims_warns_with_the_count():
     stats = GaussianStats()
     stats.update(torch.rand(30, 64))
     with pytest.warns(RuntimeWarning, match=r"covariance of 30 samples of 64-d features is singular"):
-        stats.sigma
+        _ = stats.sigma
     with pytest.raises(ValueError, match="at least 2 samples"):
         one = GaussianStats()
         one.update(torch.rand(1, 4))
-        one.sigma
+        _ = one.sigma
 
 
 def test_bad_statistics_are_rejected():

@@ -1,4 +1,5 @@
 """Our FID Inception against pytorch-fid's and torch-fidelity's, on one random state dict."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,7 +46,9 @@ def test_pool3_equals_pytorch_fid(inception_file, pytorch_fid_model, images):
     assert want.shape == got.shape == (2, 2048)
     assert want.std() > 0.05  # the features carry signal, so the tolerance means something
     assert _rel(got, want) < 1e-4
-    assert torch.equal(preprocess(images, "pytorch-fid"), preprocess(x, "pytorch-fid"))  # uint8: ToTensor's /255
+    assert torch.equal(
+        preprocess(images, "pytorch-fid"), preprocess(x, "pytorch-fid")
+    )  # uint8: ToTensor's /255
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
-"""latentforge-metrics: metrics: FID, IS, sFID, precision/recall, rFID, PSNR/SSIM, FD-DINOv2 and linear probe, faithful to the reference tools"""
+"""latentforge-metrics: FID, IS, sFID, precision/recall, rFID, PSNR/SSIM, FD-DINOv2 and linear probe,
+numerically faithful to the reference tools, with the protocol of each number explicit."""
+
 from latentforge_metrics.generative import (
-    FDDINOv2,
     FID,
     RFID,
     SFID,
+    FDDINOv2,
     InceptionScore,
     PrecisionRecall,
     evaluate_npz,

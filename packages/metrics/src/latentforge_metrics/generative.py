@@ -5,6 +5,7 @@ preprocessing feeds the Inception (``protocol=``, see ``inception.PROTOCOLS``), 
 (an ``.npz``, statistics, or real images given with ``update(images, real=True)``), and for IS how
 the splits are cut. ``compute`` sees every process's state when ``torch.distributed`` is initialised.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,12 +74,14 @@ def _kth_neighbour_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tens
 
 
 @torch.no_grad()
-def _inside_fraction(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> float:
+def _inside_fraction(
+    queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int
+) -> float:
     """Fraction of ``queries`` within some ball ``(centre, radius)``."""
     inside = 0
     for q in queries.split(batch_size):
         hit = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
-        for c, r in zip(centres.split(batch_size), radii.split(batch_size)):
+        for c, r in zip(centres.split(batch_size), radii.split(batch_size), strict=True):
             hit |= (torch.cdist(q, c) <= r[None]).any(dim=1)
         inside += int(hit.sum())
     return inside / queries.shape[0]
@@ -93,7 +96,9 @@ def precision_recall(real, fake, k: int = 3, batch_size: int = 10000, device=Non
     device = resolve_device(device)
     real, fake = (torch.as_tensor(f).float().to(device) for f in (real, fake))
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"features must be [N, D] with one D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise ValueError(
+            f"features must be [N, D] with one D, got {tuple(real.shape)} and {tuple(fake.shape)}"
+        )
     if min(real.shape[0], fake.shape[0]) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
     radii_real = _kth_neighbour_radii(real, k, batch_size)
@@ -152,12 +157,16 @@ class FrechetMetric:
         if isinstance(reference, ReferenceStats):
             stats = getattr(reference, self.reference_key)
             if stats is None:
-                raise ValueError(f"{reference.path} has no {self.reference_key} statistics for {type(self).__name__}")
+                raise ValueError(
+                    f"{reference.path} has no {self.reference_key} statistics for {type(self).__name__}"
+                )
             reference = stats
         if isinstance(reference, tuple):
             reference = GaussianStats.from_moments(*reference)
         if not isinstance(reference, GaussianStats):
-            raise TypeError(f"unsupported reference {type(reference).__name__}; expected a path or statistics")
+            raise TypeError(
+                f"unsupported reference {type(reference).__name__}; expected a path or statistics"
+            )
         if self.dim is not None and reference.dim != self.dim:
             raise ValueError(
                 f"the reference statistics are {reference.dim}-d but {type(self).__name__} features are "
@@ -208,7 +217,9 @@ class FID(FrechetMetric, _UsesInception):
 
     dim, feature = 2048, "pool3"
 
-    def __init__(self, reference=None, *, protocol="torch-fidelity", weights=None, inception=None, device=None):
+    def __init__(
+        self, reference=None, *, protocol="torch-fidelity", weights=None, inception=None, device=None
+    ):
         self._setup_inception(protocol, weights, inception, device)
         super().__init__(reference)
 
@@ -228,7 +239,9 @@ class RFID(FID):
     def update(self, images: torch.Tensor, target: torch.Tensor | None = None, real: bool = False) -> None:
         if target is not None:
             if target.shape != images.shape:
-                raise ValueError(f"reconstructions {tuple(images.shape)} and originals {tuple(target.shape)} differ")
+                raise ValueError(
+                    f"reconstructions {tuple(images.shape)} and originals {tuple(target.shape)} differ"
+                )
             self.update_features(self.features(target), real=True)
         super().update(images, real=real)
 
@@ -237,7 +250,9 @@ class InceptionScore(_UsesInception):
     """IS on the unbiased 1008-way logits. ``protocol="adm"`` splits as the ADM evaluator (blocks of
     5000, no shuffle); any other protocol splits as torch-fidelity (10 splits after a seeded shuffle)."""
 
-    def __init__(self, splits: int = 10, *, protocol="torch-fidelity", weights=None, inception=None, device=None):
+    def __init__(
+        self, splits: int = 10, *, protocol="torch-fidelity", weights=None, inception=None, device=None
+    ):
         self.split_mode = "adm" if protocol == "adm" else "torch-fidelity"
         self.splits = splits
         self._setup_inception(protocol, weights, inception, device)
@@ -269,8 +284,17 @@ class PrecisionRecall(_UsesInception):
     """Improved precision/recall on pool3 (k = 3). ``reference``: an ADM ``.npz`` with ``arr_0`` images,
     a real-feature tensor ``[N, 2048]``, or real images given with ``update(images, real=True)``."""
 
-    def __init__(self, reference=None, *, k: int = 3, batch_size: int = 10000, protocol="torch-fidelity",
-                 weights=None, inception=None, device=None):
+    def __init__(
+        self,
+        reference=None,
+        *,
+        k: int = 3,
+        batch_size: int = 10000,
+        protocol="torch-fidelity",
+        weights=None,
+        inception=None,
+        device=None,
+    ):
         self.k, self.batch_size = k, batch_size
         self._setup_inception(protocol, weights, inception, device)
         self.fake, self.real = FeatureBank(2048), FeatureBank(2048)
@@ -281,7 +305,9 @@ class PrecisionRecall(_UsesInception):
         elif reference is not None:
             self.reference_features = torch.as_tensor(reference).float()
             if self.reference_features.ndim != 2 or self.reference_features.shape[1] != 2048:
-                raise ValueError(f"reference features must be [N, 2048], got {tuple(self.reference_features.shape)}")
+                raise ValueError(
+                    f"reference features must be [N, 2048], got {tuple(self.reference_features.shape)}"
+                )
 
     def update(self, images: torch.Tensor, real: bool = False) -> None:
         self.update_features(self.inception_features(images)["pool3"], real=real)
@@ -317,7 +343,9 @@ class PrecisionRecall(_UsesInception):
 # ------------------------------------------------------------------------------------------------
 # FD-DINOv2 (or any registered encoder)
 # ------------------------------------------------------------------------------------------------
-def encoder_features(encoder: nn.Module | Callable, images: torch.Tensor, output: str = "cls") -> torch.Tensor:
+def encoder_features(
+    encoder: nn.Module | Callable, images: torch.Tensor, output: str = "cls"
+) -> torch.Tensor:
     """``[B, C]`` features of a registered encoder (its ``features(output=...)``) or any callable.
 
     Maps ``[B, C, h, w]`` and token outputs ``[B, N, C]`` are averaged to ``[B, C]``.
@@ -337,8 +365,15 @@ class FDDINOv2(FrechetMetric):
     """Fréchet distance in the feature space of a registered encoder (default DINOv2 ViT-L/14, CLS
     token, as dgm-eval's FD_DINOv2); images are resized by the encoder's own preprocessing."""
 
-    def __init__(self, reference=None, *, encoder: str | nn.Module = "dinov2-vitl14", output: str = "cls",
-                 encoder_kwargs: dict | None = None, device=None):
+    def __init__(
+        self,
+        reference=None,
+        *,
+        encoder: str | nn.Module = "dinov2-vitl14",
+        output: str = "cls",
+        encoder_kwargs: dict | None = None,
+        device=None,
+    ):
         self.device = resolve_device(device)
         if isinstance(encoder, str):
             encoder = registry.encoders.build(encoder, **(encoder_kwargs or {}))
@@ -354,8 +389,15 @@ class FDDINOv2(FrechetMetric):
 # ------------------------------------------------------------------------------------------------
 # The ADM evaluator, in one pass over a sample batch
 # ------------------------------------------------------------------------------------------------
-def evaluate_npz(samples: str | os.PathLike, reference: str | os.PathLike, *, weights=None, inception=None,
-                 batch_size: int = 64, device=None) -> dict[str, float]:
+def evaluate_npz(
+    samples: str | os.PathLike,
+    reference: str | os.PathLike,
+    *,
+    weights=None,
+    inception=None,
+    batch_size: int = 64,
+    device=None,
+) -> dict[str, float]:
     """IS, FID, sFID, precision and recall of an ADM sample batch against an ADM reference batch,
     with the evaluator's protocol (TF preprocessing, 5000-sample IS splits, k = 3)."""
     fid = FID(reference, protocol="adm", weights=weights, inception=inception, device=device)
@@ -368,5 +410,9 @@ def evaluate_npz(samples: str | os.PathLike, reference: str | os.PathLike, *, we
         sfid.update_features(out["spatial"])
         isc.update_features(out["logits"])
         prc.update_features(out["pool3"])
-    return {"inception_score": isc.compute()["inception_score"], "fid": fid.compute(), "sfid": sfid.compute(),
-            **prc.compute()}
+    return {
+        "inception_score": isc.compute()["inception_score"],
+        "fid": fid.compute(),
+        "sfid": sfid.compute(),
+        **prc.compute(),
+    }

@@ -12,6 +12,7 @@ names follow torchvision, which is the layout of ``pt_inception-2015-12-05-67268
 and of torch-fidelity's converted file. torchvision itself is not imported: its compiled ops do not
 load beside every torch build and nothing of it is needed.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,7 +71,9 @@ def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
-        hint = " (channels-last? permute to [B, 3, H, W])" if images.ndim == 4 and images.shape[-1] == 3 else ""
+        hint = (
+            " (channels-last? permute to [B, 3, H, W])" if images.ndim == 4 and images.shape[-1] == 3 else ""
+        )
         raise ValueError(f"{what} must have shape [B, 3, H, W] (RGB), got {tuple(images.shape)}{hint}")
     if images.shape[0] == 0:
         raise ValueError(f"{what} is an empty batch")
@@ -121,7 +124,9 @@ def _resize(x: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "tf1-bilinear":
         return resize_tf1_bilinear(x, INPUT_SIZE)
     size = (INPUT_SIZE, INPUT_SIZE)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=mode == "bilinear-antialias")
+    return F.interpolate(
+        x, size=size, mode="bilinear", align_corners=False, antialias=mode == "bilinear-antialias"
+    )
 
 
 def preprocess(images: torch.Tensor, protocol: str | InceptionProtocol) -> torch.Tensor:
@@ -358,7 +363,9 @@ def default_weights_path() -> Path:
 
 
 def fid_inception_v3(
-    weights: str | os.PathLike | None = None, protocol: str | InceptionProtocol = "torch-fidelity", device=None
+    weights: str | os.PathLike | None = None,
+    protocol: str | InceptionProtocol = "torch-fidelity",
+    device=None,
 ) -> FIDInceptionV3:
     """The FID Inception with the 2015-12-05 weights from ``weights`` (default: the torch hub cache)."""
     path = Path(weights) if weights is not None else default_weights_path()

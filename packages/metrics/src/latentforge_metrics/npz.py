@@ -8,6 +8,7 @@
 ``SampleWriter`` streams samples into ``arr_0.npy`` inside the zip, as the evaluator streams them
 out, so 50,000 samples at 512 px never sit in memory at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,9 @@ def _open(path: str | os.PathLike) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ReferenceFileError(f"{path} is not a readable .npz file (truncated or corrupted?): {err}") from err
+        raise ReferenceFileError(
+            f"{path} is not a readable .npz file (truncated or corrupted?): {err}"
+        ) from err
 
 
 def _read_array(zf: zipfile.ZipFile, name: str, path) -> np.ndarray:
@@ -53,7 +56,9 @@ def _read_array(zf: zipfile.ZipFile, name: str, path) -> np.ndarray:
         with zf.open(f"{name}.npy") as f:
             return np.lib.format.read_array(f, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-        raise ReferenceFileError(f"{path}: array {name!r} is unreadable (truncated or corrupted?): {err}") from err
+        raise ReferenceFileError(
+            f"{path}: array {name!r} is unreadable (truncated or corrupted?): {err}"
+        ) from err
 
 
 def _read_header(f, name: str, path):
@@ -109,7 +114,9 @@ def iter_npz_images(path: str | os.PathLike, batch_size: int = 64) -> Iterator[t
         if fortran:  # rare: read whole, as the ADM evaluator falls back to
             array = _read_array(zf, "arr_0", path)
             for start in range(0, shape[0], batch_size):
-                yield torch.from_numpy(np.ascontiguousarray(array[start : start + batch_size])).permute(0, 3, 1, 2)
+                yield torch.from_numpy(np.ascontiguousarray(array[start : start + batch_size])).permute(
+                    0, 3, 1, 2
+                )
             return
         row = int(np.prod(shape[1:]))
         with zf.open("arr_0.npy") as f:
@@ -162,13 +169,19 @@ class SampleWriter:
         self._partial = self.path.with_name(f".{self.path.name}.partial")  # renamed when complete
         self._zip = zipfile.ZipFile(self._partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._file = self._zip.open("arr_0.npy", "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": self.shape}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False,
+            "shape": self.shape,
+        }
         np.lib.format.write_array_header_1_0(self._file, header)
 
     def write(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         images = check_images(images)
         if tuple(images.shape[-2:]) != self.shape[1:3]:
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, this file holds {self.shape[1:3]} images")
+            raise ValueError(
+                f"images are {tuple(images.shape[-2:])}, this file holds {self.shape[1:3]} images"
+            )
         if self.written + images.shape[0] > self.shape[0]:
             raise ValueError(f"more than the declared {self.shape[0]} samples were written")
         if self._labelled is not None and self._labelled != (labels is not None):
@@ -187,7 +200,9 @@ class SampleWriter:
         self._file = None
         if self.written != self.shape[0]:
             self._discard()
-            raise ValueError(f"{self.written} samples were written, {self.shape[0]} declared; nothing was saved")
+            raise ValueError(
+                f"{self.written} samples were written, {self.shape[0]} declared; nothing was saved"
+            )
         if self.labels:
             with self._zip.open("arr_1.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.concatenate(self.labels), allow_pickle=False)

@@ -5,6 +5,7 @@ The features come from a registered encoder (by name), any module or any functio
 training set's statistics (a BatchNorm without affine), then a linear head is trained with SGD,
 momentum 0.9 and a cosine learning rate; the score is top-1 accuracy on the held-out images.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,7 +85,9 @@ class LinearProbe:
         if isinstance(features, nn.Module):
             features = features.to(self.device).eval()
         self.extractor, self.output = features, output
-        self.settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
+        self.settings = dict(
+            epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed
+        )
         self.train_x, self.val_x = FeatureBank(), FeatureBank()
         self.train_y, self.val_y = FeatureBank(1), FeatureBank(1)
 
@@ -97,14 +100,19 @@ class LinearProbe:
         if labels.shape[0] != features.shape[0]:
             raise ValueError(f"{features.shape[0]} feature rows but {labels.shape[0]} labels")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]")
+            raise ValueError(
+                f"labels must be in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]"
+            )
         (self.train_x if train else self.val_x).update(features.float())
         (self.train_y if train else self.val_y).update(labels)
 
     def compute(self) -> dict[str, float]:
         if not self.train_x.parts or not self.val_x.parts:
             raise ValueError("LinearProbe needs training (train=True) and held-out (train=False) images")
-        train_x, train_y = self.train_x.gathered().to(self.device), self.train_y.gathered()[:, 0].to(self.device)
+        train_x, train_y = (
+            self.train_x.gathered().to(self.device),
+            self.train_y.gathered()[:, 0].to(self.device),
+        )
         val_x, val_y = self.val_x.gathered().to(self.device), self.val_y.gathered()[:, 0].to(self.device)
         with torch.enable_grad():
             logits_fn = train_linear_probe(train_x, train_y, self.num_classes, **self.settings)
@@ -120,6 +128,9 @@ class LinearProbe:
     def merge(self, other: LinearProbe) -> None:
         if not isinstance(other, LinearProbe):
             raise TypeError(f"cannot merge a {type(other).__name__} into a LinearProbe")
-        for mine, theirs in zip((self.train_x, self.val_x, self.train_y, self.val_y),
-                                (other.train_x, other.val_x, other.train_y, other.val_y)):
+        for mine, theirs in zip(
+            (self.train_x, self.val_x, self.train_y, self.val_y),
+            (other.train_x, other.val_x, other.train_y, other.val_y),
+            strict=True,
+        ):
             mine.merge(theirs)

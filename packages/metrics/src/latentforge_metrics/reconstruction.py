@@ -5,6 +5,7 @@ default here); torchmetrics' ``PeakSignalNoiseRatio()`` default instead pools th
 the whole data set (``per_image=False``). SSIM uses the Gaussian window of Wang et al. (11 taps,
 sigma 1.5, K1 0.01, K2 0.03) on reflect-padded images, averaged over the full map, as torchmetrics.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,9 @@ def _pair(preds: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
     for name, x in (("preds", preds), ("target", target)):
         check_images(x, name)
     if preds.shape != target.shape:
-        raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same shape")
+        raise ValueError(
+            f"preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same shape"
+        )
     return tuple(x.float() / 255 if x.dtype == torch.uint8 else x.float() for x in (preds, target))
 
 
@@ -44,7 +47,9 @@ def ssim(preds: torch.Tensor, target: torch.Tensor, sigma: float = 1.5, k1: floa
     size = int(3.5 * sigma + 0.5) * 2 + 1  # torchmetrics' window for a given sigma (11 for 1.5)
     pad = (size - 1) // 2
     if min(preds.shape[-2:]) <= pad:
-        raise ValueError(f"SSIM needs images larger than {pad} pixels per side, got {tuple(preds.shape[-2:])}")
+        raise ValueError(
+            f"SSIM needs images larger than {pad} pixels per side, got {tuple(preds.shape[-2:])}"
+        )
     c = preds.shape[1]
     g = _gaussian_window(size, sigma, preds.device)
     stack = torch.cat([preds, target, preds * preds, target * target, preds * target])  # [5B, C, H, W]
@@ -75,7 +80,9 @@ class _PairedMean:
         self.count += other.count
 
     def _gathered(self) -> tuple[float, int]:
-        sums = all_gather_rows(torch.tensor([[self.total, float(self.count)]], dtype=torch.float64)).sum(dim=0)
+        sums = all_gather_rows(torch.tensor([[self.total, float(self.count)]], dtype=torch.float64)).sum(
+            dim=0
+        )
         return float(sums[0]), int(sums[1])
 
 

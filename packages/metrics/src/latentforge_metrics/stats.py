@@ -12,6 +12,7 @@ non-symmetric product costs a general eigensolver. Here S1 = F Fᵀ by a pivoted
 ``pstrf``, which also handles rank-deficient S1), so the eigenvalues of S1 S2 are those of the
 symmetric PSD matrix Fᵀ S2 F: one ``eigvalsh``, whose square roots sum to the trace, in float64.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -47,7 +48,7 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,7 +88,9 @@ class GaussianStats:
         if features.ndim != 2:
             raise ValueError(f"features must be [batch, dim], got shape {tuple(features.shape)}")
         if self.dim is not None and features.shape[1] != self.dim:
-            raise ValueError(f"features have {features.shape[1]} dims, these statistics hold {self.dim}-d features")
+            raise ValueError(
+                f"features have {features.shape[1]} dims, these statistics hold {self.dim}-d features"
+            )
         if not torch.isfinite(features).all():
             raise ValueError("features contain NaN or infinite values")
         x = features.detach().to(torch.float64)
@@ -129,7 +132,9 @@ class GaussianStats:
             raise ValueError("every rank must know the feature dimension before gathering statistics")
         n = torch.tensor([[float(self.n)]], dtype=torch.float64)
         mean = self.mean if self.mean is not None else torch.zeros(self.dim, dtype=torch.float64)
-        scatter = self.scatter if self.scatter is not None else torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        scatter = (
+            self.scatter if self.scatter is not None else torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        )
         ns, means = all_gather_rows(n.to(mean.device)), all_gather_rows(mean[None])
         scatters = all_gather_rows(scatter[None])
         out = GaussianStats(self.dim)
@@ -168,7 +173,8 @@ class GaussianStats:
 def _check_moments(mu, sigma, name: str) -> None:
     if mu.ndim != 1 or sigma.ndim != 2 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(
-            f"{name} statistics must be mu [D] and sigma [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}"
+            f"{name} statistics must be mu [D] and sigma [D, D], "
+            f"got {tuple(mu.shape)} and {tuple(sigma.shape)}"
         )
     if not (np.isfinite(np.asarray(mu)).all() and np.isfinite(np.asarray(sigma)).all()):
         raise ValueError(f"{name} statistics contain NaN or infinite values")
