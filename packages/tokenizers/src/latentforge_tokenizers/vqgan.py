@@ -177,7 +177,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = self.indices(z)  # B h w
-        z_q = self.embed(ids)  # B C h w
+        z_q = rearrange(self.embedding(ids), "b h w c -> b c h w")  # B C h w
         codebook = F.mse_loss(z_q, z.detach())
         commitment = F.mse_loss(z, z_q.detach())
         loss = commitment + self.beta * codebook if self.legacy else codebook + self.beta * commitment
