@@ -170,7 +170,7 @@ class DinoDiscriminator(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
         x = x * self.x_scale + self.x_shift  # B 3 S S, ImageNet-normalised
-        skip = 1 + getattr(self.trunk, "num_registers", 0)
+        skip = self.trunk.num_prefix_tokens  # CLS (+ registers)
         feats = self.trunk.forward_blocks(x, self.layers)  # [B, 1+R+N, C] per tapped block
         logits = [head(f[:, skip:].transpose(1, 2)).flatten(1) for head, f in zip(self.heads, feats, strict=True)]
         return torch.cat(logits, dim=1)  # B (L·N)
