@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from latentforge_core.checkpoint import CheckpointError
+from latentforge_core.device import autocast
 from latentforge_generators.convert import load_official
 from latentforge_generators.ditdh import DiTDH, DiTDH_models
 from latentforge_generators.layers import AdaLNBlock
@@ -136,3 +137,17 @@ def test_contract_and_bad_input():
         model(x, t, torch.tensor([1, 11, 4]))
     with pytest.raises(ValueError, match="NaN or inf"):
         model(x.index_fill(2, torch.tensor([1]), float("inf")), t, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_mixed_precision_path_runs_and_stays_close(dtype):
+    """The bf16 autocast path (GPU default) on CPU: RMSNorm/RoPE in fp32, output near the fp32 one."""
+    model = randomize(DiTDH_models["DiTDH-T"](**TINY)).eval()
+    x, t, y = inputs(model)
+    with torch.no_grad():
+        reference = model(x, t, y)
+        with autocast(torch.device("cpu"), dtype):
+            mixed = model(x, t, y)
+    assert mixed.dtype == dtype
+    rel = (mixed.float() - reference).norm() / reference.norm()
+    assert rel < 0.05, rel
