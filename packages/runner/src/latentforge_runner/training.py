@@ -196,7 +196,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, t: TrainingSettings, *, run_dir: str | Path,
                  num_items: int, dist: distributed.DistInfo | None = None,
                  model_config: Mapping[str, Any] | None = None, logger: RunLogger | None = None,
-                 params: Iterable[torch.nn.Parameter] | None = None):
+                 params: Iterable[torch.nn.Parameter] | None = None, forward: str = "forward"):
         self.t = t
         self.dist = dist or distributed.DistInfo()
         self.device = self.dist.device
@@ -217,9 +217,13 @@ class Trainer:
         self.step = 0
         self.skipped: list[str] = []
         self.dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[t.precision]
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                    if self.dist.enabled else self.model)
-        self.forward_model = torch.compile(self.ddp) if t.compile else self.ddp
+        # ``forward`` names the method the loss goes through (``loss`` for a generator), so that DDP's
+        # gradient hooks see the call.
+        entry = self.model if forward == "forward" else _Method(self.model, forward)
+        if self.dist.enabled:
+            entry = DistributedDataParallel(entry, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ddp = entry
+        self.forward_model = torch.compile(entry) if t.compile else entry
 
     # -------------------------------------------------------------------------------- the loop
     def fit(self, fetch: Callable[[list[int]], Mapping[str, Any]],
@@ -350,6 +354,19 @@ class Trainer:
     def eval_model(self) -> torch.nn.Module:
         """The EMA weights when there are any, else the live model, in eval mode."""
         return (self.ema.module if self.ema is not None else self.model).eval()
+
+
+class _Method(torch.nn.Module):
+    """Calls ``module.<method>`` as its forward (what DDP wraps when the loss is not ``forward``)."""
+
+    def __init__(self, module: torch.nn.Module, method: str):
+        super().__init__()
+        if not callable(getattr(module, method, None)):
+            raise AttributeError(f"{type(module).__name__} has no method {method!r} to train through")
+        self.module, self.method = module, method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.module, self.method)(*args, **kwargs)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
