@@ -1,3 +1,7 @@
 """latentforge-generators: generators: DiT, LightningDiT, DiT-DH, GPT, MaskGIT; flow-matching transport, samplers and guidance"""
 
+from latentforge_generators.flow import FlowGenerator
+from latentforge_generators.guidance import CFG, AutoGuidance
+from latentforge_generators.transport import Transport
+
 __version__ = "0.1.0"
