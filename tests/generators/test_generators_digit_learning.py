@@ -4,6 +4,7 @@ The tokens come from latentforge's K-Means tokenizer (faiss K-Means) over 2×2 p
 token grid decodes back to an image through its centroids; class-conditional samples are decoded
 and read by a logistic-regression classifier trained on the real digits.
 """
+
 import math
 
 import numpy as np
@@ -49,7 +50,9 @@ def digits():
     tokens = tokenizer.encode(images)  # B 4 4
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1500], perm[1500:]
-    classifier = LogisticRegression(max_iter=3000).fit(images[train, 0].flatten(1).numpy(), labels[train].numpy())
+    classifier = LogisticRegression(max_iter=3000).fit(
+        images[train, 0].flatten(1).numpy(), labels[train].numpy()
+    )
 
     def decode(t):
         return rearrange(tokenizer.lookup(t), "b (p q) h w -> b (h p) (w q)", p=2, q=2)  # B 8 8
@@ -58,8 +61,15 @@ def digits():
     freq = torch.bincount(tokens[train].flatten(), minlength=K).float() + 1
     test_freq = torch.bincount(tokens[test].flatten(), minlength=K).float()
     unigram = -(test_freq / test_freq.sum() * (freq / freq.sum()).log()).sum().item()
-    yield dict(tokens=tokens, labels=labels, train=train, test=test, decode=decode, classifier=classifier,
-               unigram=unigram)
+    yield dict(
+        tokens=tokens,
+        labels=labels,
+        train=train,
+        test=test,
+        decode=decode,
+        classifier=classifier,
+        unigram=unigram,
+    )
     torch.set_num_threads(threads)
 
 
@@ -78,7 +88,9 @@ def train(model, d, steps=300, batch=64, lr=3e-3):
     model.eval()
     torch.manual_seed(1)
     with torch.no_grad():
-        test_loss = np.mean([model.loss(d["tokens"][d["test"]], d["labels"][d["test"]]).item() for _ in range(3)])
+        test_loss = np.mean(
+            [model.loss(d["tokens"][d["test"]], d["labels"][d["test"]]).item() for _ in range(3)]
+        )
     return first, test_loss
 
 
@@ -86,15 +98,16 @@ def sample_accuracy(model, d, **sampler):
     y = torch.arange(10).repeat(10)
     tokens = model.sample(y, generator=torch.Generator().manual_seed(0), **sampler)
     images = d["decode"](tokens)
-    assert images.shape == (100, 8, 8) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (100, 8, 8) and images.min() >= 0 and images.max() <= 1
     return d["classifier"].score(images.flatten(1).numpy(), y.numpy())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("style", ["digit", "modern"])
 def test_tiny_gpt_learns_digit_tokens(digits, style):
-    model = GPT(vocab_size=K, grid_size=GRID, num_classes=10, dim=64, depth=2, num_heads=4, style=style,
-                dropout=0.1)
+    model = GPT(
+        vocab_size=K, grid_size=GRID, num_classes=10, dim=64, depth=2, num_heads=4, style=style, dropout=0.1
+    )
     first, test_loss = train(model, digits)
     # measured: held-out 1.42 (digit) / 1.47 (modern) nats/token vs log K = 3.47 and a unigram model's 2.85;
     # decoded samples read as the requested digit 83% / 82% of the time
@@ -105,8 +118,17 @@ def test_tiny_gpt_learns_digit_tokens(digits, style):
 
 @pytest.mark.slow
 def test_tiny_maskgit_learns_digit_tokens(digits):
-    model = MaskGIT(vocab_size=K, grid_size=GRID, num_classes=10, dim=64, depth=2, num_heads=4,
-                    style="prenorm", dropout=0.1, label_smoothing=0.0)
+    model = MaskGIT(
+        vocab_size=K,
+        grid_size=GRID,
+        num_classes=10,
+        dim=64,
+        depth=2,
+        num_heads=4,
+        style="prenorm",
+        dropout=0.1,
+        label_smoothing=0.0,
+    )
     first, test_loss = train(model, digits)
     # measured: 1.62 nats per masked token held out; decoded samples read correctly 94% of the time
     assert test_loss < 0.5 * math.log(K) and test_loss < digits["unigram"] - 0.8, (first, test_loss)

@@ -1,5 +1,6 @@
 """DiGIT stage 2: fairseq checkpoints (strict, vs transformers' pre-LN OPT), KV cache, the 8-step
 MaskGIT schedule over 256 codes, attention direction per variant, and bad input."""
+
 import math
 
 import pytest
@@ -27,13 +28,19 @@ def random_fairseq_stage2(seed=0, positions=1024):
     tables, pre-LN layers and a final LayerNorm, plus the frozen VQGAN/encoder/centroids it carries."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.2
-    sd = {"decoder.embed_tokens.weight": r(V + 5 + K + 5, DIM),
-          "decoder.embed_positions.weight": r(positions + 2, DIM),
-          "decoder.embed_positions_1.weight": r(positions + 2, DIM),
-          "decoder.layer_norm.weight": 1 + r(DIM), "decoder.layer_norm.bias": r(DIM),
-          "decoder.output_projection.weight": r(V + 5, DIM), "decoder.version": torch.tensor([3.0]),
-          "centroids": r(8, K), "centroid_norm": r(1, K), "vqgan.quantize.embedding.weight": r(V, 4),
-          "pretrained_encoder.pos_embed": r(1, 5, 8)}
+    sd = {
+        "decoder.embed_tokens.weight": r(V + 5 + K + 5, DIM),
+        "decoder.embed_positions.weight": r(positions + 2, DIM),
+        "decoder.embed_positions_1.weight": r(positions + 2, DIM),
+        "decoder.layer_norm.weight": 1 + r(DIM),
+        "decoder.layer_norm.bias": r(DIM),
+        "decoder.output_projection.weight": r(V + 5, DIM),
+        "decoder.version": torch.tensor([3.0]),
+        "centroids": r(8, K),
+        "centroid_norm": r(1, K),
+        "vqgan.quantize.embedding.weight": r(V, 4),
+        "pretrained_encoder.pos_embed": r(1, 5, 8),
+    }
     for i in range(DEPTH):
         p = f"decoder.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -47,8 +54,9 @@ def random_fairseq_stage2(seed=0, positions=1024):
 
 def tiny(mode, grid=GRID):
     torch.manual_seed(0)
-    return DiGITStage2(vocab_size=V, cond_vocab_size=K, grid_size=grid, dim=DIM, depth=DEPTH, num_heads=HEADS,
-                       mode=mode).eval()
+    return DiGITStage2(
+        vocab_size=V, cond_vocab_size=K, grid_size=grid, dim=DIM, depth=DEPTH, num_heads=HEADS, mode=mode
+    ).eval()
 
 
 def test_stage2_checkpoint_matches_pre_ln_opt():
@@ -58,13 +66,28 @@ def test_stage2_checkpoint_matches_pre_ln_opt():
 
     sd = random_fairseq_stage2()
     model = load_digit_stage2(sd, mode="ar", num_heads=HEADS, grid_size=GRID).eval()
-    config = OPTConfig(vocab_size=V + 5, hidden_size=DIM, num_hidden_layers=DEPTH, ffn_dim=4 * DIM,
-                       num_attention_heads=HEADS, max_position_embeddings=64, do_layer_norm_before=True,
-                       activation_function="gelu", dropout=0.0, word_embed_proj_dim=DIM, enable_bias=True,
-                       tie_word_embeddings=False, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    config = OPTConfig(
+        vocab_size=V + 5,
+        hidden_size=DIM,
+        num_hidden_layers=DEPTH,
+        ffn_dim=4 * DIM,
+        num_attention_heads=HEADS,
+        max_position_embeddings=64,
+        do_layer_norm_before=True,
+        activation_function="gelu",
+        dropout=0.0,
+        word_embed_proj_dim=DIM,
+        enable_bias=True,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     opt = OPTForCausalLM(config).eval()
     theirs = {"model." + k: v for k, v in sd.items() if k.startswith("decoder.layers.")}
-    theirs["model.decoder.embed_tokens.weight"] = sd["decoder.output_projection.weight"]  # unused: embeds given
+    theirs["model.decoder.embed_tokens.weight"] = sd[
+        "decoder.output_projection.weight"
+    ]  # unused: embeds given
     theirs["model.decoder.embed_positions.weight"] = torch.zeros(66, DIM)  # positions added by hand below
     theirs["model.decoder.final_layer_norm.weight"] = sd["decoder.layer_norm.weight"]
     theirs["model.decoder.final_layer_norm.bias"] = sd["decoder.layer_norm.bias"]
@@ -74,7 +97,9 @@ def test_stage2_checkpoint_matches_pre_ln_opt():
     cond, codes = torch.randint(0, K, (2, GRID, GRID)), torch.randint(0, V, (2, GRID, GRID))
     ids = torch.cat([cond.flatten(1) + V + 10, torch.full((2, 1), 2), codes.flatten(1)[:, :-1] + 5], 1)
     emb = sd["decoder.embed_tokens.weight"][ids] * math.sqrt(DIM)
-    pos = torch.cat([sd["decoder.embed_positions_1.weight"][2 : 2 + N], sd["decoder.embed_positions.weight"][2 : 2 + N]])
+    pos = torch.cat(
+        [sd["decoder.embed_positions_1.weight"][2 : 2 + N], sd["decoder.embed_positions.weight"][2 : 2 + N]]
+    )
     with torch.no_grad():
         ref = opt(inputs_embeds=emb + pos).logits[:, N:, 5:]
         ours = model(codes, cond)

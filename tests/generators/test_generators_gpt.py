@@ -1,5 +1,6 @@
 """GPT: KV cache vs full forward, conformance with transformers' Llama and OPT (fairseq layout),
 DiGIT stage-1 checkpoints, sampling filters vs transformers' warpers, and bad input."""
+
 import math
 
 import pytest
@@ -16,19 +17,24 @@ V, C, GRID, DIM, DEPTH, HEADS = 40, 5, 4, 32, 3, 4
 
 def tiny(style, **kw):
     torch.manual_seed(0)
-    return GPT(vocab_size=V, grid_size=GRID, num_classes=C, dim=DIM, depth=DEPTH, num_heads=HEADS, style=style,
-               **kw).eval()
+    return GPT(
+        vocab_size=V, grid_size=GRID, num_classes=C, dim=DIM, depth=DEPTH, num_heads=HEADS, style=style, **kw
+    ).eval()
 
 
 def random_fairseq_stage1(K=V, classes=C, dim=DIM, depth=DEPTH, positions=1024, seed=0):
     """A state dict in DiGIT's fairseq stage-1 layout (random values), as in checkpoint['model']."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.2
-    sd = {"decoder.embed_tokens.weight": r(K + 5 + classes, dim),
-          "decoder.embed_positions.weight": r(positions + 2, dim),
-          "decoder.output_projection.weight": r(K + 5, dim),
-          "decoder.version": torch.tensor([3.0]),
-          "centroids": r(8, K), "centroid_norm": r(1, K), "pretrained_encoder.cls_token": r(1, 1, 8)}
+    sd = {
+        "decoder.embed_tokens.weight": r(K + 5 + classes, dim),
+        "decoder.embed_positions.weight": r(positions + 2, dim),
+        "decoder.output_projection.weight": r(K + 5, dim),
+        "decoder.version": torch.tensor([3.0]),
+        "centroids": r(8, K),
+        "centroid_norm": r(1, K),
+        "pretrained_encoder.cls_token": r(1, 1, 8),
+    }
     for i in range(depth):
         p = f"decoder.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -74,11 +80,23 @@ def test_sampling_with_and_without_cache_draws_the_same_tokens(style):
 def tiny_llama(vocab):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=DIM, intermediate_size=88, num_hidden_layers=DEPTH,
-                         num_attention_heads=HEADS, num_key_value_heads=HEADS, rms_norm_eps=1e-5,
-                         max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                         tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=DIM,
+        intermediate_size=88,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     torch.manual_seed(1)
     llama = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
@@ -105,8 +123,12 @@ def test_greedy_sampling_matches_llama_generate():
     model = load_llama(llama.state_dict(), vocab_size=V, grid_size=GRID, num_heads=HEADS).eval()
     y = torch.tensor([0, 2, 3])
     # transformers picks from its whole vocabulary; the class/null rows are not grid tokens
-    out = llama.generate(input_ids=(y + V)[:, None], max_new_tokens=GRID * GRID, do_sample=False,
-                         suppress_tokens=list(range(V, V + C + 1)))
+    out = llama.generate(
+        input_ids=(y + V)[:, None],
+        max_new_tokens=GRID * GRID,
+        do_sample=False,
+        suppress_tokens=list(range(V, V + C + 1)),
+    )
     ours = model.sample(y, top_k=1)
     assert torch.equal(ours.flatten(1), out[:, 1:])
 
@@ -117,16 +139,34 @@ def test_greedy_sampling_matches_llama_generate():
 def opt_from_fairseq(sd, dim=DIM, depth=DEPTH):
     from transformers import OPTConfig, OPTForCausalLM
 
-    vocab, positions = sd["decoder.embed_tokens.weight"].shape[0], sd["decoder.embed_positions.weight"].shape[0]
-    config = OPTConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=depth, ffn_dim=4 * dim,
-                       num_attention_heads=HEADS, max_position_embeddings=positions - 2, do_layer_norm_before=False,
-                       activation_function="gelu", dropout=0.0, word_embed_proj_dim=dim, enable_bias=True,
-                       tie_word_embeddings=False, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    vocab, positions = (
+        sd["decoder.embed_tokens.weight"].shape[0],
+        sd["decoder.embed_positions.weight"].shape[0],
+    )
+    config = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=dim,
+        num_hidden_layers=depth,
+        ffn_dim=4 * dim,
+        num_attention_heads=HEADS,
+        max_position_embeddings=positions - 2,
+        do_layer_norm_before=False,
+        activation_function="gelu",
+        dropout=0.0,
+        word_embed_proj_dim=dim,
+        enable_bias=True,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     opt = OPTForCausalLM(config).eval()
     head = torch.zeros(vocab, dim)
     head[: sd["decoder.output_projection.weight"].shape[0]] = sd["decoder.output_projection.weight"]
     theirs = {"model." + k: v for k, v in sd.items() if k.startswith("decoder.layers.")}
-    theirs["model.decoder.embed_tokens.weight"] = sd["decoder.embed_tokens.weight"] * math.sqrt(dim)  # fairseq's √d
+    theirs["model.decoder.embed_tokens.weight"] = sd["decoder.embed_tokens.weight"] * math.sqrt(
+        dim
+    )  # fairseq's √d
     theirs["model.decoder.embed_positions.weight"] = sd["decoder.embed_positions.weight"]
     theirs["lm_head.weight"] = head
     opt.load_state_dict(theirs, strict=True)
@@ -140,12 +180,16 @@ def test_digit_stage1_checkpoint_matches_opt_post_ln():
     opt = opt_from_fairseq(sd)
     tokens = torch.randint(0, V, (2, GRID, GRID))
     y = torch.tensor([0, 4])
-    fairseq_ids = torch.cat([(y + V + 5)[:, None], tokens.flatten(1)[:, :-1] + 5], dim=1)  # class = len(dict)+c
+    fairseq_ids = torch.cat(
+        [(y + V + 5)[:, None], tokens.flatten(1)[:, :-1] + 5], dim=1
+    )  # class = len(dict)+c
     with torch.no_grad():
         ref = opt(input_ids=fairseq_ids).logits[..., 5 : V + 5]
         ours = model(tokens, y)
         # unconditional: fairseq starts with </s> (id 2)
-        ref_u = opt(input_ids=torch.cat([torch.full((2, 1), 2), fairseq_ids[:, 1:]], 1)).logits[..., 5 : V + 5]
+        ref_u = opt(input_ids=torch.cat([torch.full((2, 1), 2), fairseq_ids[:, 1:]], 1)).logits[
+            ..., 5 : V + 5
+        ]
         ours_u = model(tokens)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours_u, ref_u, rtol=0, atol=1e-5)

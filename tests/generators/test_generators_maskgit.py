@@ -1,5 +1,6 @@
 """MaskGIT: the cosine unmasking schedule step by step (DiGIT's 8 steps over 256 tokens), the order
 of unmasking under known logits, the training mask distribution, and bad input."""
+
 import math
 
 import pytest
@@ -31,11 +32,17 @@ def test_schedule_reproduces_digit_mask_counts():
         seen.append((tokens == V).sum(dim=1).tolist())
         return logits
 
-    out = maskgit_decode(logits_fn, torch.zeros(2, N, dtype=torch.long), torch.ones(2, N, dtype=torch.bool),
-                         mask_id=V, steps=8, generator=torch.Generator().manual_seed(0))
+    out = maskgit_decode(
+        logits_fn,
+        torch.zeros(2, N, dtype=torch.long),
+        torch.ones(2, N, dtype=torch.bool),
+        mask_id=V,
+        steps=8,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert seen == [[c, c] for c in [256, *DIGIT_REMAINING[:-1]]]
     assert int((out == V).sum()) == 0 and out.max() < V
-    revealed = [a - b for a, b in zip([256, *DIGIT_REMAINING[:-1]], DIGIT_REMAINING)]
+    revealed = [a - b for a, b in zip([256, *DIGIT_REMAINING[:-1]], DIGIT_REMAINING, strict=True)]
     assert revealed == [5, 15, 24, 31, 39, 45, 48, 49]
 
 
@@ -53,11 +60,18 @@ def test_known_logits_unmask_the_most_confident_first():
         masks.append(tokens == V)
         return logits
 
-    out = maskgit_decode(logits_fn, torch.zeros(1, N, dtype=torch.long), torch.ones(1, N, dtype=torch.bool),
-                         mask_id=V, steps=steps, choice_temperature=0.0, generator=g)
+    out = maskgit_decode(
+        logits_fn,
+        torch.zeros(1, N, dtype=torch.long),
+        torch.ones(1, N, dtype=torch.bool),
+        mask_id=V,
+        steps=steps,
+        choice_temperature=0.0,
+        generator=g,
+    )
     assert torch.all(out[0] < k)
     order = k.argsort()  # most confident (fewest choices) first
-    for remaining, mask in zip(DIGIT_REMAINING, masks[1:]):
+    for remaining, mask in zip(DIGIT_REMAINING[:-1], masks[1:], strict=True):
         expected = torch.zeros(N, dtype=torch.bool)
         expected[order[N - remaining :]] = True
         assert torch.equal(mask[0], expected)
@@ -83,8 +97,9 @@ def test_training_mask_follows_the_cosine_schedule():
 
 
 def test_loss_scores_only_masked_tokens():
-    model = MaskGIT(vocab_size=11, grid_size=4, num_classes=2, dim=32, depth=2, num_heads=2,
-                    label_smoothing=0.0).eval()
+    model = MaskGIT(
+        vocab_size=11, grid_size=4, num_classes=2, dim=32, depth=2, num_heads=2, label_smoothing=0.0
+    ).eval()
     tokens, y = torch.randint(0, 11, (6, 16)), torch.tensor([0, 1, 0, 1, 0, 1])
     torch.manual_seed(5)
     loss = model.loss(tokens, y)

@@ -5,6 +5,7 @@ with a separate learned position table for the conditioning prefix. The autoregr
 is causal over the whole sequence and samples with top-p 0.8; the MaskGIT variant attends both
 ways and decodes in 8 parallel steps. No class label: the class reaches stage 2 through stage 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,16 @@ import torch
 import torch.nn as nn
 
 from latentforge_core.checkpoint import load_into
-from latentforge_generators.gpt import (
+from latentforge_generators.token_sampling import (
+    as_sequence,
+    check_sampling,
+    maskgit_decode,
+    random_mask,
+    sample_logits,
+    smoothed_cross_entropy,
+    training_mask_counts,
+)
+from latentforge_generators.token_transformer import (
     FAIRSEQ_EOS,
     FAIRSEQ_POS_OFFSET,
     FAIRSEQ_SPECIALS,
@@ -25,15 +35,6 @@ from latentforge_generators.gpt import (
     fairseq_layer_map,
     fairseq_state,
     init_weights,
-)
-from latentforge_generators.token_sampling import (
-    as_sequence,
-    check_sampling,
-    maskgit_decode,
-    random_mask,
-    sample_logits,
-    smoothed_cross_entropy,
-    training_mask_counts,
 )
 
 MODES = ("ar", "maskgit")
@@ -47,10 +48,23 @@ FAIRSEQ_UNK = 3  # DiGIT's [MASK]
 class DiGITStage2(nn.Module):
     """Embedding rows: ``[0, V)`` codes, ``[V, V+K)`` cond tokens, ``V+K`` separator, ``V+K+1`` [MASK]."""
 
-    def __init__(self, *, vocab_size: int = 1024, cond_vocab_size: int = 8192, grid_size: int | tuple = 16,
-                 cond_grid_size: int | tuple | None = None, dim: int = 1024, depth: int = 16, num_heads: int = 16,
-                 ffn_dim: int | None = None, mode: str = "ar", max_positions: int | None = None,
-                 dropout: float = 0.0, label_smoothing: float = 0.1, norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 1024,
+        cond_vocab_size: int = 8192,
+        grid_size: int | tuple = 16,
+        cond_grid_size: int | tuple | None = None,
+        dim: int = 1024,
+        depth: int = 16,
+        num_heads: int = 16,
+        ffn_dim: int | None = None,
+        mode: str = "ar",
+        max_positions: int | None = None,
+        dropout: float = 0.0,
+        label_smoothing: float = 0.1,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown stage-2 mode {mode!r}; expected one of {MODES}")
@@ -60,8 +74,10 @@ class DiGITStage2(nn.Module):
         self.seq_len, self.cond_len = self.grid[0] * self.grid[1], self.cond_grid[0] * self.cond_grid[1]
         max_positions = max(self.seq_len + 1, self.cond_len) if max_positions is None else max_positions
         if max_positions < max(self.seq_len + 1, self.cond_len):
-            raise ValueError(f"max_positions {max_positions} cannot hold {self.cond_len} cond tokens "
-                             f"or 1 + {self.seq_len} codes")
+            raise ValueError(
+                f"max_positions {max_positions} cannot hold {self.cond_len} cond tokens "
+                f"or 1 + {self.seq_len} codes"
+            )
         self.vocab_size, self.cond_vocab_size, self.dim, self.mode = vocab_size, cond_vocab_size, dim, mode
         self.label_smoothing = label_smoothing
         self.sep_id, self.mask_id = vocab_size + cond_vocab_size, vocab_size + cond_vocab_size + 1
@@ -71,8 +87,16 @@ class DiGITStage2(nn.Module):
         self.pos_gen = nn.Parameter(torch.zeros(max_positions, dim))
         self.embed_scale = math.sqrt(dim)
         self.drop = nn.Dropout(dropout)
-        self.transformer = Transformer(dim, depth, num_heads, ffn_dim or 4 * dim, "prenorm",
-                                       self.cond_len + self.seq_len + 1, dropout, norm_eps)
+        self.transformer = Transformer(
+            dim,
+            depth,
+            num_heads,
+            ffn_dim or 4 * dim,
+            "prenorm",
+            self.cond_len + self.seq_len + 1,
+            dropout,
+            norm_eps,
+        )
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.initialize_weights()
 
@@ -83,7 +107,9 @@ class DiGITStage2(nn.Module):
     def input_shape(self) -> tuple[int, int]:
         return self.grid
 
-    def forward_ids(self, ids: torch.Tensor, cache: KVCache | None = None, causal: bool = True) -> torch.Tensor:
+    def forward_ids(
+        self, ids: torch.Tensor, cache: KVCache | None = None, causal: bool = True
+    ) -> torch.Tensor:
         """Ids of [cond | sep | codes] (continuing ``cache``) → logits ``[B, N, V]``."""
         start = 0 if cache is None else cache.length
         self.transformer.check_length(start + ids.shape[1])
@@ -94,8 +120,10 @@ class DiGITStage2(nn.Module):
     def prefix(self, y: torch.Tensor) -> torch.Tensor:
         """K-Means tokens ``[B, hc, wc]`` → ids of [cond | sep] ``[B, hc*wc + 1]``."""
         if not isinstance(y, torch.Tensor):
-            raise ValueError(f"stage 2 is conditioned on first-stage token grids [B, {self.cond_grid[0]}, "
-                             f"{self.cond_grid[1]}], got {type(y).__name__}")
+            raise ValueError(
+                f"stage 2 is conditioned on first-stage token grids [B, {self.cond_grid[0]}, "
+                f"{self.cond_grid[1]}], got {type(y).__name__}"
+            )
         cond = as_sequence(y, self.cond_grid, self.cond_vocab_size) + self.vocab_size
         return torch.cat([cond, torch.full_like(cond[:, :1], self.sep_id)], dim=1)
 
@@ -122,21 +150,39 @@ class DiGITStage2(nn.Module):
         return smoothed_cross_entropy(logits[masked], tokens[masked], self.label_smoothing)
 
     @torch.no_grad()
-    def sample(self, y: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = 0.8, steps: int = 8, choice_temperature: float = 4.5,
-               use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        y: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = 0.8,
+        steps: int = 8,
+        choice_temperature: float = 4.5,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """VQGAN code grids ``[B, h, w]`` for first-stage tokens ``y``; AR uses top-k/top-p,
         MaskGIT uses ``steps`` and ``choice_temperature``."""
         prefix = self.prefix(y).to(self.head.weight.device)
         batch = len(prefix)
         if self.mode == "maskgit":
+
             def logits_fn(codes):
                 ids = torch.cat([prefix, codes], dim=1)
                 return self.forward_ids(ids, causal=False)[:, self.cond_len + 1 :]
+
             codes = torch.full((batch, self.seq_len), self.mask_id, dtype=torch.long, device=prefix.device)
-            codes = maskgit_decode(logits_fn, codes, torch.ones_like(codes, dtype=torch.bool), mask_id=self.mask_id,
-                                   steps=steps, temperature=temperature, choice_temperature=choice_temperature,
-                                   generator=generator)
+            codes = maskgit_decode(
+                logits_fn,
+                codes,
+                torch.ones_like(codes, dtype=torch.bool),
+                mask_id=self.mask_id,
+                steps=steps,
+                temperature=temperature,
+                choice_temperature=choice_temperature,
+                generator=generator,
+            )
             return codes.view(batch, *self.grid)
         check_sampling(temperature, top_k, top_p)
         total = self.cond_len + self.seq_len
@@ -167,24 +213,38 @@ def convert_digit_stage2(state, num_heads: int = 16) -> tuple[dict[str, torch.Te
     """
     sd = fairseq_state(state)
     depth = fairseq_depth(sd)
-    expected = {f"decoder.{k}.weight" for k in ("embed_tokens", "embed_positions", "embed_positions_1",
-                                                "output_projection", "layer_norm")} | {"decoder.layer_norm.bias"}
+    expected = {
+        f"decoder.{k}.weight"
+        for k in ("embed_tokens", "embed_positions", "embed_positions_1", "output_projection", "layer_norm")
+    } | {"decoder.layer_norm.bias"}
     expected |= {k for keys in fairseq_layer_map(depth).values() for k in keys}
     check_fairseq_keys(sd, expected, "DiGIT stage-2")
     emb, head = sd["decoder.embed_tokens.weight"], sd["decoder.output_projection.weight"]
     tgt = head.shape[0]
     cond_vocab = emb.shape[0] - tgt - FAIRSEQ_SPECIALS
     ours = convert_fairseq_layers(sd, depth)
-    ours["tok_embed.weight"] = torch.cat([emb[FAIRSEQ_SPECIALS:tgt], emb[tgt + FAIRSEQ_SPECIALS :],
-                                          emb[FAIRSEQ_EOS : FAIRSEQ_EOS + 1], emb[FAIRSEQ_UNK : FAIRSEQ_UNK + 1]])
+    ours["tok_embed.weight"] = torch.cat(
+        [
+            emb[FAIRSEQ_SPECIALS:tgt],
+            emb[tgt + FAIRSEQ_SPECIALS :],
+            emb[FAIRSEQ_EOS : FAIRSEQ_EOS + 1],
+            emb[FAIRSEQ_UNK : FAIRSEQ_UNK + 1],
+        ]
+    )
     ours["pos_cond"] = sd["decoder.embed_positions_1.weight"][FAIRSEQ_POS_OFFSET:]
     ours["pos_gen"] = sd["decoder.embed_positions.weight"][FAIRSEQ_POS_OFFSET:]
     ours["transformer.norm.weight"] = sd["decoder.layer_norm.weight"]
     ours["transformer.norm.bias"] = sd["decoder.layer_norm.bias"]
     ours["head.weight"] = head[FAIRSEQ_SPECIALS:]
-    config = dict(vocab_size=tgt - FAIRSEQ_SPECIALS, cond_vocab_size=cond_vocab, dim=emb.shape[1], depth=depth,
-                  num_heads=num_heads, ffn_dim=sd["decoder.layers.0.fc1.weight"].shape[0],
-                  max_positions=ours["pos_gen"].shape[0])
+    config = dict(
+        vocab_size=tgt - FAIRSEQ_SPECIALS,
+        cond_vocab_size=cond_vocab,
+        dim=emb.shape[1],
+        depth=depth,
+        num_heads=num_heads,
+        ffn_dim=sd["decoder.layers.0.fc1.weight"].shape[0],
+        max_positions=ours["pos_gen"].shape[0],
+    )
     return ours, config
 
 
@@ -202,14 +262,34 @@ def load_digit_stage2(state, mode: str = "ar", num_heads: int = 16, **overrides)
 
 Stage2_configs = {
     # DiGIT base stage 2: 16 x 1024 pre-LN over [256 K-Means tokens | </s> | 256 VQGAN codes].
-    "digit-stage2-ar-base": dict(vocab_size=1024, cond_vocab_size=8192, dim=1024, depth=16, num_heads=16,
-                                 mode="ar", max_positions=1024, dropout=0.1, label_smoothing=0.1),
-    "digit-stage2-maskgit-base": dict(vocab_size=1024, cond_vocab_size=8192, dim=1024, depth=16, num_heads=16,
-                                      mode="maskgit", max_positions=1024, dropout=0.1, label_smoothing=0.1),
-    "test-digit-stage2-ar": dict(vocab_size=32, cond_vocab_size=16, grid_size=4, dim=64, depth=2, num_heads=4,
-                                 mode="ar"),
-    "test-digit-stage2-maskgit": dict(vocab_size=32, cond_vocab_size=16, grid_size=4, dim=64, depth=2,
-                                      num_heads=4, mode="maskgit"),
+    "digit-stage2-ar-base": dict(
+        vocab_size=1024,
+        cond_vocab_size=8192,
+        dim=1024,
+        depth=16,
+        num_heads=16,
+        mode="ar",
+        max_positions=1024,
+        dropout=0.1,
+        label_smoothing=0.1,
+    ),
+    "digit-stage2-maskgit-base": dict(
+        vocab_size=1024,
+        cond_vocab_size=8192,
+        dim=1024,
+        depth=16,
+        num_heads=16,
+        mode="maskgit",
+        max_positions=1024,
+        dropout=0.1,
+        label_smoothing=0.1,
+    ),
+    "test-digit-stage2-ar": dict(
+        vocab_size=32, cond_vocab_size=16, grid_size=4, dim=64, depth=2, num_heads=4, mode="ar"
+    ),
+    "test-digit-stage2-maskgit": dict(
+        vocab_size=32, cond_vocab_size=16, grid_size=4, dim=64, depth=2, num_heads=4, mode="maskgit"
+    ),
 }
 
 

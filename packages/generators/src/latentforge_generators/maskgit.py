@@ -5,6 +5,7 @@ starts from an all-masked grid and keeps the most confident samples at each step
 unmasking schedule and annealed Gumbel confidence of ``token_sampling.maskgit_decode``, which
 DiGIT's 8-step stage-2 decoder also uses).
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,6 @@ import math
 import torch
 import torch.nn as nn
 
-from latentforge_generators.gpt import Transformer, init_weights
 from latentforge_generators.token_sampling import (
     as_sequence,
     cfg_logits,
@@ -22,6 +22,7 @@ from latentforge_generators.token_sampling import (
     smoothed_cross_entropy,
     training_mask_counts,
 )
+from latentforge_generators.token_transformer import Transformer, init_weights
 
 #################################################################################
 #                                 The MaskGIT model                             #
@@ -31,10 +32,23 @@ from latentforge_generators.token_sampling import (
 class MaskGIT(nn.Module):
     """Embedding rows: ``[0, V)`` tokens, ``V`` [MASK], ``[V+1, V+1+C)`` classes, ``V+1+C`` null."""
 
-    def __init__(self, *, vocab_size: int, grid_size: int | tuple[int, int] = 16, num_classes: int = 0,
-                 dim: int = 768, depth: int = 24, num_heads: int = 16, ffn_dim: int | None = None,
-                 style: str = "prenorm", dropout: float = 0.0, class_dropout: float = 0.0,
-                 label_smoothing: float = 0.1, norm_eps: float = 1e-5, rope_theta: float = 10000.0):
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        grid_size: int | tuple[int, int] = 16,
+        num_classes: int = 0,
+        dim: int = 768,
+        depth: int = 24,
+        num_heads: int = 16,
+        ffn_dim: int | None = None,
+        style: str = "prenorm",
+        dropout: float = 0.0,
+        class_dropout: float = 0.0,
+        label_smoothing: float = 0.1,
+        norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+    ):
         super().__init__()
         self.grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
         self.seq_len = self.grid[0] * self.grid[1]
@@ -50,8 +64,9 @@ class MaskGIT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(self.seq_len + 1, dim)) if learned else None
         self.embed_scale = math.sqrt(dim) if learned else 1.0
         self.drop = nn.Dropout(dropout)
-        self.transformer = Transformer(dim, depth, num_heads, ffn_dim or 4 * dim, style, self.seq_len + 1,
-                                       dropout, norm_eps, rope_theta)
+        self.transformer = Transformer(
+            dim, depth, num_heads, ffn_dim or 4 * dim, style, self.seq_len + 1, dropout, norm_eps, rope_theta
+        )
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.initialize_weights()
 
@@ -95,24 +110,41 @@ class MaskGIT(nn.Module):
         return smoothed_cross_entropy(logits[masked], tokens[masked], self.label_smoothing)
 
     @torch.no_grad()
-    def sample(self, y: torch.Tensor | int, *, steps: int = 8, temperature: float = 1.0,
-               choice_temperature: float = 4.5, cfg_scale: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        y: torch.Tensor | int,
+        *,
+        steps: int = 8,
+        temperature: float = 1.0,
+        choice_temperature: float = 4.5,
+        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Token grids ``[B, h, w]`` for class labels ``y [B]`` (or ``y`` unconditional samples)."""
         device = self.head.weight.device
         start = self.start_ids(y, device=device)
         y_cond = y if isinstance(y, torch.Tensor) else None
         if cfg_scale != 1.0:
+
             def logits_fn(tokens):
                 both = torch.cat([self(tokens, y_cond), self(tokens, len(tokens))])
                 return cfg_logits(both, cfg_scale)
         else:
+
             def logits_fn(tokens):
                 return self(tokens, y_cond if y_cond is not None else len(tokens))
+
         tokens = torch.full((len(start), self.seq_len), self.mask_id, dtype=torch.long, device=device)
-        tokens = maskgit_decode(logits_fn, tokens, torch.ones_like(tokens, dtype=torch.bool), mask_id=self.mask_id,
-                                steps=steps, temperature=temperature, choice_temperature=choice_temperature,
-                                generator=generator)
+        tokens = maskgit_decode(
+            logits_fn,
+            tokens,
+            torch.ones_like(tokens, dtype=torch.bool),
+            mask_id=self.mask_id,
+            steps=steps,
+            temperature=temperature,
+            choice_temperature=choice_temperature,
+            generator=generator,
+        )
         return tokens.view(len(start), *self.grid)
 
 
@@ -122,13 +154,40 @@ class MaskGIT(nn.Module):
 
 MaskGIT_configs = {
     # MaskGIT's ImageNet-256 transformer: 24 x 768, 16 heads, over 16x16 VQGAN codes (1024).
-    "maskgit-base": dict(vocab_size=1024, num_classes=1000, dim=768, depth=24, num_heads=16, ffn_dim=3072,
-                         style="prenorm", dropout=0.1, class_dropout=0.1, label_smoothing=0.1),
+    "maskgit-base": dict(
+        vocab_size=1024,
+        num_classes=1000,
+        dim=768,
+        depth=24,
+        num_heads=16,
+        ffn_dim=3072,
+        style="prenorm",
+        dropout=0.1,
+        class_dropout=0.1,
+        label_smoothing=0.1,
+    ),
     # DiGIT's base width over 8k K-Means tokens, with modern blocks.
-    "maskgit-modern-base": dict(vocab_size=8192, num_classes=1000, dim=1024, depth=16, num_heads=16,
-                                ffn_dim=2816, style="modern", class_dropout=0.1, label_smoothing=0.1),
-    "test-maskgit": dict(vocab_size=64, grid_size=4, num_classes=10, dim=64, depth=2, num_heads=4,
-                         style="prenorm", label_smoothing=0.0),
+    "maskgit-modern-base": dict(
+        vocab_size=8192,
+        num_classes=1000,
+        dim=1024,
+        depth=16,
+        num_heads=16,
+        ffn_dim=2816,
+        style="modern",
+        class_dropout=0.1,
+        label_smoothing=0.1,
+    ),
+    "test-maskgit": dict(
+        vocab_size=64,
+        grid_size=4,
+        num_classes=10,
+        dim=64,
+        depth=2,
+        num_heads=4,
+        style="prenorm",
+        label_smoothing=0.0,
+    ),
 }
 
 

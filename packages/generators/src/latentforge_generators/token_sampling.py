@@ -3,6 +3,7 @@
 Shared by the autoregressive GPT, MaskGIT and DiGIT's second stage so that every token generator
 filters logits and schedules its unmasking the same way.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,7 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int, what: str = "token id
         raise ValueError(f"{what} must be an integer tensor, got dtype {tokens.dtype}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(
-            f"{what} must lie in [0, {vocab_size}), got values in "
-            f"[{int(tokens.min())}, {int(tokens.max())}]"
+            f"{what} must lie in [0, {vocab_size}), got values in [{int(tokens.min())}, {int(tokens.max())}]"
         )
 
 
@@ -103,7 +103,9 @@ def sample_logits(
 #################################################################################
 
 
-def training_mask_counts(batch: int, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+def training_mask_counts(
+    batch: int, n: int, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """How many of ``n`` tokens to mask per example: floor(n·cos(π u / 2) + 1), u ~ U[0, 1)."""
     u = torch.rand(batch, device=device, generator=generator)
     return torch.floor(n * torch.cos(math.pi / 2 * u) + 1).long().clamp(1, n)  # B
@@ -150,7 +152,9 @@ def maskgit_decode(
     tokens = tokens.masked_fill(masked, mask_id)
     for step in range(1, steps + 1):
         logits = logits_fn(tokens).float() / temperature  # B N V
-        sampled = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(masked.shape)
+        sampled = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(
+            masked.shape
+        )
         tokens = torch.where(masked, sampled, tokens)
         if step == steps:
             break
