@@ -1,7 +1,10 @@
 """latentforge-generators: generators: DiT, LightningDiT, DiT-DH, GPT, MaskGIT; flow-matching transport, samplers and guidance"""
 
+from latentforge_generators.digit_stage2 import DiGITStage2
 from latentforge_generators.flow import FlowGenerator
+from latentforge_generators.gpt import GPT
 from latentforge_generators.guidance import CFG, AutoGuidance
+from latentforge_generators.maskgit import MaskGIT
 from latentforge_generators.transport import Transport
 
 __version__ = "0.1.0"
