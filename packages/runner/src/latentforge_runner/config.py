@@ -55,7 +55,6 @@ class Component(Settings):
 
     name: str
     params: dict = attrs.field(factory=dict)
-    checkpoint: str | None = None  # our safetensors file with the trained weights, if any
 
     def build(self, kind: str, **injected: Any) -> Any:
         """Build the entry; ``injected`` are values the recipe supplies (shapes from other blocks)."""
@@ -300,3 +299,21 @@ def check_component(kind: str, block: Component, where: str, injected: Sequence[
         raise ConfigError(
             f"{where}.params: {kind[:-1]} {block.name!r} requires {', '.join(map(repr, missing))}"
         )
+    if accepts_any and params:
+        _build_on_meta(factory, params, where, kind, block.name)
+
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npy")
+
+
+def _build_on_meta(factory: Any, params: dict[str, Any], where: str, kind: str, name: str) -> None:
+    """A builder taking ``**kwargs`` passes them on: build it on the meta device (no memory, no
+    weights read) to see that every parameter is accepted somewhere down the line."""
+    import torch
+
+    files = {k for k, v in params.items() if isinstance(v, str) and (v.endswith(WEIGHT_SUFFIXES) or v.startswith("hf:"))}
+    try:
+        with torch.device("meta"):
+            factory(**{k: v for k, v in params.items() if k not in files})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}.params: {kind[:-1]} {name!r} does not accept these parameters: {err}") from err

@@ -49,8 +49,8 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
 class ImageFolder(torch.utils.data.Dataset):
     """``root/<class>/*.jpg`` (ImageNet layout) or a flat folder of images (label 0).
 
-    Classes are the sorted sub-folder names.  An image that fails to decode yields ``None``; use
-    :func:`collate` to drop it and keep the count.
+    Classes are the sorted sub-folder names.  An image that fails to decode yields an error record;
+    :func:`collate` drops it and keeps its path for the count.
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int):

@@ -36,7 +36,7 @@ from latentforge_core.checkpoint import (
 from latentforge_core.device import autocast, rng_state, set_rng_state
 from latentforge_runner import distributed
 from latentforge_runner.config import Settings, settings
-from latentforge_runner.data import ResumableBatchSampler
+from latentforge_runner.data import ResumableBatchSampler, collate
 
 log = logging.getLogger("latentforge")
 
@@ -53,7 +53,7 @@ class TrainingSettings(Settings):
     grad_accum: int = 1
     lr: float = 2e-4
     final_lr: float = 2e-5  # where ``linear``/``cosine`` decay ends
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"  # inverse_sqrt: DiGIT
     warmup_steps: int = 0
     warmup_from_zero: bool = True  # False: hold ``lr`` during warm-up (RAE stage 2's ``linear``)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -90,6 +90,8 @@ def lr_lambda(t: TrainingSettings) -> Callable[[int], float]:
             return (step + 1) / t.warmup_steps if t.warmup_from_zero else 1.0
         if t.schedule == "constant":
             return 1.0
+        if t.schedule == "inverse_sqrt":
+            return math.sqrt(max(1, t.warmup_steps) / (step + 1))
         progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
         if t.schedule == "linear":
             return 1.0 + (final - 1.0) * progress
@@ -226,10 +228,14 @@ class Trainer:
         self.forward_model = torch.compile(entry) if t.compile else entry
 
     # -------------------------------------------------------------------------------- the loop
-    def fit(self, fetch: Callable[[list[int]], Mapping[str, Any]],
+    def fit(self, data: Callable[[list[int]], Mapping[str, Any]] | torch.utils.data.Dataset,
             loss_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor | tuple[torch.Tensor, dict]],
             *, on_step: Callable[[Trainer], None] | None = None, desc: str = "train") -> dict[str, float]:
-        """Run until ``t.steps``; checkpoints every ``checkpoint_every`` steps and at the end."""
+        """Run until ``t.steps``; checkpoints every ``checkpoint_every`` steps and at the end.
+
+        ``data`` is ``fetch(indices) -> batch`` (data in memory), or a Dataset read by a DataLoader
+        with ``t.num_workers`` workers and :func:`~latentforge_runner.data.collate`.
+        """
         self.model.train()
         bar = tqdm(total=self.t.steps, initial=self.step, desc=desc, disable=not self.dist.is_main,
                    dynamic_ncols=True, unit="step")
@@ -237,8 +243,8 @@ class Trainer:
         last: dict[str, float] = {}
         start, start_step = time.perf_counter(), self.step
         while self.step < self.t.steps:
-            for indices in self.sampler:
-                logs = self._train_step(fetch(indices), loss_fn)
+            for batch in self._epoch(data):
+                logs = self._train_step(batch, loss_fn)
                 self.sampler.advance()
                 self.step += 1
                 bar.update(1)
@@ -259,11 +265,27 @@ class Trainer:
                     break
         bar.close()
         if self.skipped:
-            log.warning("skipped %d unreadable image(s), first: %s", len(self.skipped), self.skipped[0])
+            log.warning("skipped %d unreadable image(s) so far, first: %s", len(self.skipped), self.skipped[0])
         return last
+
+    def _epoch(self, data) -> Iterable[Mapping[str, Any]]:
+        """The rest of the current epoch's batches, from the sampler's position."""
+        if not isinstance(data, torch.utils.data.Dataset):
+            return (data(indices) for indices in self.sampler)
+        # A fresh loader per epoch, its worker seeds drawn from its own generator, so that creating
+        # it never touches the global RNG (a resumed run creates one at another moment).
+        generator = torch.Generator().manual_seed(self.t.seed * 100_003 + self.sampler.epoch)
+        return torch.utils.data.DataLoader(data, batch_sampler=self.sampler, num_workers=self.t.num_workers,
+                                           collate_fn=collate, generator=generator,
+                                           pin_memory=self.device.type == "cuda")
 
     def _train_step(self, batch: Mapping[str, Any], loss_fn) -> dict[str, float]:
         self.skipped += batch.get("skipped", [])
+        if any(v is None for v in batch.values()):
+            log.warning("step %d: every image of the batch was unreadable; no update", self.step)
+            return {}
+        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items() if k != "skipped"}
         micro = _split(batch, self.t.grad_accum)
         logs: dict[str, float] = {}
         for i, part in enumerate(micro):

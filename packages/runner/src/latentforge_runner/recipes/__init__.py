@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from latentforge_core.device import seed_everything
 from latentforge_runner import distributed
 from latentforge_runner.config import Settings, dump_yaml, settings
@@ -27,11 +29,14 @@ class RunSettings(Settings):
     device: str = "auto"
     seed: int = 0
     resume: bool = True  # continue from the newest whole checkpoint in output_dir
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
     wandb_project: str | None = None
 
 
 def open_run(recipe: str, cfg: Any) -> tuple[Path, distributed.DistInfo, RunLogger]:
     """Join the process group, seed, create the run folder and write the resolved config into it."""
+    if cfg.run.threads is not None:
+        torch.set_num_threads(cfg.run.threads)
     dist = distributed.init(cfg.run.device)
     seed_everything(cfg.run.seed + dist.rank)
     run_dir = Path(cfg.run.output_dir)

@@ -69,7 +69,8 @@ class DecoderSettings(Settings):
 
 @settings
 class DemoSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/demo")
+    # One thread: the demo's small matrices gain little from two, and lose much when the cores are busy.
+    run: RunSettings = RunSettings(output_dir="runs/demo", threads=1)
     image_size: int = 16  # the 8×8 digits, upsampled
     encoder: Component = component(
         "encoders",

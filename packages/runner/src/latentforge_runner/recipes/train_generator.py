@@ -1,0 +1,156 @@
+"""train-generator: a generator on the latents or tokens of a frozen tokenizer, images read on the fly.
+
+    latentforge run train-generator --config rae-ditdh-xl data.root=/data/imagenet/train
+    torchrun --nproc-per-node 8 -m latentforge_runner.cli run train-generator --config vavae-lightningdit-xl
+
+Continuous tokenizers (RAE, VA-VAE) give normalised latents ``[B, C, h, w]`` to a flow generator
+(DiT, LightningDiT, DiT-DH), which receives ``in_channels``/``input_size``/``num_classes``; discrete
+ones (K-Means, VQGAN) give token grids ``[B, h, w]`` to GPT/MaskGIT, which receive ``vocab_size``/
+``grid_size``/``num_classes``.  Every ``eval.every`` steps a class-balanced grid of samples from the
+EMA goes to TensorBoard and ``samples/``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import attrs
+import torch
+from einops import rearrange
+from PIL import Image
+
+from latentforge_core.checkpoint import load_checkpoint, load_into
+from latentforge_runner import distributed
+from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.data import build_dataset
+from latentforge_runner.recipes import RunSettings, open_run
+from latentforge_runner.training import Trainer, TrainingSettings
+
+log = logging.getLogger("latentforge")
+
+
+@settings
+class DataSettings(Settings):
+    name: Literal["digits", "folder"] = "folder"
+    root: str | None = None  # ImageNet layout: root/<class>/*.JPEG
+    image_size: int = 256
+    num_classes: int = 1000
+
+
+@settings
+class EvalSettings(Settings):
+    every: int = 0  # steps between sample grids (0: only at the end)
+    num_samples: int = 16
+    sampler: dict = attrs.field(factory=dict)  # keyword arguments of generator.sample
+    stats_batches: int = 16  # batches for latent statistics when the tokenizer has none
+    stats_reduce: Literal["channel", "element"] = "element"  # RAE: per element; VA-VAE: per channel
+    guidance_model: Component | None = component("generators", default=None,
+                                                  injected=("in_channels", "input_size", "num_classes"))
+    guidance_weights: str | None = None  # the weak model's EMA weights (our safetensors) for autoguidance
+
+
+@settings
+class TrainGeneratorSettings(Settings):
+    run: RunSettings = RunSettings(output_dir="runs/train-generator")
+    data: DataSettings = DataSettings()
+    tokenizer: Component = component("tokenizers")
+    generator: Component = component(
+        "generators", injected=("in_channels", "input_size", "num_classes", "vocab_size", "grid_size")
+    )
+    training: TrainingSettings = TrainingSettings()
+    eval: EvalSettings = EvalSettings()
+
+
+class TrainGeneratorRecipe:
+    Settings = TrainGeneratorSettings
+
+    def __init__(self, config: TrainGeneratorSettings):
+        self.cfg = config
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir, self.dist, self.logger = open_run("train-generator", cfg)
+        self.device = self.dist.device
+        self.dataset = build_dataset(cfg.data.name, image_size=cfg.data.image_size, root=cfg.data.root)
+        self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.device).eval().requires_grad_(False)
+        self.discrete = self.tokenizer.vocab_size is not None
+        if not self.discrete and getattr(self.tokenizer, "stats", None) is None:
+            self._compute_stats()
+        torch.manual_seed(cfg.run.seed)  # every process builds the same initial weights
+        if self.discrete:
+            h, w = self.tokenizer.latent_shape[-2:]
+            shape = dict(vocab_size=self.tokenizer.vocab_size, grid_size=(h, w))
+        else:
+            c, h, _ = self.tokenizer.latent_shape
+            shape = dict(in_channels=c, input_size=h)
+        self.generator = cfg.generator.build("generators", num_classes=cfg.data.num_classes, **shape)
+        self.trainer = Trainer(self.generator, cfg.training, run_dir=self.run_dir, num_items=len(self.dataset),
+                               dist=self.dist, logger=self.logger, forward="loss",
+                               model_config={"name": cfg.generator.name, **cfg.generator.params, **shape})
+        if cfg.run.resume:
+            self.trainer.resume()
+
+    def _compute_stats(self) -> None:
+        from latentforge_tokenizers.stats import compute_latent_stats
+
+        n = min(len(self.dataset), self.cfg.eval.stats_batches * 64)
+        batches = (torch.stack([self.dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(self.device)
+                   for s in range(0, n, 64))
+        stats = compute_latent_stats(self.tokenizer.encode, batches, reduce=self.cfg.eval.stats_reduce)
+        self.tokenizer.set_stats(stats)
+        log.info("latent statistics (per %s) computed on %d images", self.cfg.eval.stats_reduce, n)
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return self.tokenizer.encode(images)
+        return self.tokenizer.encode(images, normalize=True)
+
+    def run(self) -> dict[str, Any]:
+        def loss_fn(model, batch):
+            return model(self._encode(batch["image"]), batch["label"])
+
+        def on_step(trainer: Trainer) -> None:
+            if self.cfg.eval.every and trainer.step % self.cfg.eval.every == 0:
+                self.sample_grid(trainer.step)
+
+        return self.trainer.fit(self.dataset, loss_fn, on_step=on_step, desc="generator")
+
+    @torch.no_grad()
+    def sample_grid(self, step: int) -> None:
+        """Class-balanced samples from the EMA → TensorBoard and ``samples/<step>.png``."""
+        if not self.dist.is_main or not hasattr(self.tokenizer, "decode"):
+            return  # K-Means tokens decode through a second stage (digit-stage2), not here
+        n, k = self.cfg.eval.num_samples, self.cfg.data.num_classes
+        y = (torch.arange(n) * max(1, k // n)) % k
+        state = torch.get_rng_state()  # sampling must not move the training RNG
+        model = self.trainer.eval_model()
+        out = model.sample(y.to(self.device), **self.cfg.eval.sampler, **self._guidance())
+        images = (self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)).cpu()
+        torch.set_rng_state(state)
+        self.trainer.model.train()
+        cols = int(n**0.5)
+        grid = rearrange(images[: cols * (n // cols)].clamp(0, 1), "(r c) ch h w -> ch (r h) (c w)", c=cols)
+        self.logger.images("samples", grid, step)
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+        Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(self.run_dir / "samples" / f"{step:08d}.png")
+
+    def _guidance(self) -> dict[str, Any]:
+        """``guidance_model=`` for autoguidance, built once from ``eval.guidance_model``."""
+        block = self.cfg.eval.guidance_model
+        if block is None:
+            return {}
+        if not hasattr(self, "_guide"):
+            c, h, _ = self.tokenizer.latent_shape
+            self._guide = block.build("generators", in_channels=c, input_size=h,
+                                      num_classes=self.cfg.data.num_classes).to(self.device).eval()
+            if self.cfg.eval.guidance_weights:
+                load_into(self._guide, load_checkpoint(self.cfg.eval.guidance_weights)[0])
+        return {"guidance": "autoguidance", "guidance_model": self._guide}
+
+    def save(self) -> None:
+        self.sample_grid(self.trainer.step)
+
+    def cleanup(self) -> None:
+        self.logger.close()
+        distributed.cleanup()
