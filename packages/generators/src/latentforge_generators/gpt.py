@@ -78,22 +78,6 @@ class GPT(nn.Module):
             raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
         self.vocab_size, self.num_classes, self.dim, self.style = vocab_size, num_classes, dim, style
         self.class_dropout, self.label_smoothing = class_dropout, label_smoothing
-        self.config = dict(
-            vocab_size=vocab_size,
-            grid_size=list(self.grid),
-            num_classes=num_classes,
-            dim=dim,
-            depth=depth,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            style=style,
-            max_positions=max_positions,
-            dropout=dropout,
-            class_dropout=class_dropout,
-            label_smoothing=label_smoothing,
-            norm_eps=norm_eps,
-            rope_theta=rope_theta,
-        )
         ffn_dim = ffn_dim or 4 * dim
 
         self.tok_embed = nn.Embedding(vocab_size + num_classes + 1, dim)

@@ -61,6 +61,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; writing up to {end}")
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # B H end Dh
@@ -200,24 +202,27 @@ class Transformer(nn.Module):
 
 
 def init_weights(module: nn.Module, style: str, dim: int) -> None:
-    """fairseq's init for the DiGIT styles (xavier linears, N(0, d^-½) tables); 0.02-normal for modern.
+    """fairseq's init for the DiGIT styles, 0.02-normal linears and tables for the modern one.
 
-    xavier-uniform over the fused [q; k; v] matrix gives the bound fairseq draws each of q, k, v
-    with (gain 1/√2 on a d×d matrix), so the fused layout keeps fairseq's init exactly.
+    fairseq draws q, k, v xavier-uniform with gain 1/√2 (d×d each): the same bound as plain
+    xavier over our fused [q; k; v] matrix. The output projection of attention is xavier with a
+    zero bias, the feed-forward keeps PyTorch's Linear init, and token/position tables and the
+    vocabulary head are N(0, d^-½).
     """
+    modern = style == "modern"
+    table_std = 0.02 if modern else dim**-0.5
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            if style == "modern":
-                nn.init.normal_(m.weight, std=0.02)
-            else:
-                nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        if modern and isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+        elif not modern and isinstance(m, Attention):
+            nn.init.xavier_uniform_(m.qkv.weight)
+            nn.init.xavier_uniform_(m.proj.weight)
+            nn.init.zeros_(m.proj.bias)
         elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02 if style == "modern" else dim**-0.5)
+            nn.init.normal_(m.weight, std=table_std)
     for name, p in module.named_parameters():
-        if name.startswith("pos_"):
-            nn.init.normal_(p, std=dim**-0.5)
+        if name.startswith("pos_") or name == "head.weight":
+            nn.init.normal_(p, std=table_std)
 
 
 #################################################################################
