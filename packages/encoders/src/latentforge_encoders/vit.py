@@ -88,13 +88,15 @@ class SwiGLU(nn.Module):
 
 
 class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch, fused into the residual sum (one pass, not two)."""
+
     def __init__(self, dim: int, init_value: float):
         super().__init__()
         self.init_value = init_value
         self.gamma = nn.Parameter(torch.full((dim,), init_value))
 
-    def forward(self, x):
-        return x * self.gamma
+    def add(self, x, branch):
+        return torch.addcmul(x, branch, self.gamma)
 
 
 class Block(nn.Module):
@@ -104,14 +106,18 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
-        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else None
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden_dim) if ffn == "swiglu" else Mlp(dim, mlp_hidden_dim, act)
-        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else None
 
     def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))  # B, T, C
-        return x + self.ls2(self.mlp(self.norm2(x)))  # B, T, C
+        x = self.residual(x, self.attn(self.norm1(x)), self.ls1)  # B, T, C
+        return self.residual(x, self.mlp(self.norm2(x)), self.ls2)  # B, T, C
+
+    @staticmethod
+    def residual(x, branch, scale: LayerScale | None):
+        return x + branch if scale is None else scale.add(x, branch)
 
 
 #################################################################################
