@@ -4,6 +4,7 @@ Full size: DiT-S/2 on 4×32×32 latents (SD-VAE at 256 px), batch 4. Tiny: the `
 Beside ours, the same sampler with guidance done as two separate forwards (cond, then uncond), the
 way a naive loop would, to show what batching them into one forward buys.
 """
+
 import attrs
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,7 +26,9 @@ class TwoForwardCFG(CFG):
 
 
 def _setup(full, device):
-    name, kwargs, batch = ("dit-s-2", {"input_size": 32, "in_channels": 4}, 4) if full else ("test-dit", {}, 2)
+    name, kwargs, batch = (
+        ("dit-s-2", {"input_size": 32, "in_channels": 4}, 4) if full else ("test-dit", {}, 2)
+    )
     gen = registry.generators.build(name, **kwargs).to(device).eval()
     y = torch.arange(batch, device=device) % gen.num_classes
     x = torch.randn(2 * batch, *gen.input_shape, device=device)
@@ -37,8 +40,14 @@ def _setup(full, device):
 def test_sampling_euler_cfg(measure, full, device):
     gen, y, flops = _setup(full, device)
     noise = torch.randn(len(y), *gen.input_shape, device=device)
-    out = measure(lambda: gen.sample(y, noise=noise, steps=STEPS, cfg_scale=4.0), group="sample euler-50 cfg",
-                  impl="ours", items=len(y), unit="images/s", flops=flops)
+    out = measure(
+        lambda: gen.sample(y, noise=noise, steps=STEPS, cfg_scale=4.0),
+        group="sample euler-50 cfg",
+        impl="ours",
+        items=len(y),
+        unit="images/s",
+        flops=flops,
+    )
     assert out.shape == noise.shape
 
 
@@ -46,6 +55,12 @@ def test_sampling_euler_cfg_two_forwards(measure, full, device):
     gen, y, flops = _setup(full, device)
     noise = torch.randn(len(y), *gen.input_shape, device=device)
     guidance = TwoForwardCFG(scale=4.0)
-    out = measure(lambda: gen.sample(y, noise=noise, steps=STEPS, guidance=guidance), group="sample euler-50 cfg",
-                  impl="two forwards", items=len(y), unit="images/s", flops=flops)
+    out = measure(
+        lambda: gen.sample(y, noise=noise, steps=STEPS, guidance=guidance),
+        group="sample euler-50 cfg",
+        impl="two forwards",
+        items=len(y),
+        unit="images/s",
+        flops=flops,
+    )
     assert out.shape == noise.shape

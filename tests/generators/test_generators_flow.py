@@ -1,5 +1,6 @@
 """FlowGenerator: the Generator protocol on every registered diffusion entry, time conventions at the
 model's door, samplers and NFE through ``sample``, and bad input."""
+
 import math
 
 import pytest
@@ -90,17 +91,28 @@ def test_velocity_converts_time_and_sign():
         torch.testing.assert_close(gen.velocity(x, 0.3, y), -gen.backbone(x, torch.full((2,), 0.7), y)[:, :4])
 
 
-@pytest.mark.parametrize("sampler, options, nfe", [("euler", {}, 6), ("heun", {}, 12), ("sde", {}, 6),
-                                                    ("dopri5", {"atol": 1e-3, "rtol": 1e-2}, None)])
+@pytest.mark.parametrize(
+    "sampler, options, nfe",
+    [("euler", {}, 6), ("heun", {}, 12), ("sde", {}, 6), ("dopri5", {"atol": 1e-3, "rtol": 1e-2}, None)],
+)
 def test_samplers_through_sample(sampler, options, nfe):
     gen = _randomize(registry.generators.build("test-dit"), 3)
     y = torch.tensor([0, 5])
     noise = torch.randn(2, *gen.input_shape, generator=torch.Generator().manual_seed(0))
-    out, used = gen.sample(y, sampler=sampler, steps=6, noise=noise, return_nfe=True, cfg_scale=2.0, **options)
+    out, used = gen.sample(
+        y, sampler=sampler, steps=6, noise=noise, return_nfe=True, cfg_scale=2.0, **options
+    )
     assert out.shape == noise.shape and torch.isfinite(out).all()
     assert used == nfe if nfe is not None else used >= 8  # dopri5: at least the first step's 6 stages + 2
-    again = gen.sample(y, sampler=sampler, steps=6, noise=noise, cfg_scale=2.0,
-                       generator=torch.Generator().manual_seed(0), **options)
+    again = gen.sample(
+        y,
+        sampler=sampler,
+        steps=6,
+        noise=noise,
+        cfg_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+        **options,
+    )
     if sampler != "sde":
         torch.testing.assert_close(out, again)  # deterministic given the noise
 
@@ -116,7 +128,9 @@ def test_bad_input():
         gen.loss(torch.randn(4, 8, 8), y)
     with pytest.raises(ValueError, match="NaN"):
         gen.loss(x.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), y)
-    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\) or the null label 10, got .*11"):
+    with pytest.raises(
+        ValueError, match=r"class labels must lie in \[0, 10\) or the null label 10, got .*11"
+    ):
         gen.loss(x, torch.tensor([1, 11]))
     with pytest.raises(ValueError, match="-1"):
         gen.sample(torch.tensor([-1, 2]), steps=2)

@@ -1,4 +1,7 @@
 """Guidance: CFG batched in one forward equals two forwards; interval and channel choice; autoguidance."""
+
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -110,14 +113,15 @@ def test_sample_with_guidance_matches_a_hand_written_loop(gen, weak, batch):
     null = torch.full_like(y, gen.null_class)
     grid = [1 - i / 8 for i in range(9)]
     x = noise.clone()
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for t, t_next in pairwise(grid):
         v = gen.velocity(x, t, y)
         if 0.3 <= t <= 0.8:
             u = gen.velocity(x, t, null)
             v = torch.cat([u[:, :3] + 2.5 * (v[:, :3] - u[:, :3]), v[:, 3:]], dim=1)
         x = x + (t_next - t) * v
-    out, nfe = gen.sample(y, noise=noise, steps=8, cfg_scale=2.5, cfg_interval=(0.3, 0.8), cfg_channels=3,
-                          return_nfe=True)
+    out, nfe = gen.sample(
+        y, noise=noise, steps=8, cfg_scale=2.5, cfg_interval=(0.3, 0.8), cfg_channels=3, return_nfe=True
+    )
     assert nfe == 8
     torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-4)
     # Autoguidance through sample(): a weak model equal to the main one leaves the samples unchanged.

@@ -4,6 +4,9 @@ Data N(μ, diag s²) on the path x_t = (1 − t)x + tε has x_t ~ N((1 − t)μ,
 and E[ε − x | x_t] = (t − (1 − t)s²)(x_t − (1 − t)μ)/σ_t² − μ. Its probability-flow ODE carries noise
 z at t = 1 to exactly μ + s·z at t = 0, so every ODE sampler can be checked sample by sample.
 """
+
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -65,7 +68,7 @@ def test_time_grid():
     assert grid == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     shifted = time_grid(4, shift=3.0, t_end=0.001)
     assert shifted[0] == 1.0 and shifted[-1] == pytest.approx(3 * 0.001 / (1 + 2 * 0.001))
-    assert all(a > b for a, b in zip(shifted, shifted[1:])) and shifted[2] > 0.5  # toward noise
+    assert all(a > b for a, b in pairwise(shifted)) and shifted[2] > 0.5  # toward noise
     with pytest.raises(ValueError, match="positive integer"):
         time_grid(0)
 
@@ -76,8 +79,12 @@ def test_euler_recovers_the_gaussian(noise):
     assert result.nfe == 200 == fn.calls
     _check_moments(result.x, noise, bias_tol=0.015)  # first order: 2.7 % variance bias at s = 0.3
     # First order: doubling the steps halves the per-sample error against the exact ODE map.
-    errors = [_max_error(euler(GaussianVelocity(), noise[:256], time_grid(n)), noise[:256]) for n in (25, 50, 100)]
-    assert errors[0] / errors[1] == pytest.approx(2, rel=0.25) and errors[1] / errors[2] == pytest.approx(2, rel=0.25)
+    errors = [
+        _max_error(euler(GaussianVelocity(), noise[:256], time_grid(n)), noise[:256]) for n in (25, 50, 100)
+    ]
+    assert errors[0] / errors[1] == pytest.approx(2, rel=0.25) and errors[1] / errors[2] == pytest.approx(
+        2, rel=0.25
+    )
     # On a shifted grid (more steps near the noise end) it converges to the same map.
     assert _max_error(euler(GaussianVelocity(), noise[:256], time_grid(400, shift=3.0)), noise[:256]) < 0.02
 
@@ -87,7 +94,9 @@ def test_heun_is_second_order(noise):
     result = heun(fn, noise, time_grid(50))
     assert result.nfe == 100 == fn.calls
     _check_moments(result.x, noise)
-    errors = [_max_error(heun(GaussianVelocity(), noise[:256], time_grid(n)), noise[:256]) for n in (10, 20, 40)]
+    errors = [
+        _max_error(heun(GaussianVelocity(), noise[:256], time_grid(n)), noise[:256]) for n in (10, 20, 40)
+    ]
     assert errors[0] / errors[1] > 3.0 and errors[1] / errors[2] > 3.0
     assert errors[2] < 1e-3
 
@@ -111,8 +120,14 @@ def test_euler_maruyama_converges(noise):
     _check_moments(result.x)
     # A stochastic sampler: it does not follow the deterministic ODE map sample by sample.
     assert _max_error(result, noise) > 0.5
-    for options in ({"last_step": "denoise"}, {"last_step": "euler"}, {"diffusion": "constant", "last_step": "denoise"}):
-        _check_moments(euler_maruyama(GaussianVelocity(), noise, steps=100, generator=gen, **options).x, bias_tol=0.02)
+    for options in (
+        {"last_step": "denoise"},
+        {"last_step": "euler"},
+        {"diffusion": "constant", "last_step": "denoise"},
+    ):
+        _check_moments(
+            euler_maruyama(GaussianVelocity(), noise, steps=100, generator=gen, **options).x, bias_tol=0.02
+        )
     # Without the last step it stops at t = 0.04, on that time's marginal N(0.96 μ, 0.96² s² + 0.04²).
     stopped = euler_maruyama(GaussianVelocity(), noise, steps=100, last_step="none", generator=gen)
     assert stopped.nfe == 99

@@ -1,4 +1,5 @@
 """Transport identities: path derivative, time conventions, conversions, shift, time sampling, loss."""
+
 import math
 
 import numpy as np

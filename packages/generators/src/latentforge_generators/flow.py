@@ -6,6 +6,7 @@ y [B] long) -> [B, C_out, H, W]`` with ``t`` in its declared ``time_convention``
 index ``num_classes``; a backbone may say ``null_class = None`` when it has none) and
 ``learn_sigma`` (then the first ``in_channels`` outputs are the velocity, as in SiT).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,11 +37,18 @@ class FlowGenerator(nn.Module):
     not drop labels themselves (DiT-family backbones do, in train mode; then leave it None).
     """
 
-    def __init__(self, backbone: nn.Module, transport: Transport | dict | None = None, class_dropout: float | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        transport: Transport | dict | None = None,
+        class_dropout: float | None = None,
+    ):
         super().__init__()
         for attr in ("in_channels", "input_size", "num_classes", "time_convention"):
             if not hasattr(backbone, attr):
-                raise TypeError(f"backbone {type(backbone).__name__} lacks the attribute {attr!r} that FlowGenerator needs")
+                raise TypeError(
+                    f"backbone {type(backbone).__name__} lacks the attribute {attr!r} FlowGenerator needs"
+                )
         check_convention(backbone.time_convention)
         if class_dropout is not None and not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
@@ -66,38 +74,57 @@ class FlowGenerator(nn.Module):
         an unconditional backbone, or one built without label dropout (so guidance has nothing to use)."""
         if hasattr(self.backbone, "null_class"):
             return self.backbone.null_class
-        dropout = self.class_dropout or getattr(getattr(self.backbone, "y_embedder", None), "dropout_prob", 0.0)
+        dropout = self.class_dropout or getattr(
+            getattr(self.backbone, "y_embedder", None), "dropout_prob", 0.0
+        )
         return self.num_classes if self.num_classes > 0 and dropout > 0 else None
 
     # ---------------------------------------------------------------------------- checks
     def _check_latents(self, x: Tensor, name: str = "x") -> None:
         expected = "[B, " + ", ".join(map(str, self.input_shape)) + "]"
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor of shape {expected}, got {type(x).__name__} "
-                            f"{getattr(x, 'dtype', '')}")
+            raise TypeError(
+                f"{name} must be a floating-point tensor of shape {expected}, got {type(x).__name__} "
+                f"{getattr(x, 'dtype', '')}"
+            )
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"{name} must have shape {expected} (channels, height, width of this generator), "
-                             f"got {list(x.shape)}")
+            raise ValueError(
+                f"{name} must have shape {expected} (channels, height, width of this generator), "
+                f"got {list(x.shape)}"
+            )
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or infinite values")
 
     def _check_labels(self, y: Tensor, batch: int, allow_null: bool) -> Tensor:
-        if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"class labels must be an integer tensor of shape [{batch}], got {type(y).__name__} "
-                            f"{getattr(y, 'dtype', '')}")
+        if not isinstance(y, torch.Tensor) or y.dtype not in (
+            torch.int64,
+            torch.int32,
+            torch.int16,
+            torch.uint8,
+        ):
+            raise TypeError(
+                f"class labels must be an integer tensor of shape [{batch}], got {type(y).__name__} "
+                f"{getattr(y, 'dtype', '')}"
+            )
         if y.shape != (batch,):
             raise ValueError(f"class labels must have shape [{batch}] (one per latent), got {list(y.shape)}")
         high = self.num_classes + (1 if allow_null and self.null_class is not None else 0)
         if y.numel() and (y.min() < 0 or y.max() >= high):
-            null = f" or the null label {self.null_class}" if allow_null and self.null_class is not None else ""
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}){null}, got values in "
-                             f"[{int(y.min())}, {int(y.max())}]")
+            null = (
+                f" or the null label {self.null_class}" if allow_null and self.null_class is not None else ""
+            )
+            raise ValueError(
+                f"class labels must lie in [0, {self.num_classes}){null}, got values in "
+                f"[{int(y.min())}, {int(y.max())}]"
+            )
         return y.long()
 
     def _null_labels(self, batch: int, device: torch.device) -> Tensor:
         if self.num_classes > 0 and self.null_class is None:
-            raise ValueError("this class-conditional generator has no trained null class (it was built "
-                             "without label dropout), so it cannot generate without labels; pass y")
+            raise ValueError(
+                "this class-conditional generator has no trained null class (it was built "
+                "without label dropout), so it cannot generate without labels; pass y"
+            )
         return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
 
     # ---------------------------------------------------------------------------- model
@@ -108,10 +135,16 @@ class FlowGenerator(nn.Module):
         out = self.backbone(x, to_model_time(t, convention), y)  # [B, C_out, H, W]
         return from_model_velocity(out[:, : self.input_shape[0]], convention).to(x.dtype)
 
-    def loss(self, x: Tensor, y: Tensor | None = None, return_terms: bool = False) -> Tensor | dict[str, Tensor]:
+    def loss(
+        self, x: Tensor, y: Tensor | None = None, return_terms: bool = False
+    ) -> Tensor | dict[str, Tensor]:
         """Flow-matching loss for clean latents ``x`` [B, C, H, W] and labels ``y`` [B]."""
         self._check_latents(x)
-        y = self._null_labels(len(x), x.device) if y is None else self._check_labels(y, len(x), allow_null=True)
+        y = (
+            self._null_labels(len(x), x.device)
+            if y is None
+            else self._check_labels(y, len(x), allow_null=True)
+        )
         if self.class_dropout and self.training:
             drop = torch.rand(len(x), device=x.device) < self.class_dropout
             y = torch.where(drop, self._null_labels(len(x), x.device), y)
@@ -148,8 +181,8 @@ class FlowGenerator(nn.Module):
         ``sampler``: "euler", "heun", "dopri5" (``atol``, ``rtol``) or "sde" (``diffusion``,
         ``last_step``, …). ``guidance``: None/"cfg" (``cfg_scale``, ``cfg_interval`` in internal
         t, ``cfg_channels`` = first k), "autoguidance" with ``guidance_model``, or a guidance object.
-        ``shift`` and the unshifted end time ``t_end`` default to the transport's. With ``return_nfe`` also returns the
-        number of velocity evaluations.
+        ``shift`` and the unshifted end time ``t_end`` default to the transport's. With
+        ``return_nfe`` it also returns the number of velocity evaluations.
         """
         device = next(self.parameters()).device
         if isinstance(y, int):
@@ -159,7 +192,9 @@ class FlowGenerator(nn.Module):
                 raise ValueError(f"give class labels y, or a number of samples n ≥ 1; got y=None, n={n!r}")
             y = self._null_labels(n, device)
         else:
-            y = self._check_labels(y.to(device) if isinstance(y, torch.Tensor) else y, len(y), allow_null=True)
+            y = self._check_labels(
+                y.to(device) if isinstance(y, torch.Tensor) else y, len(y), allow_null=True
+            )
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         guide = self._guidance(guidance, guidance_model, cfg_scale, cfg_interval, cfg_channels)
@@ -180,7 +215,16 @@ class FlowGenerator(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            result = solve(sampler, fn, noise.float(), steps=steps, shift=shift, t_end=t_end, generator=generator, **options)
+            result = solve(
+                sampler,
+                fn,
+                noise.float(),
+                steps=steps,
+                shift=shift,
+                t_end=t_end,
+                generator=generator,
+                **options,
+            )
         finally:
             self.train(was_training)
         return (result.x, result.nfe) if return_nfe else result.x
@@ -191,21 +235,31 @@ class FlowGenerator(nn.Module):
         elif guidance in (None, "cfg"):
             guide = CFG(scale=scale, interval=interval, channels=channels)
             if channels is not None and channels > self.input_shape[0]:
-                raise ValueError(f"cfg_channels={channels} exceeds the generator's {self.input_shape[0]} channels")
+                raise ValueError(
+                    f"cfg_channels={channels} exceeds the generator's {self.input_shape[0]} channels"
+                )
         elif guidance == "autoguidance":
             if not isinstance(guidance_model, FlowGenerator):
-                raise ValueError("autoguidance needs guidance_model=<a weaker FlowGenerator>, got "
-                                 f"{type(guidance_model).__name__}")
+                raise ValueError(
+                    "autoguidance needs guidance_model=<a weaker FlowGenerator>, got "
+                    f"{type(guidance_model).__name__}"
+                )
             if guidance_model.input_shape != self.input_shape:
-                raise ValueError(f"the guidance model works on {guidance_model.input_shape} latents, "
-                                 f"this generator on {self.input_shape}")
+                raise ValueError(
+                    f"the guidance model works on {guidance_model.input_shape} latents, "
+                    f"this generator on {self.input_shape}"
+                )
             guidance_model.eval()
             guide = AutoGuidance(guide=guidance_model.velocity, scale=scale, interval=interval)
         else:
-            raise ValueError(f"unknown guidance {guidance!r}; expected None, 'cfg', 'autoguidance' or a guidance object")
+            raise ValueError(
+                f"unknown guidance {guidance!r}; expected None, 'cfg', 'autoguidance' or a guidance object"
+            )
         if guide.needs_null_class and self.null_class is None:
-            raise ValueError(f"classifier-free guidance (scale {guide.scale}) needs a null class, but this "
-                             "generator's backbone has none; use scale 1.0 or autoguidance")
+            raise ValueError(
+                f"classifier-free guidance (scale {guide.scale}) needs a null class, but this "
+                "generator's backbone has none; use scale 1.0 or autoguidance"
+            )
         return guide
 
     def extra_repr(self) -> str:

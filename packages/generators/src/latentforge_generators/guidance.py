@@ -5,6 +5,7 @@ into the guided velocity a sampler integrates. Intervals are in that internal ti
 LightningDiT's "guidance off while its t < 0.125" (its t = 0 is noise) is ``interval=(0, 0.875)``
 here, and DDT's "0.3 < t < 1" is ``interval=(0, 0.7)``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,12 +20,16 @@ ModelVelocity = Callable[[Tensor, float, Tensor], Tensor]
 
 def _check_interval(inst: Any, attribute: attrs.Attribute, value: tuple[float, float]) -> None:
     if len(value) != 2 or not 0.0 <= value[0] <= value[1] <= 1.0:
-        raise ValueError(f"guidance interval must be (t_min, t_max) with 0 ≤ t_min ≤ t_max ≤ 1, got {value!r}")
+        raise ValueError(
+            f"guidance interval must be (t_min, t_max) with 0 ≤ t_min ≤ t_max ≤ 1, got {value!r}"
+        )
 
 
 def _check_channels(inst: Any, attribute: attrs.Attribute, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"guidance channels must be None (all) or a positive int k (the first k), got {value!r}")
+        raise ValueError(
+            f"guidance channels must be None (all) or a positive int k (the first k), got {value!r}"
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -37,7 +42,9 @@ class CFG:
     """
 
     scale: float = 1.0
-    interval: tuple[float, float] = attrs.field(default=(0.0, 1.0), converter=tuple, validator=_check_interval)
+    interval: tuple[float, float] = attrs.field(
+        default=(0.0, 1.0), converter=tuple, validator=_check_interval
+    )
     channels: int | None = attrs.field(default=None, validator=_check_channels)
 
     @property
@@ -60,7 +67,9 @@ class CFG:
         if self.channels is None:
             return guided
         if self.channels > cond.shape[1]:
-            raise ValueError(f"guidance channels={self.channels} exceeds the {cond.shape[1]} channels of the model output")
+            raise ValueError(
+                f"guidance channels={self.channels} exceeds the {cond.shape[1]} channels of the model output"
+            )
         return torch.cat([guided[:, : self.channels], cond[:, self.channels :]], dim=1)
 
 
@@ -74,7 +83,9 @@ class AutoGuidance:
 
     guide: ModelVelocity
     scale: float = 1.0
-    interval: tuple[float, float] = attrs.field(default=(0.0, 1.0), converter=tuple, validator=_check_interval)
+    interval: tuple[float, float] = attrs.field(
+        default=(0.0, 1.0), converter=tuple, validator=_check_interval
+    )
 
     needs_null_class = False
 

@@ -4,10 +4,12 @@ Each sampler takes a velocity function ``fn(x, t) -> v`` (``t`` a Python float, 
 whole batch, so guidance can switch on and off per step) and the starting noise, and returns a
 ``SampleResult`` holding the final state and the number of function evaluations (NFE).
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import pairwise
 
 import attrs
 import torch
@@ -41,14 +43,14 @@ def time_grid(steps: int, shift: float = 1.0, t_end: float = 0.0) -> list[float]
 
 def euler(fn: VelocityFn, x: Tensor, grid: list[float]) -> SampleResult:
     """First order: one evaluation per step."""
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for t, t_next in pairwise(grid):
         x = x + (t_next - t) * fn(x, t)
     return SampleResult(x, len(grid) - 1)
 
 
 def heun(fn: VelocityFn, x: Tensor, grid: list[float]) -> SampleResult:
     """Second order (explicit trapezoid): two evaluations per step."""
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for t, t_next in pairwise(grid):
         h = t_next - t
         v = fn(x, t)
         x_pred = x + h * v
@@ -73,7 +75,7 @@ _DP_A = (
     (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
 )
 _DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
-_DP_E = tuple(b5 - b4 for b5, b4 in zip((*_DP_A[6], 0.0), _DP_B4))
+_DP_E = tuple(b5 - b4 for b5, b4 in zip((*_DP_A[6], 0.0), _DP_B4, strict=True))
 
 
 def _rms(x: Tensor) -> float:
@@ -105,17 +107,17 @@ def dopri5(
             return SampleResult(x, nfe)
         h = direction * min(abs(h), abs(t_end - t))
         ks = [k1]
-        for c, a in zip(_DP_C[1:], _DP_A[1:]):
-            x_stage = x + h * sum(w * k for w, k in zip(a, ks) if w != 0.0)
+        for c, a in zip(_DP_C[1:], _DP_A[1:], strict=True):
+            x_stage = x + h * sum(w * k for w, k in zip(a, ks, strict=True) if w != 0.0)
             ks.append(fn(x_stage, t + c * h))
         nfe += 6
         x_new = x_stage  # the last stage is evaluated at the 5th-order solution (FSAL)
-        err = h * sum(e * k for e, k in zip(_DP_E, ks) if e != 0.0)
+        err = h * sum(e * k for e, k in zip(_DP_E, ks, strict=True) if e != 0.0)
         scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
         ratio = _rms(err / scale)
         if ratio <= 1.0:
             t, x, k1 = t + h, x_new, ks[-1]
-        factor = 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio ** -0.2))
+        factor = 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio**-0.2))
         h = h * factor
     raise RuntimeError(f"dopri5 did not reach t={t_end} within {max_steps} steps (stopped at t={t:.4g})")
 
@@ -176,7 +178,7 @@ def euler_maruyama(
 
     grid = time_grid(steps - 1, shift, t_end=last_step_size)
     nfe = 0
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for t, t_next in pairwise(grid):
         h = t - t_next
         d, _, w = drift(x, t)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

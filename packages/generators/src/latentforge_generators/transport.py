@@ -7,6 +7,7 @@ One internal time convention for everything in this package (transport, samplers
 backwards, so its time is ``1 - t`` and its velocity ``-v``. The converters below translate at the
 model's door, which is why a backbone never needs to know which convention a sampler uses.
 """
+
 from __future__ import annotations
 
 import math
@@ -153,7 +154,9 @@ class Transport:
     Samplers stop at ``time_shift(sample_eps)`` (RAE: 0.001; SiT and LightningDiT: 0).
     """
 
-    time_dist: str = attrs.field(default="uniform", validator=attrs.validators.in_(("uniform", "logit-normal")))
+    time_dist: str = attrs.field(
+        default="uniform", validator=attrs.validators.in_(("uniform", "logit-normal"))
+    )
     loc: float = 0.0
     scale: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
     t_min: float = attrs.field(default=0.0, validator=_check_unit)

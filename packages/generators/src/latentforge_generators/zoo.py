@@ -4,6 +4,7 @@ Every factory takes the backbone's keyword arguments (``in_channels``, ``input_s
 ``num_classes``, ``class_dropout_prob``, ``learn_sigma``, …) and ``transport=dict(...)``, which
 overrides the family's published transport settings below key by key.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
