@@ -40,7 +40,7 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` → float ``[3, H, W]`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
 
 
 # ------------------------------------------------------------------------------------------------
