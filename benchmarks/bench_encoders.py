@@ -60,12 +60,12 @@ def test_encoder_images_per_second(measure, full, device, family, impl):
     x = torch.randn(batch, 3, size, size, device=device)
     if impl == "ours":
         load_into(ours, from_hf(peer.state_dict()))
-        model, call = ours.to(device).eval(), ours.to(device)
+        call = ours.to(device).eval()
     else:
-        model = peer.to(device)
+        peer.to(device)
 
         def call(x):
-            return peer_call(model, family, x).last_hidden_state
+            return peer_call(peer, family, x).last_hidden_state
 
     def run():
         with torch.inference_mode(), autocast(device):
