@@ -65,3 +65,30 @@ def test_attention_backends_agree(hf_folder, monkeypatch):
     reference = ours_run(vit, x)[1]
     monkeypatch.setattr(vit_module, "attention", functools.partial(attention, backend="math"))
     torch.testing.assert_close(ours_run(vit, x)[1], reference, **TOL)
+
+
+@pytest.mark.parametrize("wrapper", ["SiglipModel", "ViTMAEForPreTraining", "Dinov2ForImageClassification"])
+def test_full_checkpoints_keep_only_the_vision_trunk(tmp_path, hf_run, wrapper):
+    """Hub checkpoints often hold more than the trunk (text tower, MAE decoder, classifier)."""
+    import transformers as tf
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if wrapper == "SiglipModel":
+        text = dict(tiny, vocab_size=50, max_position_embeddings=8)
+        config = tf.SiglipConfig(text_config=text, vision_config=dict(tiny, patch_size=4, image_size=16))
+        family, trunk_of = "siglip", lambda m: m.vision_model
+    elif wrapper == "ViTMAEForPreTraining":
+        config = tf.ViTMAEConfig(**tiny, patch_size=4, image_size=16, mask_ratio=0.0, decoder_hidden_size=16,
+                                 decoder_num_hidden_layers=1, decoder_intermediate_size=32)  # fmt: skip
+        family, trunk_of = "mae", lambda m: m.vit
+    else:
+        config = tf.Dinov2Config(**tiny, patch_size=4, image_size=16, num_labels=3)
+        family, trunk_of = "dinov2", lambda m: m.dinov2
+    model = getattr(tf, wrapper)(config).eval()
+    model.save_pretrained(tmp_path)
+    vit = load_encoder(tmp_path).vit
+    x = torch.randn(2, 3, 16, 16)
+    hf_hidden, hf_last = hf_run(trunk_of(model), family, x)
+    blocks, last = ours_run(vit, x)
+    torch.testing.assert_close(last, hf_last, **TOL)
+    torch.testing.assert_close(blocks[0], hf_hidden[1], **TOL)
