@@ -1,4 +1,5 @@
 """GAN terms, adaptive weight, VF loss hinges, PatchGAN layout, DiffAug."""
+
 import math
 
 import pytest
@@ -19,16 +20,31 @@ from latentforge_tokenizers.losses import (
     vf_loss,
 )
 
-# taming-transformers NLayerDiscriminator(3, ndf=64, n_layers=3), as in VA-VAE/VQGAN checkpoints (loss.discriminator.*)
+# taming-transformers NLayerDiscriminator(3, ndf=64, n_layers=3), as in VA-VAE/VQGAN checkpoints
+# (their loss.discriminator.* keys)
 TAMING_PATCHGAN = {
-    "main.0.weight": (64, 3, 4, 4), "main.0.bias": (64,),
-    "main.2.weight": (128, 64, 4, 4), "main.3.weight": (128,), "main.3.bias": (128,),
-    "main.3.running_mean": (128,), "main.3.running_var": (128,), "main.3.num_batches_tracked": (),
-    "main.5.weight": (256, 128, 4, 4), "main.6.weight": (256,), "main.6.bias": (256,),
-    "main.6.running_mean": (256,), "main.6.running_var": (256,), "main.6.num_batches_tracked": (),
-    "main.8.weight": (512, 256, 4, 4), "main.9.weight": (512,), "main.9.bias": (512,),
-    "main.9.running_mean": (512,), "main.9.running_var": (512,), "main.9.num_batches_tracked": (),
-    "main.11.weight": (1, 512, 4, 4), "main.11.bias": (1,),
+    "main.0.weight": (64, 3, 4, 4),
+    "main.0.bias": (64,),
+    "main.2.weight": (128, 64, 4, 4),
+    "main.3.weight": (128,),
+    "main.3.bias": (128,),
+    "main.3.running_mean": (128,),
+    "main.3.running_var": (128,),
+    "main.3.num_batches_tracked": (),
+    "main.5.weight": (256, 128, 4, 4),
+    "main.6.weight": (256,),
+    "main.6.bias": (256,),
+    "main.6.running_mean": (256,),
+    "main.6.running_var": (256,),
+    "main.6.num_batches_tracked": (),
+    "main.8.weight": (512, 256, 4, 4),
+    "main.9.weight": (512,),
+    "main.9.bias": (512,),
+    "main.9.running_mean": (512,),
+    "main.9.running_var": (512,),
+    "main.9.num_batches_tracked": (),
+    "main.11.weight": (1, 512, 4, 4),
+    "main.11.bias": (1,),
 }
 
 
@@ -36,7 +52,9 @@ def test_patchgan_key_layout_and_output():
     d = PatchGANDiscriminator()
     sd = {k: tuple(v.shape) for k, v in d.state_dict().items()}
     assert sd == TAMING_PATCHGAN
-    d.load_state_dict({k: torch.randn(s) if s else torch.tensor(0) for k, s in TAMING_PATCHGAN.items()}, strict=True)
+    d.load_state_dict(
+        {k: torch.randn(s) if s else torch.tensor(0) for k, s in TAMING_PATCHGAN.items()}, strict=True
+    )
     # 256 → 128 → 64 → 32 (stride-2 convs), then two stride-1 4x4 convs: 31 → 30.
     assert d(torch.randn(2, 3, 256, 256)).shape == (2, 1, 30, 30)
     assert abs(PatchGANDiscriminator().main[0].weight.std().item() - 0.02) < 0.005
@@ -120,8 +138,8 @@ def test_diffaug_translation_is_a_zero_filled_shift():
         for dy in range(-2, 3):
             for dx in range(-2, 3):
                 shifted = torch.zeros_like(x[i])
-                src = x[i][:, max(0, dy):16 + min(0, dy), max(0, dx):16 + min(0, dx)]
-                shifted[:, max(0, -dy):16 - max(0, dy), max(0, -dx):16 - max(0, dx)] = src
+                src = x[i][:, max(0, dy) : 16 + min(0, dy), max(0, dx) : 16 + min(0, dx)]
+                shifted[:, max(0, -dy) : 16 - max(0, dy), max(0, -dx) : 16 - max(0, dx)] = src
                 found |= torch.equal(shifted, y[i])
         assert found, f"sample {i} is not a shifted copy"
     xg = x.clone().requires_grad_()

@@ -1,4 +1,5 @@
 """Our LPIPS against the `lpips` package on identical (random-trunk) weights."""
+
 import os
 
 import lpips as lpips_pkg
@@ -25,7 +26,9 @@ def ours(peer, tmp_path_factory):
 
 def test_heads_file_is_the_packages():
     path = default_heads_path()
-    assert path is not None and os.path.samefile(path, os.path.join(os.path.dirname(lpips_pkg.__file__), "weights/v0.1/vgg.pth"))
+    assert path is not None and os.path.samefile(
+        path, os.path.join(os.path.dirname(lpips_pkg.__file__), "weights/v0.1/vgg.pth")
+    )
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -52,7 +55,11 @@ def test_gradient_flows_to_input_but_not_weights(ours):
 
 
 def test_torchvision_trunk_layout_loads(peer, tmp_path):
-    tv = {f"features.{k.split('.')[2]}.{k.split('.')[3]}": v for k, v in peer.state_dict().items() if k.startswith("net.")}
+    tv = {
+        f"features.{k.split('.')[2]}.{k.split('.')[3]}": v
+        for k, v in peer.state_dict().items()
+        if k.startswith("net.")
+    }
     path = tmp_path / "vgg16.pth"
     torch.save(tv, path)
     model = lpips_vgg(trunk=path)

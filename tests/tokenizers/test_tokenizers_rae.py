@@ -1,6 +1,7 @@
 """RAE: decoder conformance with diffusers' RAEDecoder, released key layouts, per-element latent statistics
 (exact, and the released stat.pt), noise augmentation laws, the DINO discriminator, bad input, and a tiny
 decoder learning on scikit-learn's digits with noise augmentation."""
+
 import math
 
 import pytest
@@ -10,10 +11,16 @@ import torch.nn.functional as F
 from latentforge_core import registry
 from latentforge_core.checkpoint import CheckpointError, load_into
 from latentforge_encoders.vit import VisionTransformer
-from latentforge_tokenizers.discriminators import DiffAug, DinoDiscriminator
+from latentforge_tokenizers.discriminators import DiffAug, DinoDiscriminator, dino_trunk
 from latentforge_tokenizers.losses import RAELoss
 from latentforge_tokenizers.lpips import LPIPS
-from latentforge_tokenizers.rae import RAE_DECODERS, RAEDecoder, build_rae, extract_decoder_state, rae_test_tiny
+from latentforge_tokenizers.rae import (
+    RAE_DECODERS,
+    RAEDecoder,
+    build_rae,
+    extract_decoder_state,
+    rae_test_tiny,
+)
 from latentforge_tokenizers.stats import LatentStats, stats_path
 
 
@@ -44,14 +51,28 @@ def test_decoder_matches_diffusers_rae_decoder():
 
     torch.manual_seed(0)
     # a 16×16 token grid as released (diffusers rescales the position grid to a base size of 16)
-    ours = RAEDecoder(latent_dim=48, hidden_size=64, depth=2, num_heads=4, mlp_dim=96, patch_size=2, num_patches=256).eval()
-    peer = PeerDecoder(hidden_size=48, decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
-                       decoder_intermediate_size=96, num_patches=256, patch_size=2, image_size=32).eval()  # fmt: skip
+    ours = RAEDecoder(
+        latent_dim=48, hidden_size=64, depth=2, num_heads=4, mlp_dim=96, patch_size=2, num_patches=256
+    ).eval()
+    peer = PeerDecoder(
+        hidden_size=48,
+        decoder_hidden_size=64,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=4,
+        decoder_intermediate_size=96,
+        num_patches=256,
+        patch_size=2,
+        image_size=32,
+    ).eval()
     sd = {k: torch.randn_like(v) * 0.2 for k, v in ours.state_dict().items() if k != "decoder_pos_embed"}
     ours.load_state_dict(sd, strict=False)
     # diffusers renames the HF-ViT attention projections (its conversion script does the same)
-    renames = {".attention.attention.query.": ".attention.to_q.", ".attention.attention.key.": ".attention.to_k.",
-               ".attention.attention.value.": ".attention.to_v.", ".attention.output.dense.": ".attention.to_out.0."}
+    renames = {
+        ".attention.attention.query.": ".attention.to_q.",
+        ".attention.attention.key.": ".attention.to_k.",
+        ".attention.attention.value.": ".attention.to_v.",
+        ".attention.output.dense.": ".attention.to_out.0.",
+    }
     peer_sd = {}
     for k, v in sd.items():
         for old, new in renames.items():
@@ -69,13 +90,23 @@ def test_decoder_matches_diffusers_rae_decoder():
 
 def released_decoder_layout(d: int, depth: int, mlp: int) -> dict[str, tuple[int, ...]]:
     """GeneralDecoder's keys for a 768×16×16 latent, patch 16 (from the released model.pt description)."""
-    keys = {"decoder_embed.weight": (d, 768), "decoder_embed.bias": (d,), "decoder_pos_embed": (1, 257, d),
-            "trainable_cls_token": (1, 1, d), "decoder_norm.weight": (d,), "decoder_norm.bias": (d,),
-            "decoder_pred.weight": (768, d), "decoder_pred.bias": (768,)}  # fmt: skip
+    keys = {
+        "decoder_embed.weight": (d, 768),
+        "decoder_embed.bias": (d,),
+        "decoder_pos_embed": (1, 257, d),
+        "trainable_cls_token": (1, 1, d),
+        "decoder_norm.weight": (d,),
+        "decoder_norm.bias": (d,),
+        "decoder_pred.weight": (768, d),
+        "decoder_pred.bias": (768,),
+    }
     for i in range(depth):
         p = f"decoder_layers.{i}"
         for name in ("query", "key", "value"):
-            keys[f"{p}.attention.attention.{name}.weight"], keys[f"{p}.attention.attention.{name}.bias"] = (d, d), (d,)
+            keys[f"{p}.attention.attention.{name}.weight"], keys[f"{p}.attention.attention.{name}.bias"] = (
+                (d, d),
+                (d,),
+            )
         keys[f"{p}.attention.output.dense.weight"], keys[f"{p}.attention.output.dense.bias"] = (d, d), (d,)
         keys[f"{p}.intermediate.dense.weight"], keys[f"{p}.intermediate.dense.bias"] = (mlp, d), (mlp,)
         keys[f"{p}.output.dense.weight"], keys[f"{p}.output.dense.bias"] = (d, mlp), (d,)
@@ -85,7 +116,11 @@ def released_decoder_layout(d: int, depth: int, mlp: int) -> dict[str, tuple[int
 
 
 # size: (width, depth, mlp, params in millions incl. the fixed position table, paper GFLOPs)
-RELEASED = {"ViT-B": (768, 12, 3072, 86, 22.2), "ViT-L": (1024, 24, 4096, 304, 78.1), "ViT-XL": (1152, 28, 4096, 415, 106.7)}
+RELEASED = {
+    "ViT-B": (768, 12, 3072, 86, 22.2),
+    "ViT-L": (1024, 24, 4096, 304, 78.1),
+    "ViT-XL": (1152, 28, 4096, 415, 106.7),
+}
 
 
 @pytest.mark.parametrize("size", sorted(RELEASED))
@@ -109,7 +144,9 @@ def test_released_vitb_decoder_loads_strictly(tmp_path):
     with pytest.raises(CheckpointError, match="shape mismatch"):
         tiny.load_decoder(sd)  # a ViT-B decoder is not the tiny one: named shapes, no silent partial load
     load_into(dec, sd)
-    torch.testing.assert_close(dec.decoder_layers[11].output.dense.weight, sd["decoder_layers.11.output.dense.weight"])
+    torch.testing.assert_close(
+        dec.decoder_layers[11].output.dense.weight, sd["decoder_layers.11.output.dense.weight"]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,13 +221,17 @@ def test_decoder_only_vs_full_checkpoints(tiny, tmp_path):
     torch.save(decoder_only, tmp_path / "model.pt")
     full = {f"decoder.{k}": v for k, v in decoder_only.items()} | {"encoder.vit.pos_embed": torch.zeros(1)}
     torch.save({"model": full, "ema": full, "optimizer": {}, "step": 3}, tmp_path / "ep-0000001.pt")
-    with pytest.raises(CheckpointError, match="decoder-only checkpoint .* but a full RAE checkpoint was expected"):
+    with pytest.raises(
+        CheckpointError, match="decoder-only checkpoint .* but a full RAE checkpoint was expected"
+    ):
         tiny.load_full(tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="not a decoder-only checkpoint"):
         tiny.load_decoder(tmp_path / "ep-0000001.pt")
     tiny.load_full(tmp_path / "ep-0000001.pt")
     tiny.load_decoder(tmp_path / "model.pt")
-    assert set(extract_decoder_state({f"module.decoder.{k}": v for k, v in decoder_only.items()})) == set(decoder_only)
+    assert set(extract_decoder_state({f"module.decoder.{k}": v for k, v in decoder_only.items()})) == set(
+        decoder_only
+    )
 
 
 def test_bad_inputs(tiny):
@@ -210,7 +251,9 @@ def test_bad_inputs(tiny):
 # DINO discriminator
 # ------------------------------------------------------------------------------------------------
 def tiny_dino_disc() -> DinoDiscriminator:
-    trunk = VisionTransformer(image_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, act="gelu_tanh")
+    trunk = VisionTransformer(
+        image_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, act="gelu_tanh"
+    )
     return DinoDiscriminator(trunk, input_size=32, key_depths=(1, 2), kernel_size=3, augment=DiffAug())
 
 
@@ -228,6 +271,38 @@ def test_dino_discriminator_heads_only():
     assert any(n.endswith("weight_orig") for n in trainable)  # spectral-normalised convs
 
 
+def test_dino_trunk_loads_dino_layout_and_zeroes_key_bias(tmp_path):
+    torch.manual_seed(0)
+    # DINO v1 / timm names (what models/discs/dino_vit_small_patch8_224.pth holds), random values
+    sd = {
+        "cls_token": torch.randn(1, 1, 384),
+        "pos_embed": torch.randn(1, 785, 384),
+        "patch_embed.proj.weight": torch.randn(384, 3, 8, 8),
+        "patch_embed.proj.bias": torch.randn(384),
+        "norm.weight": torch.randn(384),
+        "norm.bias": torch.randn(384),
+    }
+    for i in range(2):
+        for name, shape in [
+            ("norm1", (384,)),
+            ("norm2", (384,)),
+            ("attn.proj", (384, 384)),
+            ("attn.qkv", (1152, 384)),
+            ("mlp.fc1", (1536, 384)),
+            ("mlp.fc2", (384, 1536)),
+        ]:
+            sd[f"blocks.{i}.{name}.weight"] = torch.randn(shape)
+            sd[f"blocks.{i}.{name}.bias"] = torch.randn(shape[0])
+    torch.save(sd, tmp_path / "dino.pth")
+    trunk = dino_trunk("S_8", tmp_path / "dino.pth", depth=2)
+    bias = trunk.blocks[1].attn.qkv.bias
+    torch.testing.assert_close(bias[:384], sd["blocks.1.attn.qkv.bias"][:384])
+    assert bias[384:768].abs().sum() == 0
+    torch.testing.assert_close(bias[768:], sd["blocks.1.attn.qkv.bias"][768:])
+    disc = DinoDiscriminator(trunk, key_depths=(0,), kernel_size=9)
+    assert disc(torch.rand(1, 3, 64, 64) * 2 - 1).shape == (1, 2 * 784)  # resized to 224: 28×28 tokens
+
+
 # ------------------------------------------------------------------------------------------------
 # Learning on digits
 # ------------------------------------------------------------------------------------------------
@@ -237,7 +312,9 @@ def test_tiny_rae_decoder_learns_with_noise_augmentation():
     model = rae_test_tiny(noise_tau=0.8).train()
     disc = tiny_dino_disc()
     steps, gan_epoch, steps_per_epoch = 400, 3, 100
-    loss_fn = RAELoss(disc, lpips=LPIPS(), perceptual_weight=0.0, disc_start=gan_epoch, disc_update_start=gan_epoch - 1)
+    loss_fn = RAELoss(
+        disc, lpips=LPIPS(), perceptual_weight=0.0, disc_start=gan_epoch, disc_update_start=gan_epoch - 1
+    )
     opt = torch.optim.AdamW(model.decoder.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     opt_d = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=2e-4, betas=(0.9, 0.95))
     train, held = digits(1024), digits(128, offset=1024)

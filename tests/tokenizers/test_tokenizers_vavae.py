@@ -1,5 +1,6 @@
 """VA-VAE: conformance with diffusers' AutoencoderKL (via diffusers' own LDM key converter), the released
 key layout, latent statistics, bad input, and a tiny model learning on scikit-learn's digits."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,20 @@ def test_matches_diffusers_autoencoderkl():
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     torch.manual_seed(0)
-    ours = VAVAE(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32, z_channels=4, vf_dim=None)
-    cfg = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-               up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-               latent_channels=4, norm_num_groups=32, sample_size=32)  # fmt: skip
+    ours = VAVAE(
+        ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32, z_channels=4, vf_dim=None
+    )
+    cfg = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
     peer = AutoencoderKL(**cfg).eval()
     sd = {k: 0.1 * torch.randn_like(v) for k, v in ours.state_dict().items()}  # LDM key layout
     ours.load_state_dict(sd, strict=True)
@@ -83,7 +94,11 @@ def released_f16d32_layout() -> dict[str, tuple[int, ...]]:
         if i < 4:
             conv(f"encoder.down.{i}.downsample.conv", w, w, 3)
     for part in ("encoder", "decoder"):
-        resnet(f"{part}.mid.block_1", 512, 512), attn(f"{part}.mid.attn_1", 512), resnet(f"{part}.mid.block_2", 512, 512)
+        (
+            resnet(f"{part}.mid.block_1", 512, 512),
+            attn(f"{part}.mid.attn_1", 512),
+            resnet(f"{part}.mid.block_2", 512, 512),
+        )
     norm("encoder.norm_out", 512), conv("encoder.conv_out", 512, 64, 3)
     conv("quant_conv", 64, 64, 1), conv("post_quant_conv", 32, 32, 1)
     conv("decoder.conv_in", 32, 512, 3)
@@ -110,8 +125,11 @@ def test_released_key_layout_loads_strictly(full_model, tmp_path):
     layout = released_f16d32_layout()
     assert {k: tuple(v.shape) for k, v in full_model.state_dict().items()} == layout
     sd = {k: torch.randn(s) for k, s in layout.items()}
-    extras = {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.zeros(64, 3, 4, 4),
-              "foundation_model.model.cls_token": torch.zeros(1, 1, 1024)}  # fmt: skip
+    extras = {
+        "loss.logvar": torch.zeros(()),
+        "loss.discriminator.main.0.weight": torch.zeros(64, 3, 4, 4),
+        "foundation_model.model.cls_token": torch.zeros(1, 1, 1024),
+    }
     path = tmp_path / "vavae-f16d32.pt"
     torch.save({"state_dict": {**sd, **extras}}, path)  # a Lightning checkpoint
     full_model.load_released(path)
@@ -203,7 +221,9 @@ def tiny_vf_encoder():
 
 
 def test_vf_loss_enters_generator_loss(tiny):
-    loss_fn = VAVAELoss(vf_encoder=tiny_vf_encoder(), lpips=LPIPS(), perceptual_weight=0.0, disc_start=10**9).train()
+    loss_fn = VAVAELoss(
+        vf_encoder=tiny_vf_encoder(), lpips=LPIPS(), perceptual_weight=0.0, disc_start=10**9
+    ).train()
     x = digits(4) * 2 - 1
     loss, logs = loss_fn.generator_loss(x, tiny(x), tiny, step=0)
     loss.backward()
@@ -217,8 +237,13 @@ def test_tiny_vavae_learns_digits():
     model = build_vavae("test-tiny").train()
     disc = PatchGANDiscriminator(ndf=16, n_layers=2)
     steps, gan_from = 300, 200
-    loss_fn = VAVAELoss(vf_encoder=tiny_vf_encoder(), lpips=LPIPS(), perceptual_weight=0.0,
-                        discriminator=disc, disc_start=gan_from).train()  # fmt: skip
+    loss_fn = VAVAELoss(
+        vf_encoder=tiny_vf_encoder(),
+        lpips=LPIPS(),
+        perceptual_weight=0.0,
+        discriminator=disc,
+        disc_start=gan_from,
+    ).train()
     opt = torch.optim.Adam(list(model.parameters()) + [loss_fn.logvar], lr=2e-3, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.9))
     train, held = digits(1024) * 2 - 1, digits(128, offset=1024)

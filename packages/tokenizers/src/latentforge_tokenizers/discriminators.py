@@ -5,14 +5,20 @@ so its released discriminator weights load.  The DINO discriminator (RAE, after 
 frozen DINO ViT-S/8 trunk and trains only small spectral-norm 1-D conv heads on the tokens of several
 blocks; its inputs go through DiffAug (translation + colour), applied independently to real and fake.
 """
+
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from latentforge_core.checkpoint import load_into, load_state_file
+from latentforge_encoders.convert import to_ours
+from latentforge_encoders.vit import VisionTransformer
 
 # ImageNet statistics of the DINO trunk, used to map [-1, 1] images to its input space.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -172,5 +178,53 @@ class DinoDiscriminator(nn.Module):
         x = x * self.x_scale + self.x_shift  # B 3 S S, ImageNet-normalised
         skip = self.trunk.num_prefix_tokens  # CLS (+ registers)
         feats = self.trunk.forward_blocks(x, self.layers)  # [B, 1+R+N, C] per tapped block
-        logits = [head(f[:, skip:].transpose(1, 2)).flatten(1) for head, f in zip(self.heads, feats, strict=True)]
+        logits = [
+            head(f[:, skip:].transpose(1, 2)).flatten(1) for head, f in zip(self.heads, feats, strict=True)
+        ]
         return torch.cat(logits, dim=1)  # B (L·N)
+
+
+# RAE's discriminator trunks (DINO v1 ViTs at 224 px, tanh-GELU, LayerNorm eps 1e-6).
+DINO_TRUNKS = {
+    "S_8": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6),
+    "S_16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "B_16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def dino_trunk(
+    recipe: str = "S_8", weights: str | os.PathLike | None = None, **overrides
+) -> VisionTransformer:
+    """A DINO ViT for the discriminator; ``weights`` is the DINO ``.pth`` (timm/DINO key names).
+
+    As in RAE, the key part of every qkv bias is zeroed on load (softmax ignores it anyway, so only
+    the state differs, never the output)."""
+    if recipe not in DINO_TRUNKS:
+        raise ValueError(f"unknown DINO trunk {recipe!r}; expected one of {sorted(DINO_TRUNKS)}")
+    vit = VisionTransformer(
+        **{"image_size": 224, "act": "gelu_tanh", "norm_eps": 1e-6, **DINO_TRUNKS[recipe], **overrides}
+    )
+    if weights is not None:
+        sd = to_ours(load_state_file(weights))
+        for key in [k for k in sd if k.endswith("attn.qkv.bias")]:
+            c = sd[key].numel() // 3
+            sd[key] = torch.cat([sd[key][:c], torch.zeros_like(sd[key][c : 2 * c]), sd[key][2 * c :]])
+        load_into(vit, sd)
+    return vit
+
+
+def dino_discriminator(
+    weights: str | os.PathLike | None = None,
+    *,
+    recipe: str = "S_8",
+    kernel_size: int = 9,
+    key_depths: Sequence[int] = (2, 5, 8, 11),
+    augment: bool = True,
+) -> DinoDiscriminator:
+    """RAE's discriminator: frozen DINO trunk (``recipe``), spectral-norm heads, DiffAug on inputs."""
+    return DinoDiscriminator(
+        dino_trunk(recipe, weights),
+        key_depths=key_depths,
+        kernel_size=kernel_size,
+        augment=DiffAug() if augment else None,
+    )

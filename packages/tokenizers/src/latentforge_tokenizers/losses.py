@@ -4,6 +4,7 @@ complete generator/discriminator objectives of VA-VAE (LDM ``LPIPSWithDiscrimina
 The building blocks (``LPIPS``, ``PatchGANDiscriminator``, ``hinge_d_loss``, ``adaptive_weight``,
 ``gate``) are shared with VQGAN training.  Images are in [-1, 1] unless a docstring says otherwise.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -118,7 +119,9 @@ def vf_loss(
             f"VF loss: projected latent {tuple(z.shape)} and features {tuple(feats.shape)} must have the "
             "same shape [B, C, h, w] (projection width = encoder width, latent grid = feature grid)"
         )
-    return distmat_weight * margin_distance_matrix_loss(z, feats, m2) + cos_weight * margin_cosine_loss(z, feats, m1)
+    return distmat_weight * margin_distance_matrix_loss(z, feats, m2) + cos_weight * margin_cosine_loss(
+        z, feats, m1
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,8 +197,14 @@ class VAVAELoss(nn.Module):
                     f"VF loss: latent grid {tuple(zp.shape[-2:])} differs from the encoder's feature grid "
                     f"{tuple(feats.shape[-2:])}; pick an encoder image size that gives the latent's grid"
                 )
-            vf = vf_loss(zp, feats, m1=self.m1, m2=self.m2, cos_weight=self.cos_weight,
-                         distmat_weight=self.distmat_weight)
+            vf = vf_loss(
+                zp,
+                feats,
+                m1=self.m1,
+                m2=self.m2,
+                cos_weight=self.cos_weight,
+                distmat_weight=self.distmat_weight,
+            )
             w_vf = torch.ones((), device=x.device)
             if self.adaptive_vf and self.training:
                 w_vf = adaptive_weight(nll, vf, model.encoder.conv_out.weight, max_weight=1e8)
@@ -244,7 +253,11 @@ class RAELoss(nn.Module):
         self, x: torch.Tensor, recon: torch.Tensor, last_layer: torch.Tensor, epoch: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         rec = (recon - x).abs().mean()
-        p = self.lpips(x * 2 - 1, recon * 2 - 1).mean() if gate(epoch, self.lpips_start) else rec.new_zeros(())
+        p = (
+            self.lpips(x * 2 - 1, recon * 2 - 1).mean()
+            if gate(epoch, self.lpips_start)
+            else rec.new_zeros(())
+        )
         loss = rec + self.perceptual_weight * p
         logs = {"l1": rec.item(), "lpips": p.item()}
         if self.discriminator is not None and gate(epoch, self.disc_start) and self.training:

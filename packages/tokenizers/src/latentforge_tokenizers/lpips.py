@@ -6,6 +6,7 @@ that package ships as ``weights/v0.1/vgg.pth`` and that taming's ``vgg.pth`` als
 either from torchvision's ``vgg16`` state dict (``features.{i}.*``) or from a full ``lpips.LPIPS``
 state dict (``net.slice{s}.{i}.*``).  Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,9 @@ class LPIPS(nn.Module):
                 if key in state_dict:
                     found[f"{k}.weight"] = state_dict[key]
                     break
-        check_state_dict(self.heads.state_dict(), found, what="LPIPS linear heads (lpips 'lin{k}.model.1.weight')")
+        check_state_dict(
+            self.heads.state_dict(), found, what="LPIPS linear heads (lpips 'lin{k}.model.1.weight')"
+        )
         self.heads.load_state_dict(found)
 
     def load_trunk(self, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -6,6 +6,7 @@ registry's ``features="rae"``).  The decoder keeps the released ``GeneralDecoder
 training the latent is noised (``noise_tau``; the code's σ ~ τ·U(0, 1) or the paper's σ ~ |N(0, τ²)|);
 latent statistics are per element ``[C, H, W]`` and loadable from the released ``stat.pt``.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from latentforge_core import attention, registry
-from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into, load_state_file, save_checkpoint
+from latentforge_core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_into,
+    load_state_file,
+    save_checkpoint,
+)
 from latentforge_core.protocols import Preprocessing
 from latentforge_tokenizers.stats import LatentStats, compute_latent_stats, stats_path
 from latentforge_tokenizers.vavae import check_images
@@ -34,7 +41,9 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
 
     def one_axis(pos):
         angles = pos.flatten()[:, None] * omega[None]  # N, dim/4
@@ -78,7 +87,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x):
         h = self.layernorm_before(x)
         att = self.attention.attention
-        q, k, v = (rearrange(f(h), "b n (h d) -> b h n d", h=self.num_heads) for f in (att.query, att.key, att.value))
+        q, k, v = (
+            rearrange(f(h), "b n (h d) -> b h n d", h=self.num_heads) for f in (att.query, att.key, att.value)
+        )
         h = rearrange(attention(q, k, v), "b h n d -> b n (h d)")  # B N D
         x = x + self.attention.output.dense(h)
         h = F.gelu(self.intermediate.dense(self.layernorm_after(x)))  # B N mlp
@@ -88,8 +99,18 @@ class DecoderLayer(nn.Module):
 class RAEDecoder(nn.Module):
     """Encoder tokens ``[B, N, C]`` → pixel patches ``[B, N, p·p·3]`` (``unpatchify`` → image)."""
 
-    def __init__(self, *, latent_dim: int = 768, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
-                 mlp_dim: int = 4096, patch_size: int = 16, num_patches: int = 256, eps: float = 1e-12):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        latent_dim: int = 768,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_dim: int = 4096,
+        patch_size: int = 16,
+        num_patches: int = 256,
+        eps: float = 1e-12,
+    ):
         super().__init__()
         self.grid = math.isqrt(num_patches)
         if self.grid**2 != num_patches:
@@ -98,7 +119,9 @@ class RAEDecoder(nn.Module):
         self.decoder_embed = nn.Linear(latent_dim, hidden_size)
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(hidden_size, self.grid)[None])  # 1, 1+N, D
-        self.decoder_layers = nn.ModuleList(DecoderLayer(hidden_size, num_heads, mlp_dim, eps) for _ in range(depth))
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(hidden_size, num_heads, mlp_dim, eps) for _ in range(depth)
+        )
         self.decoder_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.decoder_pred = nn.Linear(hidden_size, patch_size**2 * 3)
         self.initialize_weights()
@@ -119,20 +142,26 @@ class RAEDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(tokens)  # B N D
-        x = torch.cat([self.trainable_cls_token.expand(len(x), -1, -1), x], dim=1) + self.decoder_pos_embed  # B 1+N D
+        x = (
+            torch.cat([self.trainable_cls_token.expand(len(x), -1, -1), x], dim=1) + self.decoder_pos_embed
+        )  # B 1+N D
         for layer in self.decoder_layers:
             x = layer(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # B N p*p*3
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
-        return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid, p=self.patch_size, q=self.patch_size)
+        return rearrange(
+            patches, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid, p=self.patch_size, q=self.patch_size
+        )
 
     def flops(self) -> int:
         """Forward FLOPs per image (2 per multiply-add, matmuls only)."""
         n, d = self.num_patches + 1, self.decoder_embed.out_features
         mlp = self.decoder_layers[0].intermediate.dense.out_features
         per_layer = 2 * n * (4 * d * d + 2 * d * mlp) + 2 * 2 * n * n * d
-        return len(self.decoder_layers) * per_layer + 2 * n * d * (self.latent_dim + self.decoder_pred.out_features)
+        return len(self.decoder_layers) * per_layer + 2 * n * d * (
+            self.latent_dim + self.decoder_pred.out_features
+        )
 
 
 #################################################################################
@@ -143,21 +172,36 @@ class RAEDecoder(nn.Module):
 class RAE(nn.Module):
     """Frozen ``encoder`` (images in [0, 1] → ``[B, C, h, w]``) + trainable ``decoder``."""
 
-    def __init__(self, encoder: nn.Module, decoder: RAEDecoder, *, noise_tau: float = 0.0, noise_law: str = "code",
-                 stats: LatentStats | None = None, config: Mapping[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: RAEDecoder,
+        *,
+        noise_tau: float = 0.0,
+        noise_law: str = "code",
+        stats: LatentStats | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         if noise_law not in NOISE_LAWS:
             raise ValueError(f"noise_law must be one of {NOISE_LAWS}, got {noise_law!r}")
         c, h, w = encoder.feature_shape()
         if (c, h * w) != (decoder.latent_dim, decoder.num_patches):
-            raise ValueError(f"encoder latent {(c, h, w)} does not fit a decoder for {decoder.num_patches} tokens of width {decoder.latent_dim}")
+            raise ValueError(
+                f"encoder latent {(c, h, w)} does not fit a decoder for {decoder.num_patches} tokens "
+                f"of width {decoder.latent_dim}"
+            )
         self.encoder = encoder.requires_grad_(False).eval()
         self.decoder = decoder
         self.noise_tau, self.noise_law = noise_tau, noise_law
         self.config = dict(config or {})
         self.preprocessing = Preprocessing(decoder.image_size, resize=encoder.preprocessing.resize)
-        self.register_buffer("pixel_mean", torch.tensor(encoder.preprocessing.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(encoder.preprocessing.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(encoder.preprocessing.mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(encoder.preprocessing.std).view(1, 3, 1, 1), persistent=False
+        )
         self.stats: LatentStats | None = None
         self.set_stats(stats)
 
@@ -171,7 +215,9 @@ class RAE(nn.Module):
 
     def set_stats(self, stats: LatentStats | None) -> None:
         if stats is not None and stats.shape not in (self.latent_shape, (self.latent_shape[0], 1, 1)):
-            raise ValueError(f"latent statistics of shape {stats.shape} do not fit latents of shape {self.latent_shape}")
+            raise ValueError(
+                f"latent statistics of shape {stats.shape} do not fit latents of shape {self.latent_shape}"
+            )
         self.stats = stats
 
     def _stats_or_raise(self) -> LatentStats:
@@ -183,7 +229,11 @@ class RAE(nn.Module):
     def noise(self, z: torch.Tensor) -> torch.Tensor:
         """z + σ·ε with a per-sample σ from the chosen law (decoder training only)."""
         shape = (len(z),) + (1,) * (z.ndim - 1)
-        u = torch.rand(shape, device=z.device, dtype=z.dtype) if self.noise_law == "code" else torch.randn(shape, device=z.device, dtype=z.dtype).abs()
+        u = (
+            torch.rand(shape, device=z.device, dtype=z.dtype)
+            if self.noise_law == "code"
+            else torch.randn(shape, device=z.device, dtype=z.dtype).abs()
+        )
         return z + self.noise_tau * u * torch.randn_like(z)
 
     def encode(self, images: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
@@ -198,7 +248,10 @@ class RAE(nn.Module):
     def reconstruct(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents → images in [0, 1] space, unclamped (training uses this)."""
         if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(f"RAE expects latents [B, {', '.join(map(str, self.latent_shape))}], got {tuple(latents.shape)}")
+            raise ValueError(
+                f"RAE expects latents [B, {', '.join(map(str, self.latent_shape))}], "
+                f"got {tuple(latents.shape)}"
+            )
         patches = self.decoder(rearrange(latents, "b c h w -> b (h w) c"))  # B N p*p*3
         return self.decoder.unpatchify(patches) * self.pixel_std + self.pixel_mean  # B 3 H W
 
@@ -228,8 +281,9 @@ class RAE(nn.Module):
         sd = _read(source)
         if not any(k.startswith("decoder_") for k in sd):
             raise CheckpointError(
-                f"{_name(source)} is not a decoder-only checkpoint (keys like {sorted(sd)[:3]}); a full RAE or "
-                "training checkpoint ({model, ema, …} or 'decoder.*' keys) goes to RAE.load_full, or extract its "
+                f"{_name(source)} is not a decoder-only checkpoint (keys like {sorted(sd)[:3]}); a full "
+                "RAE or training checkpoint ({model, ema, …} or 'decoder.*' keys) goes to RAE.load_full, "
+                "or extract its "
                 "decoder with extract_decoder_state"
             )
         load_into(self.decoder, sd)
@@ -239,7 +293,8 @@ class RAE(nn.Module):
         sd = _read(source)
         if any(k.startswith("decoder_") for k in sd):
             raise CheckpointError(
-                f"{_name(source)} is a decoder-only checkpoint (keys 'decoder_embed…' without a 'decoder.' prefix), "
+                f"{_name(source)} is a decoder-only checkpoint (keys 'decoder_embed…' without a "
+                "'decoder.' prefix), "
                 "but a full RAE checkpoint was expected; load it with RAE.load_decoder (pretrained_decoder=…)"
             )
         load_into(self.decoder, extract_decoder_state(sd, use_ema=use_ema))
@@ -261,9 +316,11 @@ def extract_decoder_state(sd: Mapping[str, Any], use_ema: bool = True) -> dict[s
     for key, value in sd.items():
         key = key.replace("module.", "").replace("_orig_mod.", "")
         if key.startswith("decoder."):
-            out[key[len("decoder."):]] = value
+            out[key[len("decoder.") :]] = value
     if not out:
-        raise CheckpointError(f"no 'decoder.*' keys found (got e.g. {sorted(sd)[:4]}); is this an RAE checkpoint?")
+        raise CheckpointError(
+            f"no 'decoder.*' keys found (got e.g. {sorted(sd)[:4]}); is this an RAE checkpoint?"
+        )
     return out
 
 
@@ -315,7 +372,9 @@ def build_rae(
     if image_size % h:
         raise ValueError(f"image_size {image_size} is not a multiple of the latent grid {h}")
     dec = RAEDecoder(latent_dim=c, patch_size=image_size // h, num_patches=h * w, **RAE_DECODERS[decoder])
-    config = dict(encoder=encoder, decoder=decoder, image_size=image_size, noise_tau=noise_tau, noise_law=noise_law)
+    config = dict(
+        encoder=encoder, decoder=decoder, image_size=image_size, noise_tau=noise_tau, noise_law=noise_law
+    )
     model = RAE(enc, dec, noise_tau=noise_tau, noise_law=noise_law, config=config)
     if pretrained_decoder is not None:
         model.load_decoder(pretrained_decoder)
@@ -338,6 +397,11 @@ def rae_test_tiny(**kw) -> RAE:
     """test-vit-tiny at 32 px (8×8 tokens of width 64, LayerNorm without affine) + a 2-layer decoder."""
     from latentforge_encoders.encoder import FeatureSpec
 
-    kw = {"encoder": "test-vit-tiny", "decoder": "test-tiny", "image_size": 32,
-          "features": FeatureSpec((-1,), "no_affine", "map"), **kw}  # fmt: skip
+    kw = {
+        "encoder": "test-vit-tiny",
+        "decoder": "test-tiny",
+        "image_size": 32,
+        "features": FeatureSpec((-1,), "no_affine", "map"),
+        **kw,
+    }
     return build_rae(**kw)

@@ -6,6 +6,7 @@ safetensors artifact beside the tokenizer checkpoint, and loadable from the rele
 ``stat.pt`` (``{'var'[, 'mean']}`` of shape [C, H, W]) and LightningDiT's ``latents_stats.pt``
 (``{'mean', 'std'}`` of shape [1, C, 1, 1]).  Normalisation is z_n = (z − mean) / sqrt(var + eps).
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,9 @@ class LatentStats:
         if bool((var < 0).any()) or not bool(torch.isfinite(var).all()):
             raise ValueError("latent stats: var must be finite and non-negative")
         if float(var.min()) + eps <= 0:
-            raise ValueError(f"latent stats: var + eps must be positive (min var {float(var.min())}, eps {eps})")
+            raise ValueError(
+                f"latent stats: var + eps must be positive (min var {float(var.min())}, eps {eps})"
+            )
         self.var, self.mean, self.eps = var.float(), None if mean is None else mean.float(), float(eps)
 
     @property
@@ -57,7 +60,8 @@ class LatentStats:
         ok = latents.ndim == 4 and latents.shape[1] == c and (h, w) in ((1, 1), tuple(latents.shape[2:]))
         if not ok:
             raise ValueError(
-                f"latent statistics of shape {self.shape} do not fit latents of shape {tuple(latents.shape)}; "
+                f"latent statistics of shape {self.shape} do not fit latents of shape "
+                f"{tuple(latents.shape)}; "
                 f"expected [B, {c}, H, W]" + ("" if (h, w) == (1, 1) else f" with H, W = {h}, {w}")
             )
 
@@ -109,7 +113,9 @@ def _as_chw(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.ndim == 1:
         t = t[:, None, None]
     if t.ndim != 3:
-        raise ValueError(f"latent stats: {name} must have shape [C, H, W], [C, 1, 1] or [1, C, 1, 1], got {tuple(t.shape)}")
+        raise ValueError(
+            f"latent stats: {name} must have shape [C, H, W], [C, 1, 1] or [1, C, 1, 1], got {tuple(t.shape)}"
+        )
     return t
 
 
@@ -149,7 +155,10 @@ class StatsAccumulator:
             self.count, self.mean, self.m2 = n, mean.clone(), m2.clone()
             return
         if mean.shape != self.mean.shape:
-            raise ValueError(f"latents of shape {tuple(mean.shape)} cannot join statistics of shape {tuple(self.mean.shape)}")
+            raise ValueError(
+                f"latents of shape {tuple(mean.shape)} cannot join statistics of shape "
+                f"{tuple(self.mean.shape)}"
+            )
         total = self.count + n
         delta = mean - self.mean
         self.mean = self.mean + delta * (n / total)

@@ -5,6 +5,7 @@ Module names follow LDM's ``AutoencoderKL`` so the released LightningDiT VA-VAE 
 strictly (``load_released``); ``linear_proj`` (latent → foundation-model width, no bias) is the VF
 loss's projection.  Images enter ``encode`` in [0, 1]; the network itself works in [-1, 1].
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,9 @@ def check_images(images: torch.Tensor, multiple: int, what: str) -> None:
         raise TypeError(f"{what} expects floating-point images in [0, 1], got {images.dtype}")
     lo, hi = float(images.min()), float(images.max())
     if not (lo >= -1e-3 and hi <= 1 + 1e-3):
-        raise ValueError(f"{what} expects images in [0, 1], got values in [{lo:.3f}, {hi:.3f}] (pass x/255 or (x+1)/2)")
+        raise ValueError(
+            f"{what} expects images in [0, 1], got values in [{lo:.3f}, {hi:.3f}] (pass x/255 or (x+1)/2)"
+        )
     if images.shape[-2] % multiple or images.shape[-1] % multiple:
         raise ValueError(f"{what}: image size {tuple(images.shape[-2:])} is not a multiple of {multiple}")
 
@@ -98,7 +101,11 @@ class Upsample(nn.Module):
 
 def _mid(channels: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
+    mid.block_1, mid.attn_1, mid.block_2 = (
+        ResnetBlock(channels, channels),
+        AttnBlock(channels),
+        ResnetBlock(channels, channels),
+    )
     return mid
 
 
@@ -107,7 +114,18 @@ def _run_mid(mid: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, in_channels=3, dropout=0.0):
+    def __init__(
+        self,
+        *,
+        ch,
+        ch_mult,
+        num_res_blocks,
+        attn_resolutions,
+        resolution,
+        z_channels,
+        in_channels=3,
+        dropout=0.0,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -142,7 +160,18 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, out_channels=3, dropout=0.0):
+    def __init__(
+        self,
+        *,
+        ch,
+        ch_mult,
+        num_res_blocks,
+        attn_resolutions,
+        resolution,
+        z_channels,
+        out_channels=3,
+        dropout=0.0,
+    ):
         super().__init__()
         cin = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
@@ -186,7 +215,9 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
         return self.mean + self.std * noise
 
     def kl(self) -> torch.Tensor:
@@ -215,10 +246,25 @@ class VAVAE(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.config = dict(ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
-                           resolution=resolution, z_channels=z_channels, vf_dim=vf_dim, dropout=dropout)  # fmt: skip
-        arch = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
-                    resolution=resolution, z_channels=z_channels, dropout=dropout)  # fmt: skip
+        self.config = dict(
+            ch=ch,
+            ch_mult=list(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=list(attn_resolutions),
+            resolution=resolution,
+            z_channels=z_channels,
+            vf_dim=vf_dim,
+            dropout=dropout,
+        )
+        arch = dict(
+            ch=ch,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=tuple(attn_resolutions),
+            resolution=resolution,
+            z_channels=z_channels,
+            dropout=dropout,
+        )
         self.encoder = Encoder(**arch)
         self.decoder = Decoder(**arch)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
@@ -260,8 +306,14 @@ class VAVAE(nn.Module):
         return {"recon": self.reconstruct(z), "posterior": post, "z": z}
 
     # ----------------------------------------------------------------------------- tokenizer API
-    def encode(self, images: torch.Tensor, *, normalize: bool = False, sample: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    def encode(
+        self,
+        images: torch.Tensor,
+        *,
+        normalize: bool = False,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """[0, 1] images → latents ``[B, z, H/16, W/16]``; a posterior sample by default (as LightningDiT
         extracts its training latents), the mean with ``sample=False``."""
         check_images(images, self.downsample, "VAVAE.encode")
@@ -272,19 +324,25 @@ class VAVAE(nn.Module):
     def decode(self, latents: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
         """Latents → [0, 1] images; ``normalize=True`` says the latents are normalised (undo it first)."""
         if latents.ndim != 4 or latents.shape[1] != self.z_channels:
-            raise ValueError(f"VAVAE.decode expects latents [B, {self.z_channels}, h, w], got {tuple(latents.shape)}")
+            raise ValueError(
+                f"VAVAE.decode expects latents [B, {self.z_channels}, h, w], got {tuple(latents.shape)}"
+            )
         if normalize:
             latents = self._stats_or_raise().denormalize(latents)
         return ((self.reconstruct(latents) + 1) / 2).clamp(0, 1)
 
     def set_stats(self, stats: LatentStats | None) -> None:
         if stats is not None and stats.shape[0] != self.z_channels:
-            raise ValueError(f"latent statistics of shape {stats.shape} do not fit {self.z_channels} latent channels")
+            raise ValueError(
+                f"latent statistics of shape {stats.shape} do not fit {self.z_channels} latent channels"
+            )
         self.stats = stats
 
     def _stats_or_raise(self) -> LatentStats:
         if self.stats is None:
-            raise ValueError("no latent statistics: compute them (stats.compute_latent_stats) or load them first")
+            raise ValueError(
+                "no latent statistics: compute them (stats.compute_latent_stats) or load them first"
+            )
         return self.stats
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -322,15 +380,33 @@ class VAVAE(nn.Module):
 #################################################################################
 
 VAVAE_CONFIGS = {
-    "f16d32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
-                   z_channels=32, vf_dim=1024),
-    "test-tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=32,
-                      z_channels=8, vf_dim=64),
-}  # fmt: skip
+    "f16d32": dict(
+        ch=128,
+        ch_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        resolution=256,
+        z_channels=32,
+        vf_dim=1024,
+    ),
+    "test-tiny": dict(
+        ch=16,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        resolution=32,
+        z_channels=8,
+        vf_dim=64,
+    ),
+}
 
 
-def build_vavae(size: str, pretrained: str | os.PathLike | None = None, stats: str | os.PathLike | None = None,
-                **overrides) -> VAVAE:  # fmt: skip
+def build_vavae(
+    size: str,
+    pretrained: str | os.PathLike | None = None,
+    stats: str | os.PathLike | None = None,
+    **overrides,
+) -> VAVAE:
     """A named size; ``pretrained`` is our checkpoint or the released ``.pt``; ``stats`` a stats file
     (default: the artifact beside our checkpoint)."""
     if pretrained is not None and str(pretrained).endswith(".safetensors") and not overrides:
