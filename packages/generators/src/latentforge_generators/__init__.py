@@ -8,3 +8,5 @@ from latentforge_generators.maskgit import MaskGIT
 from latentforge_generators.transport import Transport
 
 __version__ = "0.1.0"
+
+__all__ = ["CFG", "GPT", "AutoGuidance", "DiGITStage2", "FlowGenerator", "MaskGIT", "Transport"]

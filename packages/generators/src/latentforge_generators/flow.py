@@ -96,12 +96,7 @@ class FlowGenerator(nn.Module):
             raise ValueError(f"{name} contains NaN or infinite values")
 
     def _check_labels(self, y: Tensor, batch: int, allow_null: bool) -> Tensor:
-        if not isinstance(y, torch.Tensor) or y.dtype not in (
-            torch.int64,
-            torch.int32,
-            torch.int16,
-            torch.uint8,
-        ):
+        if not torch.is_tensor(y) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(
                 f"class labels must be an integer tensor of shape [{batch}], got {type(y).__name__} "
                 f"{getattr(y, 'dtype', '')}"
@@ -199,7 +194,8 @@ class FlowGenerator(nn.Module):
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         guide = self._guidance(guidance, guidance_model, cfg_scale, cfg_interval, cfg_channels)
         if noise is None:
-            noise = torch.randn((len(y), *self.input_shape), generator=generator, device=device)
+            where = device if generator is None else generator.device  # a CPU generator may seed GPU sampling
+            noise = torch.randn((len(y), *self.input_shape), generator=generator, device=where).to(device)
         else:
             self._check_latents(noise, "noise")
             if len(noise) != len(y):

@@ -181,7 +181,8 @@ def euler_maruyama(
     for t, t_next in pairwise(grid):
         h = t - t_next
         d, _, w = drift(x, t)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        where = x.device if generator is None else generator.device
+        noise = torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
         x = x - h * d + math.sqrt(2 * w * h) * noise
         nfe += 1
     t = grid[-1]
