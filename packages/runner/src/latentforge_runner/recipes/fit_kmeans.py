@@ -1,0 +1,67 @@
+"""fit-kmeans: K-Means centroids over a frozen encoder's features (DiGIT's tokenizer), one file out.
+
+    latentforge run fit-kmeans --config tiny-digit-kmeans
+    latentforge run fit-kmeans --config tiny-digit-kmeans data.name=folder data.root=/data/imagenet/train \\
+        tokenizer.name=kmeans tokenizer.params.n_clusters=8192 max_images=128000
+
+Writes ``<output_dir>/centroids.safetensors`` (centroids + encoder config), which ``train-generator``
+takes as ``tokenizer.params.centroids``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from latentforge_runner import distributed
+from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.data import build_dataset
+from latentforge_runner.recipes import RunSettings, open_run
+from latentforge_runner.recipes.train_generator import DataSettings
+
+log = logging.getLogger("latentforge")
+
+
+@settings
+class FitKMeansSettings(Settings):
+    run: RunSettings = RunSettings(output_dir="runs/fit-kmeans")
+    data: DataSettings = DataSettings()
+    tokenizer: Component = component("tokenizers")
+    max_images: int = 128_000  # DiGIT keeps ~10% of ImageNet train
+    batch_size: int = 64
+
+
+class FitKMeansRecipe:
+    Settings = FitKMeansSettings
+
+    def __init__(self, config: FitKMeansSettings):
+        self.cfg = config
+
+    def setup(self) -> None:
+        self.run_dir, self.dist, self.logger = open_run("fit-kmeans", self.cfg)
+        self.dataset = build_dataset(self.cfg.data.name, image_size=self.cfg.data.image_size, root=self.cfg.data.root)
+        self.tokenizer = self.cfg.tokenizer.build("tokenizers").to(self.dist.device)
+
+    def _batches(self):
+        n, b = min(len(self.dataset), self.cfg.max_images), self.cfg.batch_size
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.run.seed))[:n]
+        for start in tqdm(range(0, n, b), desc="features", unit="batch", disable=not self.dist.is_main):
+            items = [self.dataset[int(i)] for i in order[start : start + b]]
+            good = [it["image"] for it in items if "error" not in it]
+            if good:
+                yield torch.stack(good).to(self.dist.device)
+
+    def run(self) -> dict[str, Any]:
+        self.tokenizer.fit(self._batches())
+        return {"n_clusters": int(self.tokenizer.centroids.shape[0])}
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            path = self.tokenizer.save(self.run_dir / "centroids.safetensors")
+            log.info("centroids written to %s", path)
+
+    def cleanup(self) -> None:
+        self.logger.close()
+        distributed.cleanup()
