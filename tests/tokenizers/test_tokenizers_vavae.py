@@ -166,6 +166,8 @@ def test_encode_decode_and_stats_round_trip(tiny, tmp_path):
         stats = acc.compute(unbiased=True, eps=0.0)
         torch.testing.assert_close(stats.mean.flatten(), z.mean(dim=(0, 2, 3)))
         torch.testing.assert_close(stats.var.flatten(), z.transpose(0, 1).flatten(1).var(dim=1))
+        same = tiny.compute_stats(x.split(5), sample=False)  # the method: one exact pass over batches
+        torch.testing.assert_close(same.var, stats.var)
         tiny.set_stats(stats)
         zn = tiny.encode(x, normalize=True, sample=False)
         torch.testing.assert_close(zn.mean(dim=(0, 2, 3)), torch.zeros(8), atol=1e-4, rtol=0)

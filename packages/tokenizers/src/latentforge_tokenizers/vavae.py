@@ -21,7 +21,7 @@ from einops import rearrange
 from latentforge_core import attention
 from latentforge_core.checkpoint import load_checkpoint, load_into, load_state_file, save_checkpoint
 from latentforge_core.protocols import Preprocessing
-from latentforge_tokenizers.stats import LatentStats, stats_path
+from latentforge_tokenizers.stats import LatentStats, compute_latent_stats, stats_path
 
 
 def check_images(images: torch.Tensor, multiple: int, what: str) -> None:
@@ -330,6 +330,15 @@ class VAVAE(nn.Module):
         if normalize:
             latents = self._stats_or_raise().denormalize(latents)
         return ((self.reconstruct(latents) + 1) / 2).clamp(0, 1)
+
+    def compute_stats(self, batches, *, sample: bool = True) -> LatentStats:
+        """Exact channel mean and unbiased std over ``batches`` of [0, 1] images (LightningDiT's
+        ``latents_stats.pt``, taken on posterior samples), set and returned."""
+        stats = compute_latent_stats(
+            lambda x: self.encode(x, sample=sample), batches, reduce="channel", unbiased=True, eps=0.0
+        )
+        self.set_stats(stats)
+        return stats
 
     def set_stats(self, stats: LatentStats | None) -> None:
         if stats is not None and stats.shape[0] != self.z_channels:
