@@ -12,6 +12,7 @@ Token order in every block: ``[CLS?, registers…, patches…]``; registers carr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,7 @@ from einops import rearrange
 
 from latentforge_core.attention import attention
 
-ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 def swiglu_hidden_dim(dim: int, mlp_ratio: float) -> int:
@@ -58,8 +59,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        out = attention(qkv[0], qkv[1], qkv[2])  # B, H, N, D
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        out = attention(q, k, v)  # B, H, N, D
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # B, N, C
 
 
