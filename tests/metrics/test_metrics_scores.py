@@ -89,6 +89,8 @@ def test_precision_recall_metric_with_reference_features():
     other.update_features(fake[70:])
     metric.merge(other)
     assert metric.compute() == precision_recall(real, fake)
+    with pytest.raises(ValueError, match="fixed reference"):
+        metric.update_features(real[:3], real=True)
     with pytest.raises(ValueError, match=r"\[N, 2048\]"):
         PrecisionRecall(torch.randn(10, 64))
     with pytest.raises(ValueError, match="no reference"):

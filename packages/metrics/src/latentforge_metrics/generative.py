@@ -27,7 +27,13 @@ from latentforge_metrics.inception import (
     preprocess,
 )
 from latentforge_metrics.npz import ReferenceStats, iter_npz_images, load_reference
-from latentforge_metrics.stats import FeatureBank, GaussianStats, frechet_distance, split_indices
+from latentforge_metrics.stats import (
+    FeatureBank,
+    GaussianStats,
+    distributed_world,
+    frechet_distance,
+    split_indices,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,6 +319,8 @@ class PrecisionRecall(_UsesInception):
         self.update_features(self.inception_features(images)["pool3"], real=real)
 
     def update_features(self, features: torch.Tensor, real: bool = False) -> None:
+        if real and (self.reference_path is not None or self.reference_features is not None):
+            raise ValueError("PrecisionRecall has a fixed reference; real images are not accumulated")
         (self.real if real else self.fake).update(features)
 
     def _reference(self) -> torch.Tensor:
@@ -323,7 +331,7 @@ class PrecisionRecall(_UsesInception):
             self.reference_features = torch.cat(bank.parts)
         if self.reference_features is not None:
             return self.reference_features
-        if not len(self.real) and not self.real.parts:
+        if not self.real.parts and distributed_world() == 1:
             raise ValueError("PrecisionRecall has no reference: pass reference= or update(images, real=True)")
         return self.real.gathered()
 
