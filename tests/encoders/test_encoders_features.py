@@ -162,3 +162,18 @@ def test_tiny_is_deterministic_and_resizes_any_input():
     torch.testing.assert_close(a(img), b(img), rtol=0, atol=0)
     assert a(images(size=45)).shape == (2, 64, 8, 8) == (2, *a.feature_shape())
     assert build_encoder("test-vit-tiny", image_size=48)(img).shape == (2, 64, 12, 12)
+
+
+@pytest.mark.parametrize("grid", [16, 32, 23])
+def test_official_position_resize_reaches_the_grid(grid):
+    """DINOv2's offset scale factor ((g + 0.1) / 37) must land exactly on g, never g - 1."""
+    from latentforge_encoders import VisionTransformer
+
+    vit = VisionTransformer(
+        image_size=37 * 2, patch_size=2, embed_dim=8, depth=1, num_heads=2, pos_offset=0.1
+    )
+    pos = vit.interpolate_pos_embed(grid, grid)
+    assert pos.shape == (1, 1 + grid * grid, 8)
+    torch.testing.assert_close(pos[:, :1], vit.pos_embed[:, :1])  # the CLS slot is not resized
+    vit.pos_offset = 0.0  # a target size instead: other sampling positions
+    assert not torch.allclose(pos, vit.interpolate_pos_embed(grid, grid))
