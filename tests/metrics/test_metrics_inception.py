@@ -84,6 +84,22 @@ def test_spatial_features_are_mixed_6d_branch1x1_in_nhwc_order(tf_features):
     assert spatial[0, (h * 17 + w) * 7 + c] == branch[0, c, h, w]
 
 
+def test_torchmetrics_protocol_equals_torchmetrics_antialiased_extractor(inception, inception_file):
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    peer = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(inception_file), antialias=True).eval()
+    images = torch.rand(
+        1, 3, 420, 400, generator=torch.Generator().manual_seed(2)
+    )  # downsampled: antialias acts
+    with torch.no_grad():
+        (want,) = peer((images * 255).byte())  # what FrechetInceptionDistance(normalize=True) feeds it
+        x = preprocess(images, "torchmetrics")
+        got = inception.forward_features(x)["pool3"]
+        other = inception.forward_features(preprocess(images, "torch-fidelity"))["pool3"]
+    assert _rel(got, want) < 1e-4
+    assert _rel(other, want) > 1e-3  # the TF1 resize without antialias is another protocol
+
+
 @pytest.mark.parametrize("size", [(64, 64), (256, 200), (512, 512)])
 def test_tf1_resize_equals_torch_fidelity(size):
     x = torch.rand(1, 3, *size) * 255
