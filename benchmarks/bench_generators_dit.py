@@ -4,6 +4,11 @@ One step = forward + backward + AdamW step with an MSE loss on the output, batch
 (DiT-S/2 and DiT-B/2 on 4×32×32 SD-VAE latents, LightningDiT-B/1 on 32×16×16 VA-VAE latents: 256
 tokens each).  FLOPs are counted analytically, 2 per multiply-add, backward = 2× forward.
 diffusers gets the very same weights through our converter.
+
+Rows: ``ours`` compiles its blocks at full size (``compile_blocks()``, as LightningDiT's own code
+decorates its blocks with ``torch.compile``; the warm-up round pays the compilation), ``ours-eager``
+is the same model without compilation, ``diffusers`` runs eagerly as it ships.  In the tiny
+default run nothing is compiled (compiling costs minutes) and ``ours-eager`` is skipped.
 """
 
 from __future__ import annotations
@@ -54,11 +59,13 @@ CASES = [  # name, builder, latent (C, S), has a diffusers peer
 ]
 
 
-@pytest.mark.parametrize("impl", ["ours", "diffusers"])
+@pytest.mark.parametrize("impl", ["ours", "ours-eager", "diffusers"])
 @pytest.mark.parametrize("name,builder,latent,has_peer", CASES, ids=[c[0] for c in CASES])
 def test_train_step(measure, full, name, builder, latent, has_peer, impl):
     if impl == "diffusers" and not has_peer:
         pytest.skip(f"diffusers has no {name.split('-')[0]}")
+    if impl == "ours-eager" and not full:
+        pytest.skip("the tiny run is eager already")
     torch.manual_seed(0)
     channels, size = latent
     if full:
@@ -68,8 +75,10 @@ def test_train_step(measure, full, name, builder, latent, has_peer, impl):
         model, batch = tiny(in_channels=channels, input_size=8, learn_sigma=False, num_classes=10), 2
     flops = 3 * 2 * forward_macs(model) * batch  # forward + backward (2× forward)
     shape = (model.in_channels, model.input_size, model.out_channels, model.num_classes)
-    if impl == "ours":
-        trained, forward = model.train(), model
+    if impl.startswith("ours"):
+        trained = forward = model.train()
+        if impl == "ours" and full:
+            model.compile_blocks()
     else:
         trained = to_diffusers(model).train()
 
@@ -77,5 +86,4 @@ def test_train_step(measure, full, name, builder, latent, has_peer, impl):
             return trained(x, t, y).sample
 
     step = training_step(trained, forward, shape, batch, torch.Generator().manual_seed(0))
-    step()  # warm-up: allocations, optimizer state
     measure(step, group=f"train step {name} b{batch}", impl=impl, items=batch, unit="images/s", flops=flops)

@@ -21,6 +21,7 @@ from latentforge_generators.layers import (
     RoPE2D,
     TimestepEmbedder,
     check_inputs,
+    compile_blocks,
     init_dit_weights,
     sincos_pos_embed_2d,
     unpatchify,
@@ -91,6 +92,11 @@ class DiT(nn.Module):
         init_dit_weights(self)
         grid = self.input_size // self.patch_size
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, grid).unsqueeze(0))
+
+    def compile_blocks(self, **kwargs) -> DiT:
+        """Compile the blocks and final layer with ``torch.compile`` (kwargs passed on); returns self."""
+        compile_blocks(self, **kwargs)
+        return self
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t, y = check_inputs(self, x, t, y)
