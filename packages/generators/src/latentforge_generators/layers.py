@@ -172,8 +172,8 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)  # B, H, N, Dh
         if rope is not None:
-            q, k = rope(q).type_as(v), rope(k).type_as(v)
-        out = attention(q, k, v)  # B, H, N, Dh
+            q, k = rope(q), rope(k)
+        out = attention(q.type_as(v), k.type_as(v), v)  # B, H, N, Dh (fp32 norm/RoPE back to v's dtype)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # B, N, D
 
 
