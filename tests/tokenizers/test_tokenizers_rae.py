@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from latentforge_core import registry
 from latentforge_core.checkpoint import CheckpointError, load_into
@@ -134,6 +135,9 @@ def test_released_decoder_layouts(size):
     # The paper counts the multiply-adds of the linear layers over 256 tokens; ours counts 2 FLOPs per
     # multiply-add and adds the CLS slot and the attention products (+4-5 %).
     assert dec.flops() / 2 / 1e9 == pytest.approx(gflops, rel=0.06)
+    with FlopCounterMode(display=False) as counter:  # torch's own count of the forward pass
+        dec(torch.empty(1, 256, 768, device="meta"))
+    assert dec.flops() == pytest.approx(counter.get_total_flops(), rel=1e-3)
 
 
 def test_released_vitb_decoder_loads_strictly(tmp_path):

@@ -256,15 +256,7 @@ class VAVAE(nn.Module):
             vf_dim=vf_dim,
             dropout=dropout,
         )
-        arch = dict(
-            ch=ch,
-            ch_mult=tuple(ch_mult),
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            resolution=resolution,
-            z_channels=z_channels,
-            dropout=dropout,
-        )
+        arch = {k: v for k, v in self.config.items() if k != "vf_dim"}
         self.encoder = Encoder(**arch)
         self.decoder = Decoder(**arch)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
