@@ -275,7 +275,8 @@ def test_tiny_vavae_learns_digits():
         last_vf = logs["vf_loss"]
     after = held_psnr()
     print(f"VA-VAE digits PSNR {before:.2f} -> {after:.2f} dB, VF loss {first_vf:.3f} -> {last_vf:.3f}")
-    # Measured: about 10.6 dB at step 0 and 20 dB after 300 steps; the VF loss about halves.
-    assert after > before + 5.0, (before, after)
+    # Measured: 7.8 dB at step 0, 25.9 dB after 300 steps; the VF loss falls from 1.03 to 0.01.
+    assert after > before + 10.0, (before, after)
+    assert after > 20.0
     assert last_vf < first_vf
     assert "g_loss" in logs and "d_weight" in logs
