@@ -218,3 +218,12 @@ def test_bad_input_is_explained():
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         DiT(input_size=9, patch_size=2)
     assert model(x, 0.5, y).shape == (4, 8, 8, 8)  # a scalar time is broadcast
+
+
+def test_bf16_autocast_with_qk_norm_and_no_rope():
+    """fp32 QK-RMSNorm outputs go back to the value dtype before attention under autocast."""
+    model = randomize(DiT(hidden_size=64, depth=1, num_heads=4, use_qknorm=True, use_rmsnorm=True, **TINY))
+    x, t, y = inputs(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.eval()(x, t, y)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
