@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from latentforge_core.checkpoint import CheckpointError, load_into, load_state_file, load_torch_file
+from latentforge_core.checkpoint import CheckpointError, load_into, load_state_file
 from latentforge_generators.dit import DiT
 from latentforge_generators.layers import Mlp, sincos_pos_embed_2d
 
@@ -33,12 +33,7 @@ _PREFIXES = ("module.", "_orig_mod.")
 def official_state_dict(obj: Mapping | str | os.PathLike) -> dict[str, torch.Tensor]:
     """A flat state dict from an official DiT / LightningDiT / RAE stage-2 file or loaded object."""
     if isinstance(obj, (str, os.PathLike)):
-        suffix = os.fspath(obj).lower()
-        obj = (
-            load_torch_file(obj)
-            if suffix.endswith((".pt", ".pth", ".ckpt", ".bin"))
-            else load_state_file(obj)
-        )
+        obj = load_state_file(obj)  # .pt/.pth with weights_only=True, or safetensors
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"expected a state dict or a training checkpoint dict, got {type(obj).__name__}"
