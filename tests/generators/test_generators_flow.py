@@ -84,6 +84,23 @@ def test_loss_is_the_backbones_own_flow_matching_loss(name):
     torch.testing.assert_close(ours, (pred - target).square().mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_class_dropout_for_backbones_that_do_not_drop_labels():
+    backbone = registry.generators.build("test-dit", class_dropout_prob=0.0).backbone
+    seen = []
+    backbone.register_forward_pre_hook(lambda module, args: seen.append(args[2].clone()))
+    assert FlowGenerator(backbone).null_class is None
+    gen = FlowGenerator(backbone, class_dropout=0.5)
+    assert gen.null_class == 10
+    y = torch.randint(0, 10, (400,), generator=torch.Generator().manual_seed(0))
+    gen.loss(torch.randn(400, 4, 8, 8), y)
+    dropped = seen[-1] == 10
+    assert 0.4 < dropped.float().mean() < 0.6 and torch.equal(seen[-1][~dropped], y[~dropped])
+    gen.eval().loss(torch.randn(400, 4, 8, 8), y)  # no dropout outside training
+    assert torch.equal(seen[-1], y)
+    with pytest.raises(ValueError, match="class_dropout"):
+        FlowGenerator(backbone, class_dropout=1.0)
+
+
 def test_velocity_converts_time_and_sign():
     gen = _randomize(registry.generators.build("test-dit"), 2).eval()
     x, y = torch.randn(2, *gen.input_shape), torch.tensor([1, 2])
@@ -146,6 +163,8 @@ def test_bad_input():
         gen.sample(y, noise=torch.randn(3, 4, 8, 8), steps=2)
     with pytest.raises(ValueError, match="noise must have shape"):
         gen.sample(y, noise=torch.randn(2, 4, 4, 4), steps=2)
+    with pytest.raises(ValueError, match="noise contains NaN"):
+        gen.sample(y, noise=torch.full((2, 4, 8, 8), float("nan")), steps=2)
     with pytest.raises(ValueError, match="number of samples"):
         gen.sample(None)
     no_null = registry.generators.build("test-dit", class_dropout_prob=0.0)
