@@ -20,8 +20,10 @@ from latentforge_metrics import (
     SampleWriter,
     evaluate_npz,
     frechet_distance,
+    inception_score_adm,
     iter_npz_images,
     load_reference,
+    precision_recall,
     save_fid_stats,
     save_reference,
     save_samples,
@@ -218,21 +220,25 @@ def test_fd_dinov2_uses_the_registered_encoder():
 @pytest.mark.slow
 def test_evaluate_npz_matches_the_metrics_one_by_one(tmp_path, inception):
     gen = torch.Generator().manual_seed(8)
-    ref_images = torch.randint(0, 256, (12, 3, 32, 32), generator=gen, dtype=torch.uint8)
-    samples = save_samples(tmp_path / "samples.npz", torch.rand(10, 3, 32, 32, generator=gen))
-    pool, spatial = FID(inception=inception), SFID(inception=inception)
-    pool.update(ref_images)
-    spatial.update(ref_images)
-    with pytest.warns(RuntimeWarning):
-        ref = save_reference(
-            tmp_path / "ref.npz", pool.fake, spatial.fake, ref_images.permute(0, 2, 3, 1).numpy()
-        )
+    ref_images = torch.randint(0, 256, (6, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    samples = save_samples(tmp_path / "samples.npz", torch.rand(5, 3, 32, 32, generator=gen))
+    metric = FID(inception=inception, protocol="adm")
+    ref_feats = metric.inception_features(ref_images, ("pool3", "spatial"))
+    (sample_images,) = list(iter_npz_images(samples))
+    feats = metric.inception_features(sample_images, ("pool3", "logits", "spatial"))
+    stats = {}
+    for name, key in (("fid", "pool3"), ("sfid", "spatial")):
+        ref, gen_stats = GaussianStats(), GaussianStats()
+        ref.update(ref_feats[key])
+        gen_stats.update(feats[key])
+        stats[name] = (ref, gen_stats)
     with pytest.warns(RuntimeWarning, match="singular"):
-        out = evaluate_npz(samples, ref, inception=inception, batch_size=4)
-    fid = FID(ref, inception=inception, protocol="adm")
-    for batch in iter_npz_images(samples):
-        fid.update(batch)
-    with pytest.warns(RuntimeWarning):
-        assert out["fid"] == pytest.approx(fid.compute(), rel=1e-6)
-    assert set(out) == {"inception_score", "fid", "sfid", "precision", "recall"}
+        path = save_reference(
+            tmp_path / "ref.npz", stats["fid"][0], stats["sfid"][0], ref_images.permute(0, 2, 3, 1)
+        )
+        out = evaluate_npz(samples, path, inception=inception, batch_size=2)
+        want = {name: frechet_distance(g.mu, g.sigma, r.mu, r.sigma) for name, (r, g) in stats.items()}
+    want["inception_score"] = inception_score_adm(feats["logits"])[0]
+    want.update(precision_recall(ref_feats["pool3"], feats["pool3"]))
+    assert out == pytest.approx(want, rel=1e-6)
     assert out["fid"] > 0 and out["sfid"] > 0 and out["inception_score"] > 1

@@ -48,6 +48,13 @@ def test_adm_splits_are_consecutive_blocks_of_5000():
     assert std == pytest.approx(want["inception_score_std"], rel=1e-3, abs=1e-4)
 
 
+def test_saturated_softmax_gives_the_exact_score_not_nan():
+    labels = torch.arange(1000) % 10  # ten classes, predicted with probability exactly 1
+    logits = 1000.0 * torch.nn.functional.one_hot(labels, 1008).float()
+    assert inception_score_adm(logits, split_size=500)[0] == pytest.approx(10.0, rel=1e-5)
+    assert inception_score(logits, shuffle=False)[0] == pytest.approx(10.0, rel=1e-12)
+
+
 def test_inception_score_metric_merges_and_splits_by_protocol():  # the network is built lazily: not here
     a = InceptionScore()
     b = registry.metrics.build("inception-score", protocol="adm")

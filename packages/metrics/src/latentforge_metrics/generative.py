@@ -39,6 +39,12 @@ from latentforge_metrics.stats import (
 # ------------------------------------------------------------------------------------------------
 # Functional forms
 # ------------------------------------------------------------------------------------------------
+def _split_score(p: torch.Tensor, log_p: torch.Tensor) -> float:
+    """exp(E KL(p(y|x) || p(y))) of one split; classes no sample predicts contribute 0, not NaN."""
+    kl = p * log_p - torch.xlogy(p, p.mean(dim=0, keepdim=True))
+    return kl.sum(dim=1).mean().exp().item()
+
+
 def inception_score(logits: torch.Tensor, splits: int = 10, shuffle: bool = True, seed: int = 2020):
     """(mean, std) as torch-fidelity: RandomState(seed) shuffle, splits [i·N//s, (i+1)·N//s), float64."""
     logits = torch.as_tensor(logits).double().cpu()
@@ -48,21 +54,15 @@ def inception_score(logits: torch.Tensor, splits: int = 10, shuffle: bool = True
     if shuffle:
         logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
     p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
-    scores = []
-    for lo, hi in split_indices(n, splits):
-        log_mean = p[lo:hi].mean(dim=0, keepdim=True).log()
-        kl = (p[lo:hi] * (log_p[lo:hi] - log_mean)).sum(dim=1).mean()
-        scores.append(kl.exp().item())
+    scores = [_split_score(p[lo:hi], log_p[lo:hi]) for lo, hi in split_indices(n, splits)]
     return float(np.mean(scores)), float(np.std(scores))
 
 
 def inception_score_adm(logits: torch.Tensor, split_size: int = 5000):
     """(mean, std) as the ADM evaluator: float32 softmax, consecutive blocks of ``split_size``."""
-    p = torch.as_tensor(logits).float().cpu().softmax(dim=1)
-    scores = []
-    for part in p.split(split_size):
-        kl = part * (part.log() - part.mean(dim=0, keepdim=True).log())
-        scores.append(kl.sum(dim=1).mean().exp().item())
+    logits = torch.as_tensor(logits).float().cpu()
+    p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
+    scores = [_split_score(a, b) for a, b in zip(p.split(split_size), log_p.split(split_size), strict=True)]
     return float(np.mean(scores)), float(np.std(scores))
 
 
