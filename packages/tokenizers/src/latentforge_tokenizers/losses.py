@@ -255,7 +255,7 @@ class RAELoss(nn.Module):
         rec = (recon - x).abs().mean()
         p = (
             self.lpips(x * 2 - 1, recon * 2 - 1).mean()
-            if gate(epoch, self.lpips_start)
+            if self.perceptual_weight > 0 and gate(epoch, self.lpips_start)
             else rec.new_zeros(())
         )
         loss = rec + self.perceptual_weight * p
