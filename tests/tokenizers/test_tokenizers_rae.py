@@ -350,6 +350,7 @@ def test_tiny_rae_decoder_learns_with_noise_augmentation():
             opt_d.step()
     after = clean_psnr()
     print(f"RAE digits clean-latent PSNR {before:.2f} -> {after:.2f} dB")
-    # Measured: about 5 dB at step 0 and 17 dB after 400 steps with τ = 0.8.
-    assert after > before + 6.0, (before, after)
+    # Measured: 7.6 dB at step 0, 31.1 dB after 400 steps trained on latents noised with τ = 0.8.
+    assert after > before + 15.0, (before, after)
+    assert after > 25.0
     assert "g_loss" in logs and logs["d_weight"] > 0
