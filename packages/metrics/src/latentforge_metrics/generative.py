@@ -8,6 +8,7 @@ the splits are cut. ``compute`` sees every process's state when ``torch.distribu
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +41,10 @@ from latentforge_metrics.stats import (
 # Functional forms
 # ------------------------------------------------------------------------------------------------
 def _split_score(p: torch.Tensor, log_p: torch.Tensor) -> float:
-    """exp(E KL(p(y|x) || p(y))) of one split; classes no sample predicts contribute 0, not NaN."""
-    kl = p * log_p - torch.xlogy(p, p.mean(dim=0, keepdim=True))
+    """exp(E KL(p(y|x) || p(y))) of one split. log p(y) is a logsumexp of the log-probabilities, so a
+    saturated softmax (probabilities that underflow) gives the exact score, never NaN or inf."""
+    log_mean = torch.logsumexp(log_p, dim=0, keepdim=True) - math.log(p.shape[0])
+    kl = p * (log_p - log_mean)
     return kl.sum(dim=1).mean().exp().item()
 
 
