@@ -1,5 +1,6 @@
 """Runner throughput: end-to-end training images/s of the tiny pipelines, and the image loader's
 images/s (ADM crop from JPEG files), so the loader can be seen not to be the bottleneck."""
+
 import numpy as np
 import pytest
 import torch
@@ -13,15 +14,18 @@ from latentforge_runner.training import Trainer, TrainingSettings
 @pytest.mark.parametrize("pipeline", ["rae", "vavae-lightningdit"])
 def test_train_images_per_second(measure, full, tmp_path, pipeline):
     """One Trainer step = tokenizer encode on the fly + generator loss + backward + AdamW + EMA."""
-    tok_name, gen_name = {"rae": ("test-rae-tiny", "test-ditdh"),
-                          "vavae-lightningdit": ("test-vavae-tiny", "test-lightningdit")}[pipeline]
+    tok_name, gen_name = {
+        "rae": ("test-rae-tiny", "test-ditdh"),
+        "vavae-lightningdit": ("test-vavae-tiny", "test-lightningdit"),
+    }[pipeline]
     tokenizer = registry.tokenizers.build(tok_name).eval().requires_grad_(False)
     data = Digits("train", image_size=32)
     c, h, _ = tokenizer.latent_shape
     generator = registry.generators.build(gen_name, in_channels=c, input_size=h, num_classes=10)
     batch, steps = (64, 10) if full else (8, 2)
-    t = TrainingSettings(steps=10**9, batch_size=batch, lr=1e-4, ema_decay=0.999, checkpoint_every=10**9,
-                         log_every=10**9)
+    t = TrainingSettings(
+        steps=10**9, batch_size=batch, lr=1e-4, ema_decay=0.999, checkpoint_every=10**9, log_every=10**9
+    )
     trainer = Trainer(generator, t, run_dir=tmp_path, num_items=len(data), forward="loss")
 
     def loss_fn(m, b):
@@ -44,14 +48,23 @@ def test_image_folder_loader_images_per_second(measure, full, tmp_path):
     for i in range(n):
         folder = tmp_path / f"class_{i % 4}"
         folder.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (src, src + src // 3, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 256, (src, src + src // 3, 3), dtype=np.uint8)).save(
+            folder / f"{i}.jpg"
+        )
     dataset = ImageFolder(tmp_path, size)
     sampler = ResumableBatchSampler(len(dataset), 16 if full else 8)
 
     def run():
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate
+        )
         return sum(len(b["image"]) for b in loader)
 
-    seen = measure(run, group="runner image loader", impl="ours", items=sampler.batches_per_epoch * sampler.global_batch,
-                   unit="images/s")
+    seen = measure(
+        run,
+        group="runner image loader",
+        impl="ours",
+        items=sampler.batches_per_epoch * sampler.global_batch,
+        unit="images/s",
+    )
     assert seen == sampler.batches_per_epoch * sampler.global_batch

@@ -2,6 +2,7 @@
 
 usage: [torchrun --nproc-per-node N] ddp_child.py OUT.pt GLOBAL_BATCH GRAD_ACCUM
 """
+
 import sys
 
 import torch
@@ -16,9 +17,18 @@ torch.set_num_threads(1)
 dist = distributed.init("cpu")
 seed_everything(0)
 data = Digits("train", image_size=8)
-model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.GELU(), torch.nn.Linear(64, 10))
-t = TrainingSettings(steps=8, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, ema_decay=0.5, grad_clip=1.0,
-                     checkpoint_every=100)
+model = torch.nn.Sequential(
+    torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.GELU(), torch.nn.Linear(64, 10)
+)
+t = TrainingSettings(
+    steps=8,
+    batch_size=batch_size,
+    grad_accum=grad_accum,
+    lr=1e-2,
+    ema_decay=0.5,
+    grad_clip=1.0,
+    checkpoint_every=100,
+)
 trainer = Trainer(model, t, run_dir=out + ".run", num_items=len(data), dist=dist)
 trainer.fit(data.batch, lambda m, b: torch.nn.functional.cross_entropy(m(b["image"]), b["label"]))
 if dist.is_main:

@@ -5,6 +5,7 @@ usage: python resume_child.py RUN_DIR STEPS [--stall-in-checkpoint STEP]
 With ``--stall-in-checkpoint`` the run stops inside the write of checkpoint STEP (after part of
 its files exist), touches ``RUN_DIR/stalled`` and waits to be killed.
 """
+
 import sys
 import time
 from pathlib import Path
@@ -34,10 +35,24 @@ if stall_at is not None:
 seed_everything(0)
 data = Digits("train", image_size=8)
 model = torch.nn.Sequential(
-    torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.GELU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 10)
+    torch.nn.Flatten(),
+    torch.nn.Linear(192, 64),
+    torch.nn.GELU(),
+    torch.nn.Dropout(0.2),
+    torch.nn.Linear(64, 10),
 )
-t = TrainingSettings(steps=steps, batch_size=32, lr=3e-3, schedule="cosine", warmup_steps=5, ema_decay=0.9,
-                     checkpoint_every=10, keep_checkpoints=3, log_every=5, grad_clip=1.0)
+t = TrainingSettings(
+    steps=steps,
+    batch_size=32,
+    lr=3e-3,
+    schedule="cosine",
+    warmup_steps=5,
+    ema_decay=0.9,
+    checkpoint_every=10,
+    keep_checkpoints=3,
+    log_every=5,
+    grad_clip=1.0,
+)
 trainer = Trainer(model, t, run_dir=run_dir, num_items=len(data), model_config={"name": "digits-mlp"})
 trainer.resume()
 

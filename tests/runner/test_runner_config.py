@@ -1,5 +1,6 @@
 """Configs and CLI: every shipped config validates (names resolve, parameters bind, nothing built);
 bad configs fail with the key, what was wrong and what was expected."""
+
 import pytest
 import yaml
 
@@ -12,8 +13,15 @@ SHIPPED = sorted(cli.shipped_configs())
 
 
 def test_the_three_seed_pipelines_and_tiny_versions_are_shipped():
-    for name in ("rae-ditdh-xl", "vavae-lightningdit-xl", "digit-base-gpt", "tiny-rae", "tiny-vavae-lightningdit",
-                 "tiny-digit-gpt", "demo"):
+    for name in (
+        "rae-ditdh-xl",
+        "vavae-lightningdit-xl",
+        "digit-base-gpt",
+        "tiny-rae",
+        "tiny-vavae-lightningdit",
+        "tiny-digit-gpt",
+        "demo",
+    ):
         assert name in SHIPPED
 
 
@@ -42,8 +50,15 @@ def _parse(data):
 
 
 def test_overrides_parse_as_yaml_values():
-    data = apply_overrides(_tiny(), ["training.lr=3e-4", "training.betas=[0.9, 0.99]", "generator.params.depth=3",
-                                     "run.wandb_project=null"])
+    data = apply_overrides(
+        _tiny(),
+        [
+            "training.lr=3e-4",
+            "training.betas=[0.9, 0.99]",
+            "generator.params.depth=3",
+            "run.wandb_project=null",
+        ],
+    )
     cfg = _parse(data)
     assert cfg.training.lr == 3e-4 and cfg.training.betas == (0.9, 0.99)
     assert cfg.generator.params == {"depth": 3} and cfg.run.wandb_project is None
@@ -84,7 +99,9 @@ def test_missing_required_key():
 
 def test_unknown_registry_name_gets_suggestions():
     cfg = _parse(apply_overrides(_tiny(), ["generator.name=test-ditd"]))
-    with pytest.raises(ConfigError, match=r"generator.name: unknown generator 'test-ditd'. Did you mean 'test-ditdh'"):
+    with pytest.raises(
+        ConfigError, match=r"generator.name: unknown generator 'test-ditd'. Did you mean 'test-ditdh'"
+    ):
         validate(cfg)
 
 
@@ -95,7 +112,9 @@ def test_parameters_that_do_not_bind_are_caught_without_building():
         validate(cfg)
     # A builder taking **kwargs: the parameters travel to the backbone class, built on the meta device.
     cfg = _parse(apply_overrides(_tiny(), ["generator.params.dept=3"]))
-    with pytest.raises(ConfigError, match=r"tokenizer|generator.params: generator 'test-ditdh' does not accept.*dept"):
+    with pytest.raises(
+        ConfigError, match=r"tokenizer|generator.params: generator 'test-ditdh' does not accept.*dept"
+    ):
         validate(cfg)
     # The published XL sizes validate in seconds because nothing is allocated.
     cfg = _parse(load_yaml(cli.shipped_configs()["rae-ditdh-xl"]))

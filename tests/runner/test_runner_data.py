@@ -1,5 +1,6 @@
 """Data: ADM center crop, ImageNet-layout folders (empty → error, corrupted → skipped and counted),
 the embedded digits, and the resumable sharded batch sampler."""
+
 import logging
 
 import numpy as np
@@ -7,7 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from latentforge_runner.data import DataError, Digits, ImageFolder, ResumableBatchSampler, center_crop_arr, collate
+from latentforge_runner.data import (
+    DataError,
+    Digits,
+    ImageFolder,
+    ResumableBatchSampler,
+    center_crop_arr,
+    collate,
+)
 from latentforge_runner.training import Trainer, TrainingSettings
 
 
@@ -67,7 +75,10 @@ def test_corrupted_images_are_skipped_counted_and_reported(tmp_path, caplog):
         trainer.fit(ds, lambda m, b: torch.nn.functional.cross_entropy(m(b["image"]), b["label"]))
     assert trainer.step == 6
     assert len(trainer.skipped) == 6  # 3 epochs of 2 batches: each broken file met once per epoch
-    assert sorted({s.split(":")[0].rsplit("/", 1)[-1] for s in trainer.skipped}) == ["broken_0.jpg", "broken_1.jpg"]
+    assert sorted({s.split(":")[0].rsplit("/", 1)[-1] for s in trainer.skipped}) == [
+        "broken_0.jpg",
+        "broken_1.jpg",
+    ]
     assert "skipped 6 unreadable image(s)" in caplog.text
 
 
@@ -75,7 +86,7 @@ def test_digits_split_is_fixed_and_stratified():
     train, test = Digits("train", 8), Digits("test", 8)
     assert len(train) + len(test) == 1797 and len(test) == 360
     assert torch.bincount(test.labels).min() >= 35
-    assert train.images.shape[1:] == (3, 8, 8) and 0 <= train.images.min() and train.images.max() <= 1
+    assert train.images.shape[1:] == (3, 8, 8) and train.images.min() >= 0 and train.images.max() <= 1
     with pytest.raises(DataError, match="split must be"):
         Digits("val")
 
@@ -83,7 +94,7 @@ def test_digits_split_is_fixed_and_stratified():
 def test_sampler_shards_resumes_and_refuses_another_data_set():
     one = ResumableBatchSampler(100, 8, seed=3)
     ranks = [ResumableBatchSampler(100, 8, seed=3, rank=r, world_size=2) for r in range(2)]
-    for whole, a, b in zip(one, *ranks):
+    for whole, a, b in zip(one, *ranks, strict=True):
         assert whole == a + b
     assert len(list(one)) == 12  # the last 4 items are dropped
     for _ in range(15):

@@ -1,4 +1,5 @@
 """Two gloo processes under torchrun train the same weights as one process with the doubled batch."""
+
 import os
 import runpy
 import subprocess
@@ -22,7 +23,13 @@ def _run(out, batch, accum, nproc=None):
             runpy.run_path(str(CHILD), run_name="__main__")
         torch.set_num_threads(threads)
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+        ]
         proc = subprocess.run([*launcher, *args], env=ENV, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)

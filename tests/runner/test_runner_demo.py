@@ -1,4 +1,5 @@
 """The README's demo, run exactly as a user runs it (`latentforge run demo`), and its report's numbers."""
+
 import json
 import os
 import shutil
@@ -13,8 +14,13 @@ from PIL import Image
 @pytest.mark.slow
 def test_demo_meets_its_goals(tmp_path):
     exe = shutil.which("latentforge", path=str(Path(sys.executable).parent)) or "latentforge"
-    proc = subprocess.run([exe, "run", "demo", f"run.output_dir={tmp_path}"], capture_output=True, text=True,
-                          timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [exe, "run", "demo", f"run.output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "latentforge demo report" in proc.stdout
     report = json.loads((tmp_path / "report.json").read_text())

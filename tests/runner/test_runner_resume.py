@@ -1,4 +1,5 @@
 """Exact resume: a run killed with SIGKILL (mid-step or mid-checkpoint) and resumed ends bitwise equal."""
+
 import os
 import signal
 import subprocess
@@ -55,10 +56,20 @@ def _inprocess(run_dir, steps, stop_at=None):
 
     seed_everything(0)
     data = Digits("train", image_size=8)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 32), torch.nn.Dropout(0.2),
-                                torch.nn.Linear(32, 10))
-    t = TrainingSettings(steps=steps, batch_size=16, grad_accum=2, lr=3e-3, schedule="linear", warmup_steps=3,
-                         ema_decay=0.8, checkpoint_every=5, log_every=5)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(192, 32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 10)
+    )
+    t = TrainingSettings(
+        steps=steps,
+        batch_size=16,
+        grad_accum=2,
+        lr=3e-3,
+        schedule="linear",
+        warmup_steps=3,
+        ema_decay=0.8,
+        checkpoint_every=5,
+        log_every=5,
+    )
     trainer = Trainer(model, t, run_dir=run_dir, num_items=len(data), model_config={"name": "mlp"})
     trainer.resume()
 
@@ -87,9 +98,9 @@ def test_resume_in_process_is_bitwise(tmp_path):
     torch.manual_seed(123)  # clobber every RNG: the resumed run must restore them itself
     resumed = _inprocess(tmp_path / "b", 12)
     assert resumed.step == full.step == 12
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
-    for a, b in zip(full.ema.module.parameters(), resumed.ema.module.parameters()):
+    for a, b in zip(full.ema.module.parameters(), resumed.ema.module.parameters(), strict=True):
         assert torch.equal(a, b)
     assert resumed.scheduler.get_last_lr() == full.scheduler.get_last_lr()
     assert resumed.sampler.state_dict() == full.sampler.state_dict()

@@ -1,10 +1,11 @@
 """``latentforge``: run a recipe from a config, list the registries, validate a config.
 
-    latentforge run demo                                   # the README's demo, default config
-    latentforge run train-generator --config rae-ditdh-xl training.lr=1e-4
-    latentforge ls [encoders|tokenizers|generators|metrics|recipes|configs]
-    latentforge validate rae-ditdh-xl                      # names resolve, parameters bind
+latentforge run demo                                   # the README's demo, default config
+latentforge run train-generator --config rae-ditdh-xl training.lr=1e-4
+latentforge ls [encoders|tokenizers|generators|metrics|recipes|configs]
+latentforge validate rae-ditdh-xl                      # names resolve, parameters bind
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,12 +117,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentforge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="latentforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe")
     run.add_argument("recipe", help="a registered recipe (latentforge ls recipes)")
-    run.add_argument("--config", "-c", help="a YAML file or a shipped config name (default: the recipe's own)")
+    run.add_argument(
+        "--config", "-c", help="a YAML file or a shipped config name (default: the recipe's own)"
+    )
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     run.set_defaults(fn=cmd_run)
     val = sub.add_parser("validate", help="check a config without building models")

@@ -7,6 +7,7 @@ type.  Blocks that name a registry entry (:class:`Component`) are checked by :fu
 building anything: the name must resolve and the parameters must bind to the builder's signature,
 as torchtune's ``config.validate`` does.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -133,7 +134,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {len(value)}")
-            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         else:
             item_tp = args[0] if args else Any
             items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -316,9 +317,15 @@ def _build_on_meta(factory: Any, params: dict[str, Any], where: str, kind: str, 
     weights read) to see that every parameter is accepted somewhere down the line."""
     import torch
 
-    files = {k for k, v in params.items() if isinstance(v, str) and (v.endswith(WEIGHT_SUFFIXES) or v.startswith("hf:"))}
+    files = {
+        k
+        for k, v in params.items()
+        if isinstance(v, str) and (v.endswith(WEIGHT_SUFFIXES) or v.startswith("hf:"))
+    }
     try:
         with torch.device("meta"):
             factory(**{k: v for k, v in params.items() if k not in files})
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}.params: {kind[:-1]} {name!r} does not accept these parameters: {err}") from err
+        raise ConfigError(
+            f"{where}.params: {kind[:-1]} {name!r} does not accept these parameters: {err}"
+        ) from err

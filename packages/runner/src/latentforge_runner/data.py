@@ -5,6 +5,7 @@ apply their own preprocessing.  An unreadable image is skipped, counted and repo
 carries the paths it dropped) instead of stopping a long run.  The batch sampler's order depends
 only on ``(seed, epoch)``, so its position is two integers a checkpoint can store.
 """
+
 from __future__ import annotations
 
 import math
@@ -132,7 +133,9 @@ class Digits(torch.utils.data.Dataset):
             keep = torch.from_numpy(np.sort(train_idx if split == "train" else test_idx))
             images, labels = images[keep], labels[keep]
         if image_size != 8:
-            images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
+            images = torch.nn.functional.interpolate(
+                images, size=image_size, mode="bilinear", align_corners=False
+            )
         self.images = images.clamp_(0, 1).expand(-1, channels, -1, -1).contiguous()
         self.labels = labels
         self.classes = [str(i) for i in range(10)]
@@ -172,8 +175,16 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
     batch of an epoch is dropped.
     """
 
-    def __init__(self, n: int, global_batch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
+    def __init__(
+        self,
+        n: int,
+        global_batch: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
         if global_batch % world_size:
             raise DataError(f"global batch {global_batch} is not divisible by {world_size} processes")
         if n < global_batch:
@@ -206,8 +217,13 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
             self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": self.n,
-                "global_batch": self.global_batch}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "n": self.n,
+            "global_batch": self.global_batch,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("seed", "n", "global_batch"):

@@ -5,6 +5,7 @@ Several machines use torchrun's rendezvous, e.g. on each of two nodes::
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         -m latentforge_runner.cli run train-generator --config my.yaml
 """
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ the metadata) and ``state.pt`` (optimiser, scheduler, step, every RNG state, the
 The folder is written under a hidden temporary name and renamed when complete, so a process killed
 at any moment leaves only whole checkpoints; resuming from one continues bitwise as if never stopped.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,7 +71,14 @@ class TrainingSettings(Settings):
     num_workers: int = 0
 
     def __attrs_post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
@@ -126,8 +134,14 @@ class EMA:
 class RunLogger:
     """Scalars to ``metrics.jsonl`` and TensorBoard (and W&B when asked and installed); main process only."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, wandb_project: str | None = None,
-                 config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        wandb_project: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._tb = self._wandb = None
@@ -149,7 +163,9 @@ class RunLogger:
             try:
                 import wandb
 
-                self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=dict(config or {}))
+                self._wandb = wandb.init(
+                    project=wandb_project, dir=str(self.run_dir), config=dict(config or {})
+                )
             except ImportError:
                 log.warning("wandb is not installed; pip install wandb to log there")
 
@@ -195,10 +211,19 @@ class Trainer:
     the trainer splits it into ``grad_accum`` micro-batches along dim 0 of every tensor.
     """
 
-    def __init__(self, model: torch.nn.Module, t: TrainingSettings, *, run_dir: str | Path,
-                 num_items: int, dist: distributed.DistInfo | None = None,
-                 model_config: Mapping[str, Any] | None = None, logger: RunLogger | None = None,
-                 params: Iterable[torch.nn.Parameter] | None = None, forward: str = "forward"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        t: TrainingSettings,
+        *,
+        run_dir: str | Path,
+        num_items: int,
+        dist: distributed.DistInfo | None = None,
+        model_config: Mapping[str, Any] | None = None,
+        logger: RunLogger | None = None,
+        params: Iterable[torch.nn.Parameter] | None = None,
+        forward: str = "forward",
+    ):
         self.t = t
         self.dist = dist or distributed.DistInfo()
         self.device = self.dist.device
@@ -210,12 +235,14 @@ class Trainer:
         trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, eps=t.eps,
-                                           weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay is not None else None
-        self.sampler = ResumableBatchSampler(num_items, t.batch_size, seed=t.seed, rank=self.dist.rank,
-                                             world_size=self.dist.world_size)
+        self.sampler = ResumableBatchSampler(
+            num_items, t.batch_size, seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size
+        )
         self.step = 0
         self.skipped: list[str] = []
         self.dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[t.precision]
@@ -223,22 +250,35 @@ class Trainer:
         # gradient hooks see the call.
         entry = self.model if forward == "forward" else _Method(self.model, forward)
         if self.dist.enabled:
-            entry = DistributedDataParallel(entry, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            entry = DistributedDataParallel(
+                entry, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.ddp = entry
         self.forward_model = torch.compile(entry) if t.compile else entry
 
     # -------------------------------------------------------------------------------- the loop
-    def fit(self, data: Callable[[list[int]], Mapping[str, Any]] | torch.utils.data.Dataset,
-            loss_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor | tuple[torch.Tensor, dict]],
-            *, on_step: Callable[[Trainer], None] | None = None, desc: str = "train") -> dict[str, float]:
+    def fit(
+        self,
+        data: Callable[[list[int]], Mapping[str, Any]] | torch.utils.data.Dataset,
+        loss_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor | tuple[torch.Tensor, dict]],
+        *,
+        on_step: Callable[[Trainer], None] | None = None,
+        desc: str = "train",
+    ) -> dict[str, float]:
         """Run until ``t.steps``; checkpoints every ``checkpoint_every`` steps and at the end.
 
         ``data`` is ``fetch(indices) -> batch`` (data in memory), or a Dataset read by a DataLoader
         with ``t.num_workers`` workers and :func:`~latentforge_runner.data.collate`.
         """
         self.model.train()
-        bar = tqdm(total=self.t.steps, initial=self.step, desc=desc, disable=not self.dist.is_main,
-                   dynamic_ncols=True, unit="step")
+        bar = tqdm(
+            total=self.t.steps,
+            initial=self.step,
+            desc=desc,
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+            unit="step",
+        )
         window: dict[str, list[float]] = {}
         last: dict[str, float] = {}
         start, start_step = time.perf_counter(), self.step
@@ -253,7 +293,9 @@ class Trainer:
                 if self.step % self.t.log_every == 0 or self.step == self.t.steps:
                     last = {k: sum(v) / len(v) for k, v in window.items()}
                     last["lr"] = self.scheduler.get_last_lr()[0]
-                    last["images_per_s"] = (self.step - start_step) * self.t.batch_size / (time.perf_counter() - start)
+                    last["images_per_s"] = (
+                        (self.step - start_step) * self.t.batch_size / (time.perf_counter() - start)
+                    )
                     self.logger.scalars({f"{desc}/{k}": v for k, v in last.items()}, self.step)
                     bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
                     window = {}
@@ -265,7 +307,9 @@ class Trainer:
                     break
         bar.close()
         if self.skipped:
-            log.warning("skipped %d unreadable image(s) so far, first: %s", len(self.skipped), self.skipped[0])
+            log.warning(
+                "skipped %d unreadable image(s) so far, first: %s", len(self.skipped), self.skipped[0]
+            )
         return last
 
     def _epoch(self, data) -> Iterable[Mapping[str, Any]]:
@@ -275,17 +319,25 @@ class Trainer:
         # A fresh loader per epoch, its worker seeds drawn from its own generator, so that creating
         # it never touches the global RNG (a resumed run creates one at another moment).
         generator = torch.Generator().manual_seed(self.t.seed * 100_003 + self.sampler.epoch)
-        return torch.utils.data.DataLoader(data, batch_sampler=self.sampler, num_workers=self.t.num_workers,
-                                           collate_fn=collate, generator=generator,
-                                           pin_memory=self.device.type == "cuda")
+        return torch.utils.data.DataLoader(
+            data,
+            batch_sampler=self.sampler,
+            num_workers=self.t.num_workers,
+            collate_fn=collate,
+            generator=generator,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _train_step(self, batch: Mapping[str, Any], loss_fn) -> dict[str, float]:
         self.skipped += batch.get("skipped", [])
         if any(v is None for v in batch.values()):
             log.warning("step %d: every image of the batch was unreadable; no update", self.step)
             return {}
-        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items() if k != "skipped"}
+        batch = {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+            if k != "skipped"
+        }
         micro = _split(batch, self.t.grad_accum)
         logs: dict[str, float] = {}
         for i, part in enumerate(micro):
@@ -302,9 +354,13 @@ class Trainer:
                     )
                 (loss / len(micro)).backward()
             for k, v in {"loss": loss, **extra}.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / len(micro)
+                logs[k] = logs.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / len(
+                    micro
+                )
         if self.t.grad_clip is not None:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip))
+            logs["grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -346,7 +402,9 @@ class Trainer:
         """Load the newest whole checkpoint of this run (or ``path``); False when there is none."""
         if path is None:
             for partial in self.ckpt_dir.glob(".*.partial"):
-                log.warning("removing the unfinished checkpoint %s (the run stopped while writing it)", partial)
+                log.warning(
+                    "removing the unfinished checkpoint %s (the run stopped while writing it)", partial
+                )
                 shutil.rmtree(partial, ignore_errors=True)
             found = list_checkpoints(self.ckpt_dir)
             if not found:
@@ -406,8 +464,10 @@ def _split(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
     for key, value in batch.items():
         chunks = value.chunk(parts) if isinstance(value, torch.Tensor) else [value] * parts
         if len(chunks) != parts:
-            raise ValueError(f"batch field {key!r} of {len(value)} cannot be split into {parts} micro-batches")
-        for d, c in zip(out, chunks):
+            raise ValueError(
+                f"batch field {key!r} of {len(value)} cannot be split into {parts} micro-batches"
+            )
+        for d, c in zip(out, chunks, strict=True):
             d[key] = c
     return out
 

@@ -4,6 +4,7 @@ Each recipe class carries its ``Settings`` (the schema and defaults of its confi
 under the ``latentforge.recipes`` entry-point group.  What every recipe shares — the ``run`` block
 and the run folder — lives here as plain functions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,9 +44,13 @@ def open_run(recipe: str, cfg: Any) -> tuple[Path, distributed.DistInfo, RunLogg
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml({"recipe": recipe, **cfg.to_dict()}, run_dir / "config.yaml")
-        if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
-                   for h in log.handlers):
+        if not any(
+            isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
+            for h in log.handlers
+        ):
             log.addHandler(logging.StreamHandler(sys.stderr))
-    logger = RunLogger(run_dir, enabled=dist.is_main, wandb_project=cfg.run.wandb_project, config=cfg.to_dict())
+    logger = RunLogger(
+        run_dir, enabled=dist.is_main, wandb_project=cfg.run.wandb_project, config=cfg.to_dict()
+    )
     log.info("%s: run folder %s, device %s, %d process(es)", recipe, run_dir, dist.device, dist.world_size)
     return run_dir, dist, logger

@@ -14,6 +14,7 @@ Stages (each a Trainer run with its own checkpoints, so an interrupted demo resu
                   (asked class vs predicted) and the Fréchet distance of its features, beside the same
                   distance for held-out real digits (the floor) and for noise (the ceiling).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,16 @@ log = logging.getLogger("latentforge")
 # Settings (the defaults are the demo's config)
 # ------------------------------------------------------------------------------------------------
 def _quick(**kw: Any) -> TrainingSettings:
-    base = dict(lr=2e-3, betas=(0.9, 0.99), ema_decay=None, log_every=25, checkpoint_every=10**9, warmup_steps=20,
-                schedule="cosine", final_lr=1e-5)
+    base = dict(
+        lr=2e-3,
+        betas=(0.9, 0.99),
+        ema_decay=None,
+        log_every=25,
+        checkpoint_every=10**9,
+        warmup_steps=20,
+        schedule="cosine",
+        final_lr=1e-5,
+    )
     return TrainingSettings(**{**base, **kw})
 
 
@@ -79,11 +88,16 @@ class DemoSettings(Settings):
     encoder_training: TrainingSettings = _quick(steps=300, batch_size=64)
     decoder: DecoderSettings = DecoderSettings()
     generator: Component = component(
-        "generators", injected=("in_channels", "input_size", "num_classes"),
+        "generators",
+        injected=("in_channels", "input_size", "num_classes"),
         default=Component(name="test-ditdh"),  # RAE's DiT with a wide DDT head, tiny size
     )
-    generator_training: TrainingSettings = _quick(steps=1500, batch_size=64, lr=1e-3, ema_decay=0.995,
-                                                  warmup_steps=50)
+    generator_training: TrainingSettings = _quick(
+        steps=1500, batch_size=64, lr=1e-3, ema_decay=0.995, warmup_steps=50, grad_clip=1.0
+    )
+    # DiT's class table starts at N(0, 0.02) behind zero-initialised adaLN, so class conditioning forms
+    # over ~10^5 steps; the demo has ~10^3. A unit-variance table forms it within a few hundred.
+    class_embedding_std: float | None = 1.0
     evaluator: EvaluatorSettings = EvaluatorSettings()
 
 
@@ -152,8 +166,16 @@ class DemoRecipe:
 
     # -------------------------------------------------------------------------------- stages
     def _fit(self, stage: str, model: nn.Module, t: TrainingSettings, fetch, loss_fn, **kw) -> Trainer:
-        trainer = Trainer(model, t, run_dir=self.run_dir / stage, num_items=len(self.train), dist=self.dist,
-                          logger=self.logger, model_config={"name": f"demo-{stage}"}, **kw)
+        trainer = Trainer(
+            model,
+            t,
+            run_dir=self.run_dir / stage,
+            num_items=len(self.train),
+            dist=self.dist,
+            logger=self.logger,
+            model_config={"name": f"demo-{stage}"},
+            **kw,
+        )
         if self.cfg.run.resume:
             trainer.resume()
         trainer.fit(fetch, loss_fn, desc=stage)
@@ -173,18 +195,26 @@ class DemoRecipe:
 
         trainer = self._fit("evaluator", model, self.cfg.evaluator.training, self._images, loss_fn)
         model = trainer.model.eval()
-        self.report["evaluator_accuracy_heldout"] = _accuracy(model, self.test.images, self.test.labels, self.device)
+        self.report["evaluator_accuracy_heldout"] = _accuracy(
+            model, self.test.images, self.test.labels, self.device
+        )
         return model
 
     def train_encoder(self) -> nn.Module:
         torch.manual_seed(self.cfg.run.seed)
         encoder = self.cfg.encoder.build("encoders", frozen=False)
         classifier = Classifier(encoder)
-        trainer = self._fit("encoder", classifier, self.cfg.encoder_training, self._images,
-                            lambda m, b: F.cross_entropy(m(b["image"]), b["label"]))
+        trainer = self._fit(
+            "encoder",
+            classifier,
+            self.cfg.encoder_training,
+            self._images,
+            lambda m, b: F.cross_entropy(m(b["image"]), b["label"]),
+        )
         classifier = trainer.model.eval()
-        self.report["encoder_accuracy_heldout"] = _accuracy(classifier, self.test.images, self.test.labels,
-                                                            self.device)
+        self.report["encoder_accuracy_heldout"] = _accuracy(
+            classifier, self.test.images, self.test.labels, self.device
+        )
         encoder = classifier.encoder.requires_grad_(False).eval()
         encoder.frozen = True
         return encoder
@@ -194,14 +224,26 @@ class DemoRecipe:
 
         torch.manual_seed(self.cfg.run.seed)
         c, h, w = encoder.feature_shape()
-        decoder = RAEDecoder(latent_dim=c, patch_size=self.cfg.image_size // h, num_patches=h * w,
-                             **RAE_DECODERS[self.cfg.decoder.size])
+        decoder = RAEDecoder(
+            latent_dim=c,
+            patch_size=self.cfg.image_size // h,
+            num_patches=h * w,
+            **RAE_DECODERS[self.cfg.decoder.size],
+        )
         rae = RAE(encoder, decoder, noise_tau=self.cfg.decoder.noise_tau)
-        trainer = self._fit("decoder", rae, self.cfg.decoder.training, self._images,
-                            lambda m, b: F.mse_loss(m(b["image"]), b["image"]), params=decoder.parameters())
+        trainer = self._fit(
+            "decoder",
+            rae,
+            self.cfg.decoder.training,
+            self._images,
+            lambda m, b: F.mse_loss(m(b["image"]), b["image"]),
+            params=decoder.parameters(),
+        )
         rae = trainer.model.eval()
         with torch.no_grad():
-            recon = torch.cat([rae.decode(rae.encode(x.to(self.device))).cpu() for x in self.test.images.split(256)])
+            recon = torch.cat(
+                [rae.decode(rae.encode(x.to(self.device))).cpu() for x in self.test.images.split(256)]
+            )
         mse = (recon - self.test.images).pow(2).flatten(1).mean(1)
         self.report["decoder_psnr_heldout"] = float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
         return rae
@@ -209,14 +251,25 @@ class DemoRecipe:
     def train_generator(self, rae: nn.Module) -> nn.Module:
         rae.compute_stats([x.to(self.device) for x in self.train.images.split(256)])  # per element, as RAE
         with torch.no_grad():
-            z = torch.cat([rae.encode(x.to(self.device), normalize=True) for x in self.train.images.split(256)])
+            z = torch.cat(
+                [rae.encode(x.to(self.device), normalize=True) for x in self.train.images.split(256)]
+            )
         labels = self.train.labels.to(self.device)
         torch.manual_seed(self.cfg.run.seed)
         c, h, w = z.shape[1:]
         generator = self.cfg.generator.build("generators", in_channels=c, input_size=h, num_classes=10)
-        trainer = self._fit("generator", generator, self.cfg.generator_training,
-                            lambda idx: {"x": z[idx], "y": labels[idx]},
-                            lambda m, b: m(b["x"], b["y"]), forward="loss")
+        if self.cfg.class_embedding_std is not None:
+            nn.init.normal_(
+                generator.backbone.y_embedder.embedding_table.weight, std=self.cfg.class_embedding_std
+            )
+        trainer = self._fit(
+            "generator",
+            generator,
+            self.cfg.generator_training,
+            lambda idx: {"x": z[idx], "y": labels[idx]},
+            lambda m, b: m(b["x"], b["y"]),
+            forward="loss",
+        )
         rae.stats.save(self.run_dir / "generator" / "latent_stats.safetensors")
         return trainer.eval_model()
 
@@ -303,7 +356,8 @@ def format_report(report: dict[str, Any], run_dir: Path) -> str:
         f"| evaluator accuracy, held-out real digits | {100 * r['evaluator_accuracy_heldout']:.1f}% |",
         f"| encoder (tiny ViT) accuracy, held-out | {100 * r['encoder_accuracy_heldout']:.1f}% |",
         f"| RAE decoder PSNR, held-out | {r['decoder_psnr_heldout']:.1f} dB |",
-        f"| **generated digits classified as asked** (goal ≥ 90%) | **{100 * r['generated_accuracy']:.1f}%** |",
+        f"| **generated digits classified as asked** (goal ≥ 90%) "
+        f"| **{100 * r['generated_accuracy']:.1f}%** |",
         f"| Fréchet distance, generated ({r['num_generated']}) | **{r['fd_generated']:.2f}** |",
         f"| Fréchet distance, held-out real digits (floor) | {r['fd_real_heldout']:.2f} |",
         f"| Fréchet distance, uniform noise (ceiling) | {r['fd_noise']:.2f} |",

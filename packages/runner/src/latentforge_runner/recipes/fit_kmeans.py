@@ -7,6 +7,7 @@
 Writes ``<output_dir>/centroids.safetensors`` (centroids + encoder config), which ``train-generator``
 takes as ``tokenizer.params.centroids``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,12 +42,16 @@ class FitKMeansRecipe:
 
     def setup(self) -> None:
         self.run_dir, self.dist, self.logger = open_run("fit-kmeans", self.cfg)
-        self.dataset = build_dataset(self.cfg.data.name, image_size=self.cfg.data.image_size, root=self.cfg.data.root)
+        self.dataset = build_dataset(
+            self.cfg.data.name, image_size=self.cfg.data.image_size, root=self.cfg.data.root
+        )
         self.tokenizer = self.cfg.tokenizer.build("tokenizers").to(self.dist.device)
 
     def _batches(self):
         n, b = min(len(self.dataset), self.cfg.max_images), self.cfg.batch_size
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.run.seed))[:n]
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.run.seed))[
+            :n
+        ]
         for start in tqdm(range(0, n, b), desc="features", unit="batch", disable=not self.dist.is_main):
             items = [self.dataset[int(i)] for i in order[start : start + b]]
             good = [it["image"] for it in items if "error" not in it]

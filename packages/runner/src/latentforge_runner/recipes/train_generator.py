@@ -9,6 +9,7 @@ ones (K-Means, VQGAN) give token grids ``[B, h, w]`` to GPT/MaskGIT, which recei
 ``grid_size``/``num_classes``.  Every ``eval.every`` steps a class-balanced grid of samples from the
 EMA goes to TensorBoard and ``samples/``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,9 @@ class EvalSettings(Settings):
     sampler: dict = attrs.field(factory=dict)  # keyword arguments of generator.sample
     stats_batches: int = 16  # batches for latent statistics when the tokenizer has none
     stats_reduce: Literal["channel", "element"] = "element"  # RAE: per element; VA-VAE: per channel
-    guidance_model: Component | None = component("generators", default=None,
-                                                  injected=("in_channels", "input_size", "num_classes"))
+    guidance_model: Component | None = component(
+        "generators", default=None, injected=("in_channels", "input_size", "num_classes")
+    )
     guidance_weights: str | None = None  # the weak model's EMA weights (our safetensors) for autoguidance
 
 
@@ -84,9 +86,16 @@ class TrainGeneratorRecipe:
             c, h, _ = self.tokenizer.latent_shape
             shape = dict(in_channels=c, input_size=h)
         self.generator = cfg.generator.build("generators", num_classes=cfg.data.num_classes, **shape)
-        self.trainer = Trainer(self.generator, cfg.training, run_dir=self.run_dir, num_items=len(self.dataset),
-                               dist=self.dist, logger=self.logger, forward="loss",
-                               model_config={"name": cfg.generator.name, **cfg.generator.params, **shape})
+        self.trainer = Trainer(
+            self.generator,
+            cfg.training,
+            run_dir=self.run_dir,
+            num_items=len(self.dataset),
+            dist=self.dist,
+            logger=self.logger,
+            forward="loss",
+            model_config={"name": cfg.generator.name, **cfg.generator.params, **shape},
+        )
         if cfg.run.resume:
             self.trainer.resume()
 
@@ -94,8 +103,10 @@ class TrainGeneratorRecipe:
         from latentforge_tokenizers.stats import compute_latent_stats
 
         n = min(len(self.dataset), self.cfg.eval.stats_batches * 64)
-        batches = (torch.stack([self.dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(self.device)
-                   for s in range(0, n, 64))
+        batches = (
+            torch.stack([self.dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(self.device)
+            for s in range(0, n, 64)
+        )
         stats = compute_latent_stats(self.tokenizer.encode, batches, reduce=self.cfg.eval.stats_reduce)
         self.tokenizer.set_stats(stats)
         log.info("latent statistics (per %s) computed on %d images", self.cfg.eval.stats_reduce, n)
@@ -126,14 +137,18 @@ class TrainGeneratorRecipe:
         state = torch.get_rng_state()  # sampling must not move the training RNG
         model = self.trainer.eval_model()
         out = model.sample(y.to(self.device), **self.cfg.eval.sampler, **self._guidance())
-        images = (self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)).cpu()
+        images = (
+            self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)
+        ).cpu()
         torch.set_rng_state(state)
         self.trainer.model.train()
         cols = int(n**0.5)
         grid = rearrange(images[: cols * (n // cols)].clamp(0, 1), "(r c) ch h w -> ch (r h) (c w)", c=cols)
         self.logger.images("samples", grid, step)
         (self.run_dir / "samples").mkdir(exist_ok=True)
-        Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(self.run_dir / "samples" / f"{step:08d}.png")
+        Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(
+            self.run_dir / "samples" / f"{step:08d}.png"
+        )
 
     def _guidance(self) -> dict[str, Any]:
         """``guidance_model=`` for autoguidance, built once from ``eval.guidance_model``."""
@@ -142,8 +157,11 @@ class TrainGeneratorRecipe:
             return {}
         if not hasattr(self, "_guide"):
             c, h, _ = self.tokenizer.latent_shape
-            self._guide = block.build("generators", in_channels=c, input_size=h,
-                                      num_classes=self.cfg.data.num_classes).to(self.device).eval()
+            self._guide = (
+                block.build("generators", in_channels=c, input_size=h, num_classes=self.cfg.data.num_classes)
+                .to(self.device)
+                .eval()
+            )
             if self.cfg.eval.guidance_weights:
                 load_into(self._guide, load_checkpoint(self.cfg.eval.guidance_weights)[0])
         return {"guidance": "autoguidance", "guidance_model": self._guide}
