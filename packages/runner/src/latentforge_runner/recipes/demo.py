@@ -1,7 +1,7 @@
 """The demo: one whole representation-aligned pipeline on scikit-learn's digits, on a CPU, in minutes.
 
     latentforge run demo                       # default config, nothing downloaded
-    latentforge run demo generator.training.steps=3000 run.output_dir=runs/demo-long
+    latentforge run demo generator_training.steps=6000 run.output_dir=runs/demo-long
 
 Stages (each a Trainer run with its own checkpoints, so an interrupted demo resumes):
   1. evaluator  — a small CNN trained on the digits; it only *measures* (never trains the pipeline);
@@ -64,7 +64,7 @@ class EvaluatorSettings(Settings):
 
     training: TrainingSettings = _quick(steps=800, batch_size=64, lr=3e-3)
     samples_per_class: int = 36  # 360 generated digits, as many as the held-out real ones
-    sampler: dict = attrs.field(factory=lambda: {"sampler": "heun", "steps": 20, "cfg_scale": 2.0})
+    sampler: dict = attrs.field(factory=lambda: {"sampler": "heun", "steps": 20, "cfg_scale": 4.0})
 
 
 @settings
@@ -90,10 +90,11 @@ class DemoSettings(Settings):
     generator: Component = component(
         "generators",
         injected=("in_channels", "input_size", "num_classes"),
-        default=Component(name="test-ditdh"),  # RAE's DiT with a wide DDT head, tiny size
+        # RAE's DiT with a wide DDT head, tiny size; no dimension shift (sqrt(1024/4096) would be 0.5)
+        default=Component(name="test-ditdh", params={"transport": {"shift": 1.0}}),
     )
     generator_training: TrainingSettings = _quick(
-        steps=1500, batch_size=64, lr=1e-3, ema_decay=0.995, warmup_steps=50, grad_clip=1.0
+        steps=3000, batch_size=64, lr=3e-3, ema_decay=0.995, warmup_steps=50, grad_clip=1.0
     )
     # DiT's class table starts at N(0, 0.02) behind zero-initialised adaLN, so class conditioning forms
     # over ~10^5 steps; the demo has ~10^3. A unit-variance table forms it within a few hundred.
