@@ -90,3 +90,14 @@ def test_seed_and_rng_state_round_trip(tmp_path):
     assert draws() == expected
     with pytest.raises(ValueError, match="seed must be in"):
         seed_everything(-1)
+
+
+def test_preprocessing_round_trips_through_json():
+    import json
+
+    from latentforge_core import Preprocessing
+
+    prep = Preprocessing(input_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    data = json.loads(json.dumps(prep.to_dict()))
+    assert data["mean"] == [0.485, 0.456, 0.406]
+    assert Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}) == prep

@@ -24,7 +24,7 @@ class Preprocessing:
     value_range: tuple[float, float] = (0.0, 1.0)  # range after mean/std (e.g. (-1, 1) for VAEs)
 
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self, retain_collection_types=False)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(self).items()}
 
 
 @runtime_checkable

@@ -314,7 +314,7 @@ def save_encoder(encoder: FrozenEncoder, path: str | os.PathLike) -> Path:
             "name": encoder.name,
             "vit": {**encoder.vit.config, "pos_antialias": encoder.vit.pos_antialias,
                     "pos_offset": encoder.vit.pos_offset},
-            "preprocessing": attrs.asdict(encoder.preprocessing),  # core's to_dict fails on attrs 25
+            "preprocessing": encoder.preprocessing.to_dict(),
             "spec": encoder.spec.to_dict(),
         }
     }  # fmt: skip
