@@ -1,4 +1,5 @@
 """Shared by tests/ and benchmarks/."""
+
 import importlib.util
 from pathlib import Path
 

@@ -1,6 +1,8 @@
 """Attention throughput: core's dispatcher (SDPA on CPU, xformers on CUDA) vs the written-out formula."""
+
 import pytest
 import torch
+
 from latentforge_core import attention
 
 
@@ -11,6 +13,10 @@ def test_attention_tokens_per_second(measure, full, device, impl):
     backend = "auto" if impl == "ours" else "math"
     out = measure(
         lambda: attention(q, k, v, backend=backend),
-        group="attention-b12x256x64", impl=impl, items=b * n, unit="tokens/s", flops=4 * b * h * n * n * d,
+        group="attention-b12x256x64",
+        impl=impl,
+        items=b * n,
+        unit="tokens/s",
+        flops=4 * b * h * n * n * d,
     )
     assert out.shape == (b, h, n, d)

@@ -8,6 +8,7 @@
   peak measured here by a large fp32 matmul in the same run), and the ``group``/``impl`` pair so the
   report puts ours beside the peer and prints the ratio.
 """
+
 from __future__ import annotations
 
 import os
@@ -116,9 +117,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 ratio = f"{ours['throughput'] / r['throughput']:.2f}x"
             gf = f"{r['gflops']:.1f}" if "gflops" in r else ""
             mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else ""
-            lines.append(f"| {group} | {r['impl']} | {r['throughput']:.2f} {r['unit']} | {gf} | {mfu} | {ratio} |")
+            lines.append(
+                f"| {group} | {r['impl']} | {r['throughput']:.2f} {r['unit']} | {gf} | {mfu} | {ratio} |"
+            )
     table = "\n".join(lines)
-    RESULTS.write_text(f"# Benchmark results\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads\n\n{table}\n")
+    RESULTS.write_text(
+        f"# Benchmark results\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads\n\n{table}\n"
+    )
     terminalreporter.write_line("")
     terminalreporter.write_line(table)
     terminalreporter.write_line(f"(written to {RESULTS}; raw numbers: {len(_rows)} rows)")

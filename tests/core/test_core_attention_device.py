@@ -3,15 +3,27 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from latentforge_core import attention
 from latentforge_core.attention import resolve_backend, xformers_available
-from latentforge_core.device import autocast, default_dtype, resolve_device, rng_state, seed_everything, set_rng_state
+from latentforge_core.device import (
+    autocast,
+    default_dtype,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 
 def qkv(n=5, m=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     m = n if m is None else m
-    return (torch.randn(2, 3, n, 8, generator=g), torch.randn(2, 3, m, 8, generator=g), torch.randn(2, 3, m, 8, generator=g))
+    return (
+        torch.randn(2, 3, n, 8, generator=g),
+        torch.randn(2, 3, m, 8, generator=g),
+        torch.randn(2, 3, m, 8, generator=g),
+    )
 
 
 def reference(q, k, v, mask=None):
@@ -44,9 +56,13 @@ def test_boolean_and_additive_masks():
     mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) > 0.3
     mask[:, 0] = True
     expected = reference(q, k, v, mask)
-    torch.testing.assert_close(attention(q, k, v, attn_mask=mask, backend="math"), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention(q, k, v, attn_mask=mask, backend="math"), expected, atol=1e-5, rtol=1e-5
+    )
     additive = torch.zeros(4, 6).masked_fill(~mask, float("-inf"))
-    torch.testing.assert_close(attention(q, k, v, attn_mask=additive, backend="sdpa"), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention(q, k, v, attn_mask=additive, backend="sdpa"), expected, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_bad_input_and_backend_selection():

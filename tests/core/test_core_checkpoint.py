@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+
 from latentforge_core.checkpoint import (
     CheckpointError,
     atomic_path,
@@ -51,7 +52,9 @@ def test_missing_file(tmp_path):
 
 def test_wrong_model_lists_keys_and_shapes():
     model = tiny()
-    bigger = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 2), torch.nn.Linear(2, 2))
+    bigger = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 2), torch.nn.Linear(2, 2)
+    )
     with pytest.raises(CheckpointError) as err:
         load_into(model, bigger.state_dict())
     msg = str(err.value)

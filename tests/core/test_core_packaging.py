@@ -1,4 +1,5 @@
 """Installability: a third-party plugin appears and disappears with pip; packages install alone."""
+
 import configparser
 import json
 import subprocess
@@ -19,10 +20,14 @@ def make_venv(path: Path, *, chain_to_current: bool) -> Path:
     flags = ["--without-pip"] if chain_to_current else []
     subprocess.run([sys.executable, "-m", "venv", *flags, str(path)], check=True)
     python = path / "bin" / "python"
-    site = Path(subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     if chain_to_current:
         here = Path(sysconfig.get_paths()["purelib"])
         (site / "_chain.pth").write_text(f"import site; site.addsitedir({str(here)!r})\n")
@@ -62,8 +67,18 @@ def test_plugin_example_installs_lists_builds_and_uninstalls(tmp_path):
 
 def build_wheel(package: str, out: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-         str(ROOT / "packages" / package)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(ROOT / "packages" / package),
+        ],
         check=True,
     )
     return next(out.glob(f"latentforge_{package}-*.whl"))
@@ -91,15 +106,30 @@ def test_package_installs_alone_from_wheels(tmp_path, package):
     python = make_venv(tmp_path / "venv", chain_to_current=False)
     # Dependencies resolve normally (torch from this machine's local wheel: pin it so no CUDA build).
     subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "torch==2.13.0", str(core), str(pkg)],
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "torch==2.13.0",
+            str(core),
+            str(pkg),
+        ],
         check=True,
     )
-    out = json.loads(run(python, f"""
+    out = json.loads(
+        run(
+            python,
+            f"""
 import json, importlib.metadata as md, latentforge_core as lf, latentforge_{package}
 reg = lf.REGISTRIES[{package!r}]
 print(json.dumps({{"dists": sorted(d.metadata["Name"] for d in md.distributions()
                                    if d.metadata["Name"].startswith("latentforge")),
                   "entries": sorted((e.name, e.dist) for e in reg.entries())}}))
-"""))
+""",
+        )
+    )
     assert out["dists"] == ["latentforge-core", f"latentforge-{package}"]
     assert out["entries"] == sorted([name, f"latentforge-{package}"] for name in declared)

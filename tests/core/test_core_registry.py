@@ -1,9 +1,11 @@
 """Registry rules of DESIGN.md, each against real distribution metadata on a temporary sys.path."""
+
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
 from latentforge_core import protocols, registry
 from latentforge_core.registry import PluginLoadError, Registry, RegistryError
 
@@ -16,7 +18,9 @@ class Site:
     def __init__(self, root: Path):
         self.root = root
 
-    def dist(self, name: str, version: str, entries: dict[str, str], module: str | None = None, code: str = ""):
+    def dist(
+        self, name: str, version: str, entries: dict[str, str], module: str | None = None, code: str = ""
+    ):
         info = self.root / f"{name.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
@@ -40,7 +44,13 @@ def make() -> Registry:
 
 
 def test_listing_reads_metadata_only(site):
-    site.dist("acme-widgets", "1.2", {"spinner": "lfplug_acme:make"}, "lfplug_acme", "raise RuntimeError('imported!')")
+    site.dist(
+        "acme-widgets",
+        "1.2",
+        {"spinner": "lfplug_acme:make"},
+        "lfplug_acme",
+        "raise RuntimeError('imported!')",
+    )
     reg = make()
     assert reg.names() == ["spinner"]
     entry = reg.info("spinner")
@@ -51,7 +61,10 @@ def test_listing_reads_metadata_only(site):
 def test_get_imports_once_and_caches(site, tmp_path):
     counter = tmp_path / "imports.txt"
     site.dist(
-        "acme-widgets", "1.0", {"spinner": "lfplug_count:make"}, "lfplug_count",
+        "acme-widgets",
+        "1.0",
+        {"spinner": "lfplug_count:make"},
+        "lfplug_count",
         f"""
         from pathlib import Path
         p = Path({str(counter)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')
@@ -68,7 +81,13 @@ def test_get_imports_once_and_caches(site, tmp_path):
 
 
 def test_broken_plugin_never_breaks_listing_and_get_names_the_distribution(site):
-    site.dist("acme-widgets", "2.0", {"broken": "lfplug_broken:make"}, "lfplug_broken", "import not_a_module_anywhere")
+    site.dist(
+        "acme-widgets",
+        "2.0",
+        {"broken": "lfplug_broken:make"},
+        "lfplug_broken",
+        "import not_a_module_anywhere",
+    )
     site.dist("other-widgets", "0.3", {"fine": "lfplug_fine:make"}, "lfplug_fine", "def make(): return 1")
     reg = make()
     assert reg.names() == ["broken", "fine"]
@@ -93,8 +112,20 @@ def test_identical_duplicates_are_dropped(site, tmp_path, monkeypatch):
 
 
 def test_first_party_names_are_reserved(site):
-    site.dist("latentforge-widgets", "0.1", {"spinner": "lfplug_ours:make"}, "lfplug_ours", "def make(): return 'ours'")
-    site.dist("acme-widgets", "1.0", {"spinner": "lfplug_theirs:make"}, "lfplug_theirs", "def make(): return 'theirs'")
+    site.dist(
+        "latentforge-widgets",
+        "0.1",
+        {"spinner": "lfplug_ours:make"},
+        "lfplug_ours",
+        "def make(): return 'ours'",
+    )
+    site.dist(
+        "acme-widgets",
+        "1.0",
+        {"spinner": "lfplug_theirs:make"},
+        "lfplug_theirs",
+        "def make(): return 'theirs'",
+    )
     reg = make()
     with pytest.warns(UserWarning, match=r"reserved by latentforge-widgets.*acme-widgets 1\.0 is ignored"):
         assert reg.get("spinner")() == "ours"
@@ -105,7 +136,9 @@ def test_two_third_parties_make_a_name_ambiguous(site):
     site.dist("acme-widgets", "1.0", {"gear": "lfplug_a:make"}, "lfplug_a", "def make(): return 'a'")
     site.dist("bolt-widgets", "4.2", {"gear": "lfplug_b:make"}, "lfplug_b", "def make(): return 'b'")
     reg = make()
-    with pytest.raises(RegistryError, match=r"ambiguous.*acme-widgets 1\.0.*bolt-widgets 4\.2.*'acme-widgets/gear'"):
+    with pytest.raises(
+        RegistryError, match=r"ambiguous.*acme-widgets 1\.0.*bolt-widgets 4\.2.*'acme-widgets/gear'"
+    ):
         reg.get("gear")
     assert reg.get("bolt-widgets/gear")() == "b"
     assert reg.get("acme_widgets/gear")() == "a"  # distribution names are normalised
@@ -122,7 +155,9 @@ def test_unknown_names_get_close_matches(site):
 
 def test_environment_switch_hides_third_party_before_import(site, monkeypatch):
     site.dist("latentforge-widgets", "0.1", {"ours": "lfplug_o:make"}, "lfplug_o", "def make(): return 1")
-    site.dist("acme-widgets", "1.0", {"theirs": "lfplug_t:make"}, "lfplug_t", "raise RuntimeError('imported!')")
+    site.dist(
+        "acme-widgets", "1.0", {"theirs": "lfplug_t:make"}, "lfplug_t", "raise RuntimeError('imported!')"
+    )
     monkeypatch.setenv(registry.DISABLE_AUTOLOAD_ENV, "1")
     reg = make()
     assert reg.names() == ["ours"]
@@ -133,7 +168,13 @@ def test_environment_switch_hides_third_party_before_import(site, monkeypatch):
 
 
 def test_register_and_override_in_process(site):
-    site.dist("latentforge-widgets", "0.1", {"spinner": "lfplug_s:make"}, "lfplug_s", "def make(): return 'installed'")
+    site.dist(
+        "latentforge-widgets",
+        "0.1",
+        {"spinner": "lfplug_s:make"},
+        "lfplug_s",
+        "def make(): return 'installed'",
+    )
     reg = make()
 
     @reg.register("local")
@@ -151,9 +192,13 @@ def test_register_and_override_in_process(site):
 
 
 def test_build_checks_the_protocol(site):
-    site.dist("acme-widgets", "1.0", {"half": "lfplug_half:make"}, "lfplug_half", "def make(): return object()")
+    site.dist(
+        "acme-widgets", "1.0", {"half": "lfplug_half:make"}, "lfplug_half", "def make(): return object()"
+    )
     reg = Registry(GROUP, "metric", protocols.Metric)
-    with pytest.raises(TypeError, match=r"does not fulfil the Metric protocol: missing compute, merge, reset, update"):
+    with pytest.raises(
+        TypeError, match=r"does not fulfil the Metric protocol: missing compute, merge, reset, update"
+    ):
         reg.build("half")
 
 

@@ -1,6 +1,8 @@
 """A deliberately small encoder: the mean colour of each patch, as a [B, 3, H/p, W/p] map."""
+
 import torch
 import torch.nn.functional as F
+
 from latentforge_core import Preprocessing
 
 

@@ -1,4 +1,5 @@
 """latentforge-core: registries, protocols, checkpoint I/O, attention and device helpers."""
+
 from latentforge_core.attention import attention
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into, save_checkpoint
 from latentforge_core.device import autocast, resolve_device, seed_everything

@@ -4,6 +4,7 @@ xformers' memory-efficient kernel is used when it is installed and the tensors l
 everywhere else PyTorch's ``scaled_dot_product_attention`` runs (flash / efficient / math, picked
 by PyTorch).  Tests pin a backend explicitly to compare paths.
 """
+
 from __future__ import annotations
 
 import functools

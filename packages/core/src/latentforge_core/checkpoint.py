@@ -5,6 +5,7 @@ Our format is a safetensors file whose metadata holds the component's config as 
 is fsync'ed and renamed over the target: a killed process leaves the old file or the new one, never
 half of one.  Foreign ``.pt``/``.pth``/``.bin`` files are opened with ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,7 +82,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open, not a dict)
     except (SafetensorError, ValueError, RuntimeError, OSError) as err:
         raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated or corrupted?): {err}"
@@ -142,7 +143,11 @@ def _existing(path: str | os.PathLike) -> Path:
 # Loading into a module
 # ------------------------------------------------------------------------------------------------
 def check_state_dict(
-    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], *, strict: bool = True, what: str = "model"
+    expected: Mapping[str, torch.Tensor],
+    given: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    what: str = "model",
 ) -> None:
     """Raise a ``CheckpointError`` listing missing/unexpected keys and every shape mismatch."""
     missing = sorted(set(expected) - set(given))
@@ -166,7 +171,9 @@ def check_state_dict(
         )
 
 
-def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+def load_into(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> None:
     """``module.load_state_dict`` with an error that names every offending key and shape."""
     check_state_dict(module.state_dict(), state_dict, strict=strict, what=type(module).__name__)
     module.load_state_dict(state_dict, strict=strict)

@@ -3,6 +3,7 @@
 On CUDA the default compute dtype is bf16 through autocast; on CPU it is fp32, because bf16
 matmuls on CPUs without AVX-512-BF16 run about 200x slower than fp32 (measured on the dev machine).
 """
+
 from __future__ import annotations
 
 import contextlib

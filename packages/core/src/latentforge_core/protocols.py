@@ -4,6 +4,7 @@ They are deliberately small: what a component offers beyond its protocol is an o
 A registry checks a freshly built component against its kind's protocol (attribute presence, as
 ``typing.runtime_checkable`` does).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

@@ -6,6 +6,7 @@ first-party names are reserved; two third parties claiming a name make it ambigu
 picks one); unknown names get close matches; ``LATENTFORGE_DISABLE_PLUGIN_AUTOLOAD=1`` hides every
 third-party entry before anything is imported; ``register``/``override`` serve tests and notebooks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -170,7 +171,9 @@ class Registry:
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         if not names:
             return RegistryError(f"no {self.kind} is registered (entry-point group {self.group!r}).")
-        disabled = f" Third-party plugins are off ({DISABLE_AUTOLOAD_ENV} is set)." if _autoload_disabled() else ""
+        disabled = (
+            f" Third-party plugins are off ({DISABLE_AUTOLOAD_ENV} is set)." if _autoload_disabled() else ""
+        )
         return RegistryError(
             f"unknown {self.kind} {name!r}.{hint} {len(names)} {self.kind}s are registered; "
             f"list them with `latentforge ls {self.group.rsplit('.', 1)[-1]}`.{disabled}"
@@ -258,9 +261,7 @@ class Registry:
 
 
 def _protocol_members(protocol: type) -> list[str]:
-    return sorted(
-        m for m in getattr(protocol, "__protocol_attrs__", dir(protocol)) if not m.startswith("_")
-    )
+    return sorted(m for m in getattr(protocol, "__protocol_attrs__", dir(protocol)) if not m.startswith("_"))
 
 
 encoders = Registry("latentforge.encoders", "encoder", protocols.Encoder)

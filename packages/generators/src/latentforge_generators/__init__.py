@@ -1,4 +1,4 @@
-"""latentforge-generators: generators: DiT, LightningDiT, DiT-DH, GPT, MaskGIT; flow-matching transport, samplers and guidance"""
+"""latentforge-generators: DiT, LightningDiT, DiT-DH, GPT, MaskGIT; flow-matching transport, samplers, guidance."""
 
 from latentforge_generators.digit_stage2 import DiGITStage2
 from latentforge_generators.dit import DiT, DiT_models
