@@ -1,3 +1,3 @@
-"""latentforge-runner: recipes that compose the registries into training, sampling and evaluation; data, DDP, CLI and configs"""
+"""latentforge-runner: recipes composing the registries into training, sampling and evaluation."""
 
 __version__ = "0.1.0"
