@@ -242,8 +242,8 @@ def fairseq_state(state: Mapping[str, torch.Tensor] | str) -> dict[str, torch.Te
             state = load_state_file(state)
         except CheckpointError as err:
             raise CheckpointError(
-                f"{err}. fairseq training checkpoints pickle their hydra config; extract the weights once "
-                "in a trusted environment: torch.save(torch.load(p, weights_only=False)['model'], out)"
+                f"{err}. fairseq training checkpoints pickle their hydra config; in a trusted environment, "
+                "unpickle the file once and torch.save its ['model'] entry, then load that file"
             ) from err
     return dict(state.get("model", state))
 
