@@ -1,0 +1,198 @@
+"""sample: class-conditional samples of a trained generator → PNG files, an image grid and an ADM ``.npz``.
+
+    latentforge run sample generator_run=runs/tiny-rae num_samples=100 labels=equal
+    latentforge run sample generator_run=runs/rae-ditdh-xl num_samples=50000 sampler.cfg_scale=1.5
+
+The generator, its shapes and the tokenizer come from the ``train-generator`` run folder (its
+``config.yaml`` and newest whole checkpoint, EMA weights by default).  Labels are ``equal`` (the same
+count per class, cycling 0, 1, …, K−1 so a grid of K columns shows one class per column) or
+``random``.  Writes ``images/<index>.png``, ``grid.png`` and ``samples.npz`` (``arr_0`` uint8
+``[N, H, W, 3]``, ``arr_1`` labels), the file ``evaluate`` and the ADM evaluator read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from einops import rearrange
+from PIL import Image
+from tqdm.auto import tqdm
+
+from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into
+from latentforge_core.device import seed_everything
+from latentforge_metrics.npz import SampleWriter
+from latentforge_runner import distributed
+from latentforge_runner.config import Component, ConfigError, Settings, component, load_yaml, settings
+from latentforge_runner.data import build_dataset
+from latentforge_runner.recipes import RunSettings, open_run
+from latentforge_runner.recipes.train_generator import TrainGeneratorSettings
+from latentforge_runner.training import list_checkpoints
+
+log = logging.getLogger("latentforge")
+
+LABEL_MODES = ("equal", "random")
+
+
+@settings
+class SampleSettings(Settings):
+    run: RunSettings = RunSettings(output_dir="runs/sample")
+    generator_run: str  # a train-generator run folder (config.yaml + checkpoints/)
+    checkpoint: str | None = None  # a checkpoint folder; default: the run's newest whole one
+    weights: Literal["ema", "model"] = "ema"
+    tokenizer: Component | None = component("tokenizers", default=None)  # default: the run's own
+    num_samples: int = 50_000
+    labels: Literal["equal", "random"] = "equal"
+    batch_size: int = 64
+    sampler: dict | None = None  # keyword arguments of generator.sample; default: the run's eval.sampler
+    grid_images: int = 100  # how many of the first samples go into grid.png
+    write_png: bool = True
+
+    def __attrs_post_init__(self):
+        if self.labels not in LABEL_MODES:
+            raise ConfigError(
+                f"labels must be one of {', '.join(map(repr, LABEL_MODES))}, got {self.labels!r}"
+            )
+        for name in ("num_samples", "batch_size", "grid_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+
+def class_labels(mode: str, n: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """``equal``: 0, 1, …, K−1, 0, 1, … (n must be a multiple of K); ``random``: uniform, seeded."""
+    if mode == "equal":
+        if n % num_classes:
+            raise ConfigError(
+                f"labels=equal needs num_samples to be a multiple of the {num_classes} classes, got {n} "
+                f"(e.g. {max(1, n // num_classes) * num_classes})"
+            )
+        return torch.arange(n) % num_classes
+    if mode == "random":
+        return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    raise ConfigError(f"labels must be one of {', '.join(map(repr, LABEL_MODES))}, got {mode!r}")
+
+
+def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
+    """``[N, 3, H, W]`` in [0, 1] → one PIL image, ``columns`` wide (the last row padded with black)."""
+    rows = math.ceil(images.shape[0] / columns)
+    pad = rows * columns - images.shape[0]
+    images = torch.cat([images, images.new_zeros(pad, *images.shape[1:])])
+    grid = rearrange(images.clamp(0, 1), "(r c) ch h w -> (r h) (c w) ch", c=columns)
+    return Image.fromarray((grid * 255).round().byte().numpy())
+
+
+class SampleRecipe:
+    Settings = SampleSettings
+
+    def __init__(self, config: SampleSettings):
+        self.cfg = config
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir, self.dist, self.logger = open_run("sample", cfg)
+        self.device = self.dist.device
+        run = Path(cfg.generator_run)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(
+                f"generator_run {run} holds no config.yaml: expected the folder of a train-generator run"
+            )
+        data = load_yaml(run / "config.yaml")
+        if data.pop("recipe", "train-generator") != "train-generator":
+            raise ConfigError(f"{run} is not a train-generator run (its config.yaml names another recipe)")
+        self.train = TrainGeneratorSettings.from_dict(data, where=str(run / "config.yaml"))
+        # A tokenizer with random weights (the tiny test ones) comes out as train-generator built it.
+        seed_everything(self.train.run.seed)
+        block = cfg.tokenizer or self.train.tokenizer
+        self.tokenizer = block.build("tokenizers").to(self.device).eval().requires_grad_(False)
+        self.discrete = self.tokenizer.vocab_size is not None
+        if not hasattr(self.tokenizer, "decode"):
+            raise ConfigError(
+                f"tokenizer {block.name!r} has no pixel decoder; sample a generator whose tokens decode to images"
+            )
+        if not self.discrete and getattr(self.tokenizer, "stats", None) is None:
+            self._compute_stats()
+        self.generator = self._load_generator(run)
+        seed_everything(cfg.run.seed + self.dist.rank)
+
+    def _compute_stats(self) -> None:
+        """The latent statistics train-generator computed: the same images, the same reduction."""
+        from latentforge_tokenizers.stats import compute_latent_stats
+
+        d, e = self.train.data, self.train.eval
+        dataset = build_dataset(d.name, image_size=d.image_size, root=d.root)
+        n = min(len(dataset), e.stats_batches * 64)
+        batches = (
+            torch.stack([dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(self.device)
+            for s in range(0, n, 64)
+        )
+        self.tokenizer.set_stats(compute_latent_stats(self.tokenizer.encode, batches, reduce=e.stats_reduce))
+
+    def _load_generator(self, run: Path) -> torch.nn.Module:
+        if self.cfg.checkpoint is not None:
+            folder = Path(self.cfg.checkpoint)
+        else:
+            found = list_checkpoints(run / "checkpoints")
+            if not found:
+                raise CheckpointError(f"{run / 'checkpoints'} holds no whole checkpoint to sample from")
+            folder = found[-1]
+        sd, config = load_checkpoint(folder / f"{self.cfg.weights}.safetensors")
+        if self.discrete:
+            h, w = self.tokenizer.latent_shape[-2:]
+            shape = dict(vocab_size=self.tokenizer.vocab_size, grid_size=(h, w))
+        else:
+            c, h, _ = self.tokenizer.latent_shape
+            shape = dict(in_channels=c, input_size=h)
+        name = self.train.generator.name
+        if config.get("name") not in (None, name):
+            raise CheckpointError(
+                f"{folder} is a checkpoint of {config.get('name')!r}, the run trains {name!r}"
+            )
+        generator = self.train.generator.build("generators", num_classes=self.train.data.num_classes, **shape)
+        load_into(generator, sd)
+        log.info(
+            "sampling %s from %s (%s weights, step %s)", name, folder, self.cfg.weights, config.get("step")
+        )
+        return generator.to(self.device).eval()
+
+    @torch.no_grad()
+    def run(self) -> dict[str, Any]:
+        cfg, k = self.cfg, self.train.data.num_classes
+        self.labels = class_labels(cfg.labels, cfg.num_samples, k, cfg.run.seed)
+        sampler = self.train.eval.sampler if cfg.sampler is None else cfg.sampler
+        size = self.train.data.image_size
+        (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
+        grid: list[torch.Tensor] = []
+        with SampleWriter(self.run_dir / "samples.npz", cfg.num_samples, size) as writer:
+            for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="sample", unit="batch"):
+                y = self.labels[start : start + cfg.batch_size]
+                out = self.generator.sample(y.to(self.device), **sampler)
+                images = (
+                    self.tokenizer.decode(out)
+                    if self.discrete
+                    else self.tokenizer.decode(out, normalize=True)
+                )
+                images = images.float().clamp(0, 1).cpu()  # [B, 3, H, W]
+                writer.write(images, y)
+                if cfg.write_png:
+                    for i, img in enumerate((images * 255).round().byte().permute(0, 2, 3, 1).numpy()):
+                        Image.fromarray(img).save(self.run_dir / "images" / f"{start + i:06d}.png")
+                grid.append(images[: max(0, cfg.grid_images - start)])
+        self.grid = torch.cat(grid)
+        counts = torch.bincount(self.labels, minlength=k)
+        return {
+            "num_samples": cfg.num_samples,
+            "per_class_min": int(counts.min()),
+            "per_class_max": int(counts.max()),
+        }
+
+    def save(self) -> None:
+        columns = min(self.train.data.num_classes, 10) if self.cfg.labels == "equal" else 10
+        image_grid(self.grid, min(columns, self.grid.shape[0])).save(self.run_dir / "grid.png")
+        log.info("%d samples written to %s", self.cfg.num_samples, self.run_dir / "samples.npz")
+
+    def cleanup(self) -> None:
+        self.logger.close()
+        distributed.cleanup()
