@@ -49,11 +49,11 @@ class LatentStatsRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        self.run_dir, self.dist, self.logger = open_run("latent-stats", cfg)
         if cfg.batch_size < 1 or cfg.max_images < 0:
             raise ValueError(
                 f"batch_size must be ≥ 1 and max_images ≥ 0, got {cfg.batch_size}, {cfg.max_images}"
             )
-        self.run_dir, self.dist, self.logger = open_run("latent-stats", cfg)
         self.dataset = build_dataset(cfg.data.name, image_size=cfg.data.image_size, root=cfg.data.root)
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.dist.device).eval()
         if self.tokenizer.vocab_size is not None or not hasattr(self.tokenizer, "compute_stats"):
