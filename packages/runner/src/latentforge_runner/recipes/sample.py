@@ -110,7 +110,8 @@ class SampleRecipe:
         self.discrete = self.tokenizer.vocab_size is not None
         if not hasattr(self.tokenizer, "decode"):
             raise ConfigError(
-                f"tokenizer {block.name!r} has no pixel decoder; sample a generator whose tokens decode to images"
+                f"tokenizer {block.name!r} has no pixel decoder; sample a generator whose tokens decode "
+                "to images"
             )
         if not self.discrete and getattr(self.tokenizer, "stats", None) is None:
             self._compute_stats()
