@@ -1,0 +1,119 @@
+"""linear-probe: top-1 accuracy of a linear classifier on a frozen encoder's features (MAE's protocol).
+
+    latentforge run linear-probe encoder.name=test-vit-tiny data.name=digits data.image_size=32 \\
+        data.num_classes=10
+    latentforge run linear-probe encoder.name=dinov2-vitb14 data.name=folder data.root=/data/imagenet/train \\
+        val_root=/data/imagenet/val data.image_size=224 epochs=90
+
+Training features come from ``data`` (the digits' ``train`` split), held-out ones from the digits'
+``test`` split or ``val_root`` (same layout and class folders).  Features are taken once; the probe
+itself is :class:`latentforge_metrics.probe.LinearProbe`.  Writes ``<output_dir>/report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from latentforge_metrics.probe import LinearProbe
+from latentforge_runner import distributed
+from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.data import DataError, build_dataset
+from latentforge_runner.recipes import RunSettings, open_run
+from latentforge_runner.recipes.train_generator import DataSettings
+
+log = logging.getLogger("latentforge")
+
+
+@settings
+class LinearProbeSettings(Settings):
+    run: RunSettings = RunSettings(output_dir="runs/linear-probe")
+    data: DataSettings = DataSettings()
+    val_root: str | None = None  # held-out folder (folders only; the digits use their test split)
+    encoder: Component = component("encoders")
+    output: Literal["cls", "pooled", "map", "tokens"] = "cls"  # maps and tokens are averaged
+    epochs: int = 90
+    lr: float = 0.1
+    batch_size: int = 256  # of the probe's SGD; features are taken in batches of the same size
+    weight_decay: float = 0.0
+    max_images: int = 0  # per split; 0: all
+
+
+class LinearProbeRecipe:
+    Settings = LinearProbeSettings
+
+    def __init__(self, config: LinearProbeSettings):
+        self.cfg = config
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir, self.dist, self.logger = open_run("linear-probe", cfg)
+        if cfg.data.name == "folder" and not cfg.val_root:
+            raise DataError(
+                "linear-probe on a folder needs val_root: a held-out folder with the same classes"
+            )
+        size, root = cfg.data.image_size, cfg.data.root
+        self.train = build_dataset(cfg.data.name, split="train", image_size=size, root=root)
+        self.val = build_dataset(cfg.data.name, split="test", image_size=size, root=cfg.val_root or root)
+        if cfg.data.name == "folder" and self.train.classes != self.val.classes:
+            raise DataError(
+                f"val_root's classes {self.val.classes[:5]}… differ from data.root's "
+                f"{self.train.classes[:5]}…"
+            )
+        encoder = cfg.encoder.build("encoders")
+        self.probe = LinearProbe(
+            cfg.data.num_classes,
+            encoder,
+            output=cfg.output,
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.run.seed,
+            device=self.dist.device,
+        )
+        self.skipped: list[str] = []
+
+    @torch.no_grad()
+    def _features(self, dataset, train: bool) -> int:
+        n = len(dataset) if not self.cfg.max_images else min(len(dataset), self.cfg.max_images)
+        b, seen = self.cfg.batch_size, 0
+        desc = "train features" if train else "held-out features"
+        for start in tqdm(range(0, n, b), desc=desc, unit="batch", disable=not self.dist.is_main):
+            items = [dataset[i] for i in range(start, min(start + b, n))]
+            self.skipped += [it["error"] for it in items if "error" in it]
+            good = [it for it in items if "error" not in it]
+            if good:
+                labels = torch.tensor([it["label"] for it in good])
+                self.probe.update(torch.stack([it["image"] for it in good]), labels, train=train)
+                seen += len(good)
+        return seen
+
+    def run(self) -> dict[str, Any]:
+        counts = {
+            "train_images": self._features(self.train, True),
+            "val_images": self._features(self.val, False),
+        }
+        if self.skipped:
+            log.warning("skipped %d unreadable image(s), first: %s", len(self.skipped), self.skipped[0])
+        self.report = {
+            "encoder": self.cfg.encoder.name,
+            **self.probe.compute(),
+            "chance": 1 / self.cfg.data.num_classes,
+            **counts,
+            "skipped": len(self.skipped),
+        }
+        return self.report
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            (self.run_dir / "report.json").write_text(json.dumps(self.report, indent=2))
+            log.info("linear probe top-1 %.4f (chance %.4f)", self.report["top1"], self.report["chance"])
+
+    def cleanup(self) -> None:
+        self.logger.close()
+        distributed.cleanup()
