@@ -75,3 +75,15 @@ def test_bad_input_is_a_clear_error(tmp_path):
     )
     with pytest.raises(DataError, match="no images found"):
         cli.run_recipe(recipe, cfg)
+    recipe, cfg = cli.load_settings(
+        "latent-stats",
+        None,
+        [
+            "tokenizer.name=test-vqgan-tiny",
+            "data.name=digits",
+            "data.image_size=16",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
+    with pytest.raises(ValueError, match="needs a continuous tokenizer"):
+        cli.run_recipe(recipe, cfg)
