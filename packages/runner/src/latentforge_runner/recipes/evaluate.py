@@ -1,0 +1,231 @@
+"""evaluate: registered metrics of a sample set against a reference → ``evaluation.json``.
+
+    latentforge run evaluate samples=runs/sample/samples.npz reference=VIRTUAL_imagenet256_labeled.npz \\
+        metrics=[fid,sfid,inception-score,precision-recall] protocol=adm weights=pt_inception-2015-12-05.pth
+    latentforge run evaluate samples=runs/sample/images reference=/data/imagenet/val image_size=256
+
+``samples`` and ``reference`` are ADM-style ``.npz`` files (``arr_0`` uint8 ``[N, H, W, 3]``) or image
+folders (ADM center crop to ``image_size``).  A reference ``.npz`` with ``mu``/``sigma`` serves FID and
+sFID through its statistics, as the ADM evaluator does; otherwise its images are fed as real ones.
+Metrics compare in one of three ways, read from their ``update`` signature: against real images
+(``real=``: FID, precision/recall, FD-DINOv2), pairwise with the reference image of the same index
+(``target``: rFID, PSNR, SSIM), or on the samples alone (Inception Score).  The Inception metrics
+share one network and one forward pass per batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from tqdm.auto import tqdm
+
+from latentforge_core import registry
+from latentforge_metrics.generative import FID, InceptionScore, PrecisionRecall
+from latentforge_metrics.inception import fid_inception_v3
+from latentforge_metrics.npz import ReferenceFileError, iter_npz_images, load_reference
+from latentforge_runner import distributed
+from latentforge_runner.config import ConfigError, Settings, settings
+from latentforge_runner.data import DataError, ImageFolder, collate
+from latentforge_runner.recipes import RunSettings, open_run
+
+log = logging.getLogger("latentforge")
+
+
+@settings
+class EvaluateSettings(Settings):
+    run: RunSettings = RunSettings(output_dir="runs/evaluate")
+    samples: str  # an .npz with arr_0, or an image folder
+    reference: str | None = None  # an .npz (statistics and/or arr_0) or an image folder
+    metrics: list[str] = attrs.field(factory=lambda: ["fid"])  # names in the metrics registry
+    params: dict = attrs.field(factory=dict)  # per metric: {fid: {protocol: adm}, …}
+    protocol: str = "torch-fidelity"  # Inception preprocessing, for metrics that take one
+    weights: str | None = None  # FID Inception weights file (default: the torch hub cache); never downloaded
+    image_size: int | None = None  # ADM center crop for image folders
+    batch_size: int = 64
+    report: str | None = None  # default: <output_dir>/evaluation.json
+
+    def __attrs_post_init__(self):
+        if not self.metrics:
+            raise ConfigError("metrics: name at least one metric (`latentforge ls metrics`)")
+        for i, name in enumerate(self.metrics):
+            try:
+                registry.metrics.info(name)
+            except registry.RegistryError as err:
+                raise ConfigError(f"metrics[{i}]: {err}") from err
+        unknown = sorted(set(self.params) - set(self.metrics))
+        if unknown:
+            raise ConfigError(f"params names {unknown}, which are not in metrics {self.metrics}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Image sources: an .npz or a folder, as uint8 [B, 3, H, W] batches
+# ------------------------------------------------------------------------------------------------
+class ImageSource:
+    """``arr_0`` of an ``.npz``, or a folder read with the ADM crop (unreadable files skipped, counted)."""
+
+    def __init__(self, path: str | os.PathLike, image_size: int | None, what: str):
+        self.path, self.image_size, self.skipped = Path(path), image_size, []
+        if self.path.is_dir():
+            if image_size is None:
+                raise ConfigError(
+                    f"{what} {self.path} is an image folder: set image_size for its center crop"
+                )
+            self.folder = ImageFolder(self.path, image_size)
+        elif self.path.is_file():
+            self.folder = None
+        else:
+            raise DataError(f"{what} not found: {self.path} (expected an .npz with arr_0 or an image folder)")
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        if self.folder is None:
+            yield from iter_npz_images(self.path, batch_size)
+            return
+        loader = torch.utils.data.DataLoader(self.folder, batch_size=batch_size, collate_fn=collate)
+        for batch in loader:
+            self.skipped += batch["skipped"]
+            if batch["image"] is not None:
+                yield batch["image"].mul(255).round().to(torch.uint8)  # [B, 3, H, W]
+
+
+def _accepts(factory: Any, name: str) -> bool:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    return name in inspect.signature(target).parameters
+
+
+def _inception_output(metric: Any) -> str | None:
+    """The Inception output a metric's ``update_features`` takes, when it can share the forward pass."""
+    if isinstance(metric, FID):
+        return metric.feature  # pool3 (FID, rFID) or spatial (sFID)
+    if isinstance(metric, InceptionScore):
+        return "logits"
+    if isinstance(metric, PrecisionRecall):
+        return "pool3"
+    return None
+
+
+class EvaluateRecipe:
+    Settings = EvaluateSettings
+
+    def __init__(self, config: EvaluateSettings):
+        self.cfg = config
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir, self.dist, self.logger = open_run("evaluate", cfg)
+        self.samples = ImageSource(cfg.samples, cfg.image_size, "samples")
+        self.reference = ImageSource(cfg.reference, cfg.image_size, "reference") if cfg.reference else None
+        self.ref_stats = None
+        if self.reference is not None and self.reference.folder is None:
+            try:
+                self.ref_stats = load_reference(self.reference.path)
+            except ReferenceFileError:  # a sample-style batch: images only
+                self.ref_stats = None
+        factories = {name: registry.metrics.get(name) for name in cfg.metrics}
+        shared = None
+        if any(_accepts(f, "inception") for f in factories.values()):
+            shared = fid_inception_v3(cfg.weights, cfg.protocol, self.dist.device)
+        self.metrics, self.mode = {}, {}
+        for name, factory in factories.items():
+            injected = {"protocol": cfg.protocol, "inception": shared, "device": self.dist.device}
+            kwargs = {k: v for k, v in injected.items() if _accepts(factory, k)} | cfg.params.get(name, {})
+            metric = registry.metrics.build(name, **kwargs)
+            params = inspect.signature(metric.update).parameters
+            if "target" in params:
+                self.mode[name] = "paired"
+            elif "real" in params:
+                stats = self.ref_stats and getattr(self.ref_stats, getattr(metric, "reference_key", ""), None)
+                if isinstance(metric, FID) and stats is not None:
+                    metric.set_reference(stats)
+                    self.mode[name] = "statistics"
+                else:
+                    self.mode[name] = "real"
+            elif list(params) == ["images"]:
+                self.mode[name] = "samples"
+            else:
+                raise ConfigError(
+                    f"metric {name!r} updates with ({', '.join(params)}), not images against a reference; "
+                    "it has its own recipe (e.g. linear-probe)"
+                )
+            if self.mode[name] in ("paired", "real") and self.reference is None:
+                raise ConfigError(f"metric {name!r} compares with real images: set reference")
+            self.metrics[name] = metric
+
+    def _update(self, names: list[str], images: torch.Tensor, **kw: Any) -> None:
+        """One Inception pass per protocol for the metrics that share it; the others update on their own."""
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            metric = self.metrics[name]
+            if _inception_output(metric) is None:
+                metric.update(images, **kw)
+            else:
+                groups.setdefault(repr(metric.protocol), []).append(name)
+        for members in groups.values():
+            outputs = sorted({_inception_output(self.metrics[n]) for n in members})
+            feats = self.metrics[members[0]].inception_features(images, outputs)
+            for name in members:
+                self.metrics[name].update_features(feats[_inception_output(self.metrics[name])], **kw)
+
+    @torch.no_grad()
+    def run(self) -> dict[str, Any]:
+        cfg, b = self.cfg, self.cfg.batch_size
+        by = {
+            m: [n for n, mode in self.mode.items() if mode == m]
+            for m in ("statistics", "real", "samples", "paired")
+        }
+        unpaired = by["statistics"] + by["real"] + by["samples"]
+        n_samples = n_reference = 0
+        if by["paired"]:
+            pairs = zip(self.samples.batches(b), self.reference.batches(b), strict=False)
+            for fake, real in tqdm(pairs, desc="paired", unit="batch"):
+                if fake.shape != real.shape:
+                    raise DataError(
+                        f"paired metrics {by['paired']} need samples and reference of one size and order; "
+                        f"got batches {tuple(fake.shape)} and {tuple(real.shape)}"
+                    )
+                for name in by["paired"]:
+                    self.metrics[name].update(fake, real)
+        if unpaired:
+            for fake in tqdm(self.samples.batches(b), desc="samples", unit="batch"):
+                self._update(unpaired, fake)
+                n_samples += fake.shape[0]
+        if by["real"]:
+            for real in tqdm(self.reference.batches(b), desc="reference", unit="batch"):
+                self._update(by["real"], real, real=True)
+                n_reference += real.shape[0]
+        results: dict[str, Any] = {}
+        for name, metric in self.metrics.items():
+            value = metric.compute()
+            results[name] = value if isinstance(value, dict) else float(value)
+        self.report = {
+            "samples": str(cfg.samples),
+            "reference": cfg.reference,
+            "num_samples": n_samples,
+            "num_reference": n_reference,
+            "protocol": cfg.protocol,
+            "modes": self.mode,
+            "metrics": results,
+            "skipped": {
+                "samples": self.samples.skipped,
+                "reference": self.reference.skipped if self.reference else [],
+            },
+        }
+        return self.report
+
+    def save(self) -> None:
+        path = Path(self.cfg.report) if self.cfg.report else self.run_dir / "evaluation.json"
+        path.write_text(json.dumps(self.report, indent=2))
+        for name, value in self.report["metrics"].items():
+            log.info("%s: %s", name, value)
+        log.info("report written to %s", path)
+
+    def cleanup(self) -> None:
+        self.logger.close()
+        distributed.cleanup()

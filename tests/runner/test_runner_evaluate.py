@@ -1,0 +1,129 @@
+"""evaluate: the recipe's FID/IS/P-R equal latentforge_metrics computed directly on the same arrays."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from latentforge_metrics import FID, PSNR, InceptionScore, PrecisionRecall, save_samples
+from latentforge_metrics.inception import FIDInceptionV3
+from latentforge_runner import cli
+from latentforge_runner.config import ConfigError
+from latentforge_runner.data import DataError
+
+N = 10  # Inception at 299 px costs ~0.5 s per image on a loaded CPU
+
+
+def _random_inception_state(seed=0):
+    """He-normal convs and perturbed BN, as tests/metrics/conftest.py builds them (informative features)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in FIDInceptionV3().state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.zeros_like(value)
+        elif key.endswith("conv.weight"):
+            state[key] = torch.randn(value.shape, generator=gen) * (2.0 / value[0].numel()) ** 0.5
+        elif key.endswith("bn.weight"):
+            state[key] = 1 + 0.1 * torch.randn(value.shape, generator=gen)
+        elif key.endswith("bn.bias") or key.endswith("running_mean"):
+            state[key] = 0.1 * torch.randn(value.shape, generator=gen)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(value.shape, generator=gen)
+        else:
+            state[key] = torch.randn(value.shape, generator=gen) * (0.5 if key == "fc.weight" else 1.0)
+    return state
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "pt_inception-random.pth"
+    torch.save(_random_inception_state(), path)
+    return path
+
+
+def _digits(offset, n, size=32):
+    """n digits as uint8 [n, size, size, 3] (nearest upsampling keeps every pixel value exact)."""
+    img = (load_digits().images[offset : offset + n] * 255 / 16).round().astype(np.uint8)
+    img = img.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
+    return np.repeat(img[..., None], 3, axis=-1)
+
+
+def _nchw(arr):
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+def _evaluate(tmp_path, *overrides):
+    recipe, cfg = cli.load_settings(
+        "evaluate", None, [f"run.output_dir={tmp_path / 'run'}", "batch_size=5", *overrides]
+    )
+    return cli.run_recipe(recipe, cfg)
+
+
+def test_evaluate_npz_against_folder_equals_direct_metrics(tmp_path, weights):
+    fake, real = _digits(0, N), _digits(500, N)
+    save_samples(tmp_path / "samples.npz", _nchw(fake))
+    (tmp_path / "ref").mkdir()
+    for i, arr in enumerate(real):
+        Image.fromarray(arr).save(tmp_path / "ref" / f"{i:03d}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # fewer samples than 2048 dimensions
+        report = _evaluate(
+            tmp_path,
+            f"samples={tmp_path / 'samples.npz'}",
+            f"reference={tmp_path / 'ref'}",
+            "image_size=32",
+            f"weights={weights}",
+            "metrics=[fid,inception-score,precision-recall]",
+            "params={inception-score: {splits: 2}}",
+        )
+        # Directly: one pass of the metric's own feature path per array, fed to each metric.
+        inception = FIDInceptionV3("torch-fidelity").load_weights(weights)
+        fid, isc, prc = FID(inception=inception), InceptionScore(2, inception=inception), PrecisionRecall()
+        f_real = fid.inception_features(_nchw(real), ("pool3",))
+        f_fake = fid.inception_features(_nchw(fake), ("pool3", "logits"))
+        fid.update_features(f_real["pool3"], real=True)
+        fid.update_features(f_fake["pool3"])
+        isc.update_features(f_fake["logits"])
+        prc.update_features(f_real["pool3"], real=True)
+        prc.update_features(f_fake["pool3"])
+        expected_fid = fid.compute()
+    assert report["num_samples"] == N and report["num_reference"] == N
+    assert report["metrics"]["fid"] == pytest.approx(expected_fid, rel=1e-6)
+    assert report["metrics"]["fid"] > 0
+    assert report["metrics"]["inception-score"] == pytest.approx(isc.compute(), rel=1e-6)
+    assert report["metrics"]["precision-recall"] == pytest.approx(prc.compute(), abs=1e-9)
+    on_disk = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert on_disk["metrics"]["fid"] == report["metrics"]["fid"]
+
+
+def test_evaluate_paired_psnr_on_npz(tmp_path):
+    a, b = _digits(0, 7), _digits(0, 7)
+    b[:, :4] = 0  # damage the top rows of every reference image
+    save_samples(tmp_path / "a.npz", _nchw(a))
+    save_samples(tmp_path / "b.npz", _nchw(b))
+    report = _evaluate(
+        tmp_path, f"samples={tmp_path / 'a.npz'}", f"reference={tmp_path / 'b.npz'}", "metrics=[psnr,ssim]"
+    )
+    expected = PSNR()
+    expected.update(_nchw(a).float() / 255, _nchw(b).float() / 255)
+    assert report["modes"] == {"psnr": "paired", "ssim": "paired"}
+    assert report["metrics"]["psnr"] == pytest.approx(expected.compute(), rel=1e-9)
+    assert 0 < report["metrics"]["ssim"] < 1
+
+
+def test_evaluate_bad_input(tmp_path, weights):
+    with pytest.raises(ConfigError, match="Did you mean 'fid'"):
+        cli.load_settings("evaluate", None, ["samples=x.npz", "metrics=[fdi]"])
+    with pytest.raises(DataError, match="samples not found"):
+        _evaluate(tmp_path, f"samples={tmp_path / 'missing.npz'}", "metrics=[psnr]")
+    save_samples(tmp_path / "s.npz", _nchw(_digits(0, 4)))
+    with pytest.raises(ConfigError, match="set reference"):
+        _evaluate(tmp_path, f"samples={tmp_path / 's.npz'}", "metrics=[psnr]")
+    with pytest.raises(ConfigError, match="set image_size"):
+        _evaluate(tmp_path, f"samples={tmp_path}", "metrics=[psnr]")
+    with pytest.raises(FileNotFoundError, match="FID Inception weights not found"):
+        _evaluate(tmp_path, f"samples={tmp_path / 's.npz'}", f"weights={tmp_path / 'none.pth'}")
