@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from latentforge_runner import cli
@@ -71,3 +72,29 @@ def test_sample_bad_input(generator_run, tmp_path):
             generator_run, tmp_path / "out", "num_samples=10", "weights=model", f"checkpoint={tmp_path}"
         )
         cli.run_recipe(recipe, cfg)
+
+
+def test_sample_rebuilds_the_training_runs_models(tmp_path):
+    """Generator (EMA), tokenizer and latent statistics equal those train-generator held in memory."""
+    from latentforge_runner.recipes.sample import SampleRecipe
+    from latentforge_runner.recipes.train_generator import TrainGeneratorRecipe
+
+    _, cfg = cli.load_settings("train-generator", "tiny-rae", [*TRAIN, f"run.output_dir={tmp_path / 't'}"])
+    train = TrainGeneratorRecipe(cfg)
+    _, scfg = _sample(tmp_path / "t", tmp_path / "s", "num_samples=10")
+    sample = SampleRecipe(scfg)
+    try:
+        train.setup()
+        train.run()
+        sample.setup()
+        for ours, theirs in [
+            (sample.generator, train.trainer.ema.module),
+            (sample.tokenizer, train.tokenizer),
+        ]:
+            a, b = ours.state_dict(), theirs.state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].cpu()) for k in a)
+        assert torch.equal(sample.tokenizer.stats.var, train.tokenizer.stats.var)
+        assert torch.equal(sample.tokenizer.stats.mean, train.tokenizer.stats.mean)
+    finally:
+        train.cleanup()
+        sample.cleanup()
