@@ -71,6 +71,28 @@ def test_folder_report_matches_metrics_and_skips_the_broken_image(tmp_path, toke
     assert saved["ssim"] == pytest.approx(float(s.mean()), abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:the covariance of 4 samples")  # 4 images: a biased but exact FD
+def test_rfid_equals_the_metric_on_the_written_pixels(tmp_path):
+    from latentforge_metrics.generative import RFID
+    from latentforge_metrics.inception import FIDInceptionV3
+    from latentforge_runner.data import center_crop_arr
+
+    weights = tmp_path / "inception-random.pth"  # random weights in the FID Inception's layout
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    root = _digit_folder(tmp_path / "images", n=4)
+    report = _run(tmp_path, root, "test-rae-tiny", "rfid.name=rfid", f"rfid.params.weights={weights}")
+    direct = RFID(weights=weights)
+    for rel in sorted(report["images"]):
+        with Image.open(root / rel) as img:
+            target = torch.from_numpy(center_crop_arr(img.convert("RGB"), 32).copy()).permute(2, 0, 1)
+        recon = torch.from_numpy(np.array(Image.open(tmp_path / "run" / "reconstructions" / rel))).permute(
+            2, 0, 1
+        )
+        direct.update(recon[None].float() / 255, target[None].float() / 255)
+    assert report["rfid"] == pytest.approx(direct.compute(), rel=1e-4)
+
+
 def test_one_image_and_bad_input(tmp_path):
     root = _digit_folder(tmp_path / "images", n=1)
     one = next((root / "0").glob("0.png"))

@@ -6,8 +6,9 @@
 
 Images get the ADM center crop to ``image_size``.  ``<output_dir>/reconstructions/`` mirrors the input
 tree with PNGs; ``<output_dir>/report.json`` has per-image and mean PSNR/SSIM, measured on the 8-bit
-reconstructions that were written (so the files and the numbers agree), and the unreadable images
-that were skipped.  VA-VAE encodes to its posterior mean here (deterministic).
+reconstructions that were written (so the files and the numbers agree), rFID when ``rfid`` names
+the metric (it needs the FID Inception weights; meaningful on thousands of images), and the unreadable
+images that were skipped.  VA-VAE encodes to its posterior mean here (deterministic).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ReconstructSettings(Settings):
     input: str  # an image file or a folder (searched recursively)
     image_size: int = 256
     batch_size: int = 16
+    rfid: Component | None = component("metrics", default=None)  # e.g. {name: rfid, params: {weights: …}}
 
 
 class ReconstructRecipe:
@@ -69,6 +71,7 @@ class ReconstructRecipe:
         encode_args = inspect.signature(self.tokenizer.encode).parameters
         self.encode_kwargs = {"sample": False} if "sample" in encode_args else {}
         self.out_dir = self.run_dir / "reconstructions"
+        self.rfid = None if cfg.rfid is None else cfg.rfid.build("metrics", device=self.dist.device)
         self.per_image: dict[str, dict[str, float]] = {}
         self.skipped: list[str] = []
 
@@ -93,6 +96,8 @@ class ReconstructRecipe:
             recon = self.tokenizer.decode(latents).clamp(0, 1)
             recon8 = (recon * 255).round().to(torch.uint8).cpu()  # what the PNGs hold
             target8 = (images * 255).round().to(torch.uint8).cpu()
+            if self.rfid is not None:
+                self.rfid.update(recon8.float() / 255, target8.float() / 255)
             for (path, _), p, s, r in zip(
                 loaded, psnr(recon8, target8), ssim(recon8, target8), recon8, strict=True
             ):
@@ -111,6 +116,7 @@ class ReconstructRecipe:
             "count": len(values),
             "psnr": float(np.mean([v["psnr"] for v in values])),
             "ssim": float(np.mean([v["ssim"] for v in values])),
+            **({} if self.rfid is None else {"rfid": float(self.rfid.compute())}),
             "skipped": len(self.skipped),
             "skipped_files": self.skipped,
             "images": self.per_image,
