@@ -59,6 +59,21 @@ def test_rae_latent_shards_equal_encode_and_flip(tmp_path):
     )
 
 
+def test_a_generator_trains_on_the_shards(tmp_path):
+    from latentforge_runner.training import Trainer, TrainingSettings
+
+    _cache(tmp_path / "cache", "test-rae-tiny", 32, "max_images=32")
+    ds = LatentShards(tmp_path / "cache")
+    torch.manual_seed(0)
+    generator = registry.generators.build("test-dit", in_channels=64, input_size=8, num_classes=10)
+    before = [p.detach().clone() for p in generator.parameters()]
+    settings = TrainingSettings(steps=2, batch_size=8, log_every=1, checkpoint_every=2, ema_decay=None)
+    trainer = Trainer(generator, settings, run_dir=tmp_path / "train", num_items=len(ds), forward="loss")
+    logs = trainer.fit(ds.batch, lambda model, batch: model(batch["latents"], batch["label"]))
+    assert trainer.step == 2 and logs["loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, generator.parameters(), strict=True))
+
+
 def test_vqgan_token_shards_without_flip(tmp_path):
     _cache(tmp_path, "test-vqgan-tiny", 16, "flip=false", "shard_size=50")
     (shard,) = tmp_path.glob("shard-*.safetensors")
