@@ -125,5 +125,5 @@ def test_evaluate_bad_input(tmp_path, weights):
         _evaluate(tmp_path, f"samples={tmp_path / 's.npz'}", "metrics=[psnr]")
     with pytest.raises(ConfigError, match="set image_size"):
         _evaluate(tmp_path, f"samples={tmp_path}", "metrics=[psnr]")
-    with pytest.raises(FileNotFoundError, match="FID Inception weights not found"):
+    with pytest.raises(ConfigError, match="FID Inception weights not found"):
         _evaluate(tmp_path, f"samples={tmp_path / 's.npz'}", f"weights={tmp_path / 'none.pth'}")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from latentforge_core.checkpoint import CheckpointError
 from latentforge_runner import cli
 from latentforge_runner.config import ConfigError
 from latentforge_runner.recipes.sample import class_labels
@@ -67,7 +68,7 @@ def test_sample_bad_input(generator_run, tmp_path):
     with pytest.raises(ConfigError, match="no config.yaml"):
         recipe, cfg = _sample(tmp_path / "nowhere", tmp_path / "out")
         cli.run_recipe(recipe, cfg)
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         recipe, cfg = _sample(
             generator_run, tmp_path / "out", "num_samples=10", "weights=model", f"checkpoint={tmp_path}"
         )

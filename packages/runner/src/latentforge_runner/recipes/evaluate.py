@@ -131,7 +131,10 @@ class EvaluateRecipe:
         factories = {name: registry.metrics.get(name) for name in cfg.metrics}
         shared = None
         if any(_accepts(f, "inception") for f in factories.values()):
-            shared = fid_inception_v3(cfg.weights, cfg.protocol, self.dist.device)
+            try:
+                shared = fid_inception_v3(cfg.weights, cfg.protocol, self.dist.device)
+            except FileNotFoundError as err:
+                raise ConfigError(f"weights: {err}") from err
         self.metrics, self.mode = {}, {}
         for name, factory in factories.items():
             injected = {"protocol": cfg.protocol, "inception": shared, "device": self.dist.device}

@@ -139,7 +139,10 @@ class SampleRecipe:
             if not found:
                 raise CheckpointError(f"{run / 'checkpoints'} holds no whole checkpoint to sample from")
             folder = found[-1]
-        sd, config = load_checkpoint(folder / f"{self.cfg.weights}.safetensors")
+        try:
+            sd, config = load_checkpoint(folder / f"{self.cfg.weights}.safetensors")
+        except FileNotFoundError as err:
+            raise CheckpointError(f"{err}: expected a checkpoint folder written by train-generator") from err
         if self.discrete:
             h, w = self.tokenizer.latent_shape[-2:]
             shape = dict(vocab_size=self.tokenizer.vocab_size, grid_size=(h, w))
