@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from latentforge_metrics import FID, PSNR, InceptionScore, PrecisionRecall, save_samples
+from latentforge_metrics import FID, PSNR, InceptionScore, PrecisionRecall, save_reference, save_samples
 from latentforge_metrics.inception import FIDInceptionV3
 from latentforge_runner import cli
 from latentforge_runner.config import ConfigError
@@ -98,6 +98,18 @@ def test_evaluate_npz_against_folder_equals_direct_metrics(tmp_path, weights):
     assert report["metrics"]["precision-recall"] == pytest.approx(prc.compute(), abs=1e-9)
     on_disk = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert on_disk["metrics"]["fid"] == report["metrics"]["fid"]
+    # A reference .npz with statistics only (pytorch-fid / ADM mu, sigma) serves FID through them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        save_reference(tmp_path / "stats.npz", fid.real)
+        by_stats = _evaluate(
+            tmp_path,
+            f"samples={tmp_path / 'samples.npz'}",
+            f"reference={tmp_path / 'stats.npz'}",
+            f"weights={weights}",
+        )
+    assert by_stats["modes"] == {"fid": "statistics"} and by_stats["num_reference"] == 0
+    assert by_stats["metrics"]["fid"] == pytest.approx(expected_fid, rel=1e-6)
 
 
 def test_evaluate_paired_psnr_on_npz(tmp_path):
