@@ -29,7 +29,7 @@ from latentforge_runner import distributed
 from latentforge_runner.config import Component, ConfigError, Settings, component, load_yaml, settings
 from latentforge_runner.data import build_dataset
 from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.recipes.train_generator import TrainGeneratorSettings
+from latentforge_runner.recipes.train_generator import TrainGeneratorSettings, fit_latent_stats
 from latentforge_runner.training import list_checkpoints
 
 log = logging.getLogger("latentforge")
@@ -120,16 +120,9 @@ class SampleRecipe:
 
     def _compute_stats(self) -> None:
         """The latent statistics train-generator computed: the same images, the same reduction."""
-        from latentforge_tokenizers.stats import compute_latent_stats
-
         d, e = self.train.data, self.train.eval
         dataset = build_dataset(d.name, image_size=d.image_size, root=d.root)
-        n = min(len(dataset), e.stats_batches * 64)
-        batches = (
-            torch.stack([dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(self.device)
-            for s in range(0, n, 64)
-        )
-        self.tokenizer.set_stats(compute_latent_stats(self.tokenizer.encode, batches, reduce=e.stats_reduce))
+        fit_latent_stats(self.tokenizer, dataset, e.stats_batches, e.stats_reduce, self.device)
 
     def _load_generator(self, run: Path) -> torch.nn.Module:
         if self.cfg.checkpoint is not None:

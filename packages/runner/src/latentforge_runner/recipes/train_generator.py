@@ -63,6 +63,22 @@ class TrainGeneratorSettings(Settings):
     eval: EvalSettings = EvalSettings()
 
 
+def fit_latent_stats(tokenizer, dataset, num_batches: int, reduce: str, device: torch.device) -> int:
+    """Set ``tokenizer``'s latent statistics from the first ``num_batches`` × 64 images; returns the count.
+
+    ``sample`` calls this too, so it recomputes exactly the statistics the generator was trained on.
+    """
+    from latentforge_tokenizers.stats import compute_latent_stats
+
+    n = min(len(dataset), num_batches * 64)
+    batches = (
+        torch.stack([dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(device)
+        for s in range(0, n, 64)
+    )
+    tokenizer.set_stats(compute_latent_stats(tokenizer.encode, batches, reduce=reduce))
+    return n
+
+
 class TrainGeneratorRecipe:
     Settings = TrainGeneratorSettings
 
@@ -100,16 +116,9 @@ class TrainGeneratorRecipe:
             self.trainer.resume()
 
     def _compute_stats(self) -> None:
-        from latentforge_tokenizers.stats import compute_latent_stats
-
-        n = min(len(self.dataset), self.cfg.eval.stats_batches * 64)
-        batches = (
-            torch.stack([self.dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(self.device)
-            for s in range(0, n, 64)
-        )
-        stats = compute_latent_stats(self.tokenizer.encode, batches, reduce=self.cfg.eval.stats_reduce)
-        self.tokenizer.set_stats(stats)
-        log.info("latent statistics (per %s) computed on %d images", self.cfg.eval.stats_reduce, n)
+        e = self.cfg.eval
+        n = fit_latent_stats(self.tokenizer, self.dataset, e.stats_batches, e.stats_reduce, self.device)
+        log.info("latent statistics (per %s) computed on %d images", e.stats_reduce, n)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
