@@ -99,3 +99,44 @@ def test_sample_rebuilds_the_training_runs_models(tmp_path):
     finally:
         train.cleanup()
         sample.cleanup()
+
+
+def test_sample_reads_the_runs_latent_statistics_and_recomputes_only_without_them(tmp_path, caplog):
+    """train-generator saves the statistics it trained with; sample loads that file (a changed file
+    changes what sample uses) and recomputes, saying so, only when the file is absent."""
+    from latentforge_runner.recipes.sample import SampleRecipe
+    from latentforge_runner.recipes.train_generator import STATS_FILE, TrainGeneratorRecipe
+    from latentforge_tokenizers.stats import LatentStats
+
+    _, cfg = cli.load_settings("train-generator", "tiny-rae", [*TRAIN, f"run.output_dir={tmp_path / 't'}"])
+    train = TrainGeneratorRecipe(cfg)
+    try:
+        train.setup()
+        computed = train.tokenizer.stats
+    finally:
+        train.cleanup()
+    saved = LatentStats.load(tmp_path / "t" / STATS_FILE)
+    assert torch.equal(saved.var, computed.var) and torch.equal(saved.mean, computed.mean)
+    assert saved.eps == computed.eps
+
+    # The generator checkpoint is not needed to read statistics: stop before loading it.
+    def stats_of(out):
+        _, scfg = _sample(tmp_path / "t", out, "num_samples=10")
+        recipe = SampleRecipe(scfg)
+        recipe._load_generator = lambda run: None
+        try:
+            recipe.setup()
+            return recipe.tokenizer.stats
+        finally:
+            recipe.cleanup()
+
+    LatentStats(saved.var * 4, saved.mean + 1, eps=saved.eps).save(tmp_path / "t" / STATS_FILE)
+    with caplog.at_level("INFO", logger="latentforge"):
+        loaded = stats_of(tmp_path / "s1")
+    assert torch.equal(loaded.var, saved.var * 4) and torch.equal(loaded.mean, saved.mean + 1)
+    assert "recomputing" not in caplog.text
+    (tmp_path / "t" / STATS_FILE).unlink()
+    with caplog.at_level("INFO", logger="latentforge"):
+        recomputed = stats_of(tmp_path / "s2")
+    assert f"holds no {STATS_FILE}: recomputing" in caplog.text
+    assert torch.equal(recomputed.var, computed.var) and torch.equal(recomputed.mean, computed.mean)

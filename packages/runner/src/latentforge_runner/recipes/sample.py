@@ -29,8 +29,9 @@ from latentforge_runner import distributed
 from latentforge_runner.config import Component, ConfigError, Settings, component, load_yaml, settings
 from latentforge_runner.data import build_dataset
 from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.recipes.train_generator import TrainGeneratorSettings, fit_latent_stats
+from latentforge_runner.recipes.train_generator import STATS_FILE, TrainGeneratorSettings, fit_latent_stats
 from latentforge_runner.training import list_checkpoints
+from latentforge_tokenizers.stats import LatentStats
 
 log = logging.getLogger("latentforge")
 
@@ -113,14 +114,22 @@ class SampleRecipe:
                 f"tokenizer {block.name!r} has no pixel decoder; sample a generator whose tokens decode "
                 "to images"
             )
-        if not self.discrete and getattr(self.tokenizer, "stats", None) is None:
-            self._compute_stats()
+        if not self.discrete:
+            self._latent_stats(run)
         self.generator = self._load_generator(run)
         seed_everything(cfg.run.seed + self.dist.rank)
 
-    def _compute_stats(self) -> None:
-        """The latent statistics train-generator computed: the same images, the same reduction."""
+    def _latent_stats(self, run: Path) -> None:
+        """The statistics train-generator saved in its run folder; recomputed (the same images, the
+        same reduction) only for a run that has none and a tokenizer that brings none."""
+        path = run / STATS_FILE
+        if path.is_file():
+            self.tokenizer.set_stats(LatentStats.load(path))
+            return
+        if getattr(self.tokenizer, "stats", None) is not None:
+            return
         d, e = self.train.data, self.train.eval
+        log.info("%s holds no %s: recomputing the latent statistics as train-generator did", run, STATS_FILE)
         dataset = build_dataset(d.name, image_size=d.image_size, root=d.root)
         fit_latent_stats(self.tokenizer, dataset, e.stats_batches, e.stats_reduce, self.device)
 

@@ -26,8 +26,11 @@ from latentforge_runner.config import Component, Settings, component, settings
 from latentforge_runner.data import build_dataset
 from latentforge_runner.recipes import RunSettings, open_run
 from latentforge_runner.training import Trainer, TrainingSettings
+from latentforge_tokenizers.stats import LatentStats
 
 log = logging.getLogger("latentforge")
+
+STATS_FILE = "latent_stats.safetensors"  # in the run folder: the statistics the generator was trained on
 
 
 @settings
@@ -92,8 +95,8 @@ class TrainGeneratorRecipe:
         self.dataset = build_dataset(cfg.data.name, image_size=cfg.data.image_size, root=cfg.data.root)
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.device).eval().requires_grad_(False)
         self.discrete = self.tokenizer.vocab_size is not None
-        if not self.discrete and getattr(self.tokenizer, "stats", None) is None:
-            self._compute_stats()
+        if not self.discrete:
+            self._latent_stats()
         torch.manual_seed(cfg.run.seed)  # every process builds the same initial weights
         if self.discrete:
             h, w = self.tokenizer.latent_shape[-2:]
@@ -115,10 +118,19 @@ class TrainGeneratorRecipe:
         if cfg.run.resume:
             self.trainer.resume()
 
-    def _compute_stats(self) -> None:
-        e = self.cfg.eval
-        n = fit_latent_stats(self.tokenizer, self.dataset, e.stats_batches, e.stats_reduce, self.device)
-        log.info("latent statistics (per %s) computed on %d images", e.stats_reduce, n)
+    def _latent_stats(self) -> None:
+        """The run folder's statistics (a resumed run), else the tokenizer's own, else computed; then
+        saved in the run folder, where ``sample`` reads them."""
+        path = self.run_dir / STATS_FILE
+        if path.is_file():
+            self.tokenizer.set_stats(LatentStats.load(path))
+            log.info("latent statistics read from %s", path)
+        elif getattr(self.tokenizer, "stats", None) is None:
+            e = self.cfg.eval
+            n = fit_latent_stats(self.tokenizer, self.dataset, e.stats_batches, e.stats_reduce, self.device)
+            log.info("latent statistics (per %s) computed on %d images", e.stats_reduce, n)
+        if self.dist.is_main and not path.is_file():
+            self.tokenizer.stats.save(path)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
