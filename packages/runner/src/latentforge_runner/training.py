@@ -1,9 +1,10 @@
 """Training machinery a recipe composes: optimiser, LR schedule, EMA, DDP, precision, exact resume.
 
-:class:`Trainer` owns one model's optimisation and nothing else — the recipe supplies the loss as a
-function of a batch, as torchtune recipes own their loop.  A checkpoint is a folder
-``checkpoints/<step>/`` with ``model.safetensors`` and ``ema.safetensors`` (our format, config in
-the metadata) and ``state.pt`` (optimiser, scheduler, step, every RNG state, the data position).
+:class:`Trainer` owns one model's optimisation (plus, for GAN training, a discriminator's) and
+nothing else — the recipe supplies the losses as functions of a batch, as torchtune recipes own
+their loop.  A checkpoint is a folder ``checkpoints/<step>/`` with ``model.safetensors``,
+``ema.safetensors`` and ``discriminator.safetensors`` (our format, config in the metadata) and
+``state.pt`` (optimisers, schedulers, step, every RNG state, the data position).
 The folder is written under a hidden temporary name and renamed when complete, so a process killed
 at any moment leaves only whole checkpoints; resuming from one continues bitwise as if never stopped.
 """
@@ -209,6 +210,12 @@ class Trainer:
 
     ``fetch(indices) -> batch`` turns the sampler's per-process index list into a batch (a dict);
     the trainer splits it into ``grad_accum`` micro-batches along dim 0 of every tensor.
+
+    With a ``discriminator`` each step is a generator update, then a discriminator update on
+    ``disc_loss_fn(batch)`` (the same micro-batches; ``loss_fn`` may leave detached fakes in them).
+    The discriminator has its own AdamW with the same settings and schedule (the schedule advances
+    on its updates only, as RAE's); its parameters are frozen during the generator's pass, so the
+    GAN term reaches only the generator.
     """
 
     def __init__(
@@ -223,6 +230,7 @@ class Trainer:
         logger: RunLogger | None = None,
         params: Iterable[torch.nn.Parameter] | None = None,
         forward: str = "forward",
+        discriminator: torch.nn.Module | None = None,
     ):
         self.t = t
         self.dist = dist or distributed.DistInfo()
@@ -255,6 +263,26 @@ class Trainer:
             )
         self.ddp = entry
         self.forward_model = torch.compile(entry) if t.compile else entry
+        self.discriminator = self.disc_ddp = None
+        if discriminator is not None:
+            self._setup_discriminator(discriminator)
+
+    def _setup_discriminator(self, discriminator: torch.nn.Module) -> None:
+        t = self.t
+        self.discriminator = discriminator.to(self.device)
+        self.disc_params = [p for p in discriminator.parameters() if p.requires_grad]
+        if not self.disc_params:
+            raise ValueError("the discriminator has no trainable parameters")
+        self.disc_optimizer = torch.optim.AdamW(
+            self.disc_params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay
+        )
+        self.disc_scheduler = torch.optim.lr_scheduler.LambdaLR(self.disc_optimizer, lr_lambda(t))
+        entry = _Closure(self.discriminator)
+        if self.dist.enabled:
+            entry = DistributedDataParallel(
+                entry, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.disc_ddp = entry
 
     # -------------------------------------------------------------------------------- the loop
     def fit(
@@ -262,6 +290,8 @@ class Trainer:
         data: Callable[[list[int]], Mapping[str, Any]] | torch.utils.data.Dataset,
         loss_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor | tuple[torch.Tensor, dict]],
         *,
+        disc_loss_fn: Callable[[dict[str, Any]], torch.Tensor | tuple[torch.Tensor, dict] | None]
+        | None = None,
         on_step: Callable[[Trainer], None] | None = None,
         desc: str = "train",
     ) -> dict[str, float]:
@@ -269,7 +299,10 @@ class Trainer:
 
         ``data`` is ``fetch(indices) -> batch`` (data in memory), or a Dataset read by a DataLoader
         with ``t.num_workers`` workers and :func:`~latentforge_runner.data.collate`.
+        ``disc_loss_fn(micro_batch)`` (with a discriminator) returns its loss, or None for no update.
         """
+        if (disc_loss_fn is None) != (self.discriminator is None):
+            raise ValueError("a discriminator and a disc_loss_fn go together: give both or neither")
         self.model.train()
         bar = tqdm(
             total=self.t.steps,
@@ -284,7 +317,7 @@ class Trainer:
         start, start_step = time.perf_counter(), self.step
         while self.step < self.t.steps:
             for batch in self._epoch(data):
-                logs = self._train_step(batch, loss_fn)
+                logs = self._train_step(batch, loss_fn, disc_loss_fn)
                 self.sampler.advance()
                 self.step += 1
                 bar.update(1)
@@ -328,7 +361,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
-    def _train_step(self, batch: Mapping[str, Any], loss_fn) -> dict[str, float]:
+    def _train_step(self, batch: Mapping[str, Any], loss_fn, disc_loss_fn=None) -> dict[str, float]:
         self.skipped += batch.get("skipped", [])
         if any(v is None for v in batch.values()):
             log.warning("step %d: every image of the batch was unreadable; no update", self.step)
@@ -340,6 +373,9 @@ class Trainer:
         }
         micro = _split(batch, self.t.grad_accum)
         logs: dict[str, float] = {}
+        if self.discriminator is not None:
+            for p in self.disc_params:
+                p.requires_grad_(False)
         for i, part in enumerate(micro):
             sync = i == len(micro) - 1
             ctx = self.ddp.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
@@ -366,11 +402,43 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
+        if self.discriminator is not None:
+            for p in self.disc_params:
+                p.requires_grad_(True)
+            logs.update(self._disc_step(micro, disc_loss_fn))
+        return logs
+
+    def _disc_step(self, micro: list[dict[str, Any]], disc_loss_fn) -> dict[str, float]:
+        """One discriminator update on the step's micro-batches (none when the loss says None)."""
+        logs: dict[str, float] = {}
+        for i, part in enumerate(micro):
+            sync = i == len(micro) - 1
+            ctx = self.disc_ddp.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+            with ctx:
+                with autocast(self.device, self.dtype):
+                    out = self.disc_ddp(disc_loss_fn, part)
+                if out is None:
+                    return {}
+                loss, extra = out if isinstance(out, tuple) else (out, {})
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the discriminator loss is {loss.item()} at step {self.step}; lower training.lr "
+                        "or set training.grad_clip (the last checkpoint is intact)"
+                    )
+                (loss / len(micro)).backward()
+            for k, v in {"loss": loss, **extra}.items():
+                value = float(v.detach() if isinstance(v, torch.Tensor) else v)
+                logs[f"d_{k}"] = logs.get(f"d_{k}", 0.0) + value / len(micro)
+        if self.t.grad_clip is not None:
+            logs["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.disc_params, self.t.grad_clip))
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        self.disc_scheduler.step()
         return logs
 
     # -------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -378,6 +446,10 @@ class Trainer:
             "rng": rng_state(),
             "skipped": len(self.skipped),
         }
+        if self.discriminator is not None:
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
+            state["disc_scheduler"] = self.disc_scheduler.state_dict()
+        return state
 
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/<step>/`` on the main process: whole or not at all."""
@@ -390,6 +462,10 @@ class Trainer:
             save_checkpoint(self.model.state_dict(), tmp / "model.safetensors", config)
             if self.ema is not None:
                 save_checkpoint(self.ema.module.state_dict(), tmp / "ema.safetensors", config)
+            if self.discriminator is not None:
+                save_checkpoint(
+                    self.discriminator.state_dict(), tmp / "discriminator.safetensors", {"step": self.step}
+                )
             save_torch(self.state_dict(), tmp / "state.pt")
             os.replace(tmp, final)
             _fsync_dir(self.ckpt_dir)
@@ -425,6 +501,14 @@ class Trainer:
         state = load_torch_file(path / "state.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.discriminator is not None:
+            if not (path / "discriminator.safetensors").is_file() or "disc_optimizer" not in state:
+                raise CheckpointError(f"{path} has no discriminator state, but this run trains one")
+            disc_sd, _ = load_checkpoint(path / "discriminator.safetensors")
+            check_state_dict(self.discriminator.state_dict(), disc_sd, what="discriminator")
+            self.discriminator.load_state_dict(disc_sd)
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+            self.disc_scheduler.load_state_dict(state["disc_scheduler"])
         self.sampler.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step = state["step"]
@@ -447,6 +531,18 @@ class _Method(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.module, self.method)(*args, **kwargs)
+
+
+class _Closure(torch.nn.Module):
+    """Holds ``module``'s parameters and runs ``fn(*args)`` as its forward: a discriminator loss that
+    calls the bare module (real and fake) is then one forward of its DDP wrapper."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
