@@ -108,13 +108,26 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cpu_count"] = os.cpu_count()
 
 
+HEADER = "| group | impl | throughput | GFLOP/s | MFU | ours / peer | measured |"
+
+
+def _earlier_rows(groups: set[str]) -> list[str]:
+    """Table rows of results.md from earlier runs whose group this run did not measure."""
+    if not RESULTS.exists():
+        return []
+    rows = [line for line in RESULTS.read_text().splitlines() if line.startswith("| ") and line != HEADER]
+    return [row for row in rows if row.split("|")[1].strip() not in groups and not row.startswith("|---")]
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print this run's table and merge it into results.md (rows of unmeasured groups are kept)."""
     if not _full(config) or not _rows:
         return
-    lines = ["| group | impl | throughput | GFLOP/s | MFU | ours / peer |", "|---|---|---|---|---|---|"]
     by_group: dict[str, list[dict]] = {}
     for row in _rows:
         by_group.setdefault(row["group"], []).append(row)
+    when = time.strftime("%Y-%m-%d", time.gmtime()) + f", load {os.getloadavg()[0]:.1f}"
+    lines = []
     for group, rows in sorted(by_group.items()):
         ours = next((r for r in rows if r["impl"] == "ours"), None)
         for r in rows:
@@ -124,12 +137,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             gf = f"{r['gflops']:.1f}" if "gflops" in r else ""
             mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else ""
             lines.append(
-                f"| {group} | {r['impl']} | {r['throughput']:.2f} {r['unit']} | {gf} | {mfu} | {ratio} |"
+                f"| {group} | {r['impl']} | {r['throughput']:.2f} {r['unit']} | {gf} | {mfu} | {ratio} | {when} |"
             )
-    table = "\n".join(lines)
+    merged = sorted(lines + _earlier_rows(set(by_group)), key=lambda row: row.split("|")[1].strip())
+    separator = "|---" * 7 + "|"
     RESULTS.write_text(
-        f"# Benchmark results\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads\n\n{table}\n"
+        f"# Benchmark results\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"each group is replaced when its benchmark runs again (the last column says when, and the "
+        f"1-minute load average then: the machine has {os.cpu_count()} cores).\n\n"
+        + "\n".join([HEADER, separator, *merged])
+        + "\n"
     )
     terminalreporter.write_line("")
-    terminalreporter.write_line(table)
-    terminalreporter.write_line(f"(written to {RESULTS}; raw numbers: {len(_rows)} rows)")
+    terminalreporter.write_line("\n".join([HEADER, separator, *lines]))
+    terminalreporter.write_line(f"(merged into {RESULTS}; {len(_rows)} rows this run)")

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk are chosen so that one [rows, K] fp32 distance block stays near 64 MiB.
-_CHUNK_BYTES = 64 * 2**20
+# Rows per chunk: one [rows, K] fp32 distance block of about 8 MiB stays in the last-level cache
+# while the min reads it back (2048 rows at K = 1024 ran 1.45× faster than 16384 on a 2-core AVX2
+# CPU, level with faiss); at least 256 rows keep the matmul efficient for large K.
+_CHUNK_BYTES = 8 * 2**20
+_MIN_CHUNK_ROWS = 256
 
 
 def check_codebook(codebook: torch.Tensor, what: str = "codebook") -> None:
@@ -43,7 +46,7 @@ def nearest(
     if codebook_sqnorm is None:
         codebook_sqnorm = codebook.square().sum(1)
     codebook_sqnorm = codebook_sqnorm.float().reshape(1, -1)  # 1 K
-    rows = chunk_rows or max(1, _CHUNK_BYTES // (4 * codebook.shape[0]))
+    rows = chunk_rows or max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (4 * codebook.shape[0]))
     ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     codebook_t = codebook.t()
