@@ -128,7 +128,8 @@ class LatentShards(torch.utils.data.Dataset):
     their flipped copies, so the training sampler's shuffle — not a coin in ``__getitem__`` — picks
     the flip, and a resumed run sees the same items."""
 
-    def __init__(self, folder: str | Path, flip: bool = True):
+    def __init__(self, folder: str | Path, flip: bool | None = True):
+        """``flip=None``: include the flipped copies when the shards hold them."""
         paths = sorted(Path(folder).glob("shard-r*-*.safetensors"))
         if not paths:
             raise DataError(
@@ -141,6 +142,7 @@ class LatentShards(torch.utils.data.Dataset):
             if config.get("kind") != "latent_cache":
                 raise DataError(f"{path} is not a cache-latents shard (its metadata says {config})")
             keys.add(config["key"])
+            self.tokenizer = config.get("tokenizer")
             for k, v in tensors.items():
                 parts.setdefault(k, []).append(v)
         if len(keys) != 1:
@@ -148,6 +150,8 @@ class LatentShards(torch.utils.data.Dataset):
                 f"the shards in {folder} mix {sorted(keys)}; keep one tokenizer's cache per folder"
             )
         self.key = keys.pop()
+        if flip is None:
+            flip = f"{self.key}_flip" in parts
         if flip and f"{self.key}_flip" not in parts:
             raise DataError(
                 f"the shards in {folder} hold no flipped copies; cache with flip=true or read with flip=False"

@@ -27,9 +27,13 @@ from latentforge_core.device import seed_everything
 from latentforge_metrics.npz import SampleWriter
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, ConfigError, Settings, component, load_yaml, settings
-from latentforge_runner.data import build_dataset
 from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.recipes.train_generator import STATS_FILE, TrainGeneratorSettings, fit_latent_stats
+from latentforge_runner.recipes.train_generator import (
+    STATS_FILE,
+    TrainGeneratorSettings,
+    build_training_data,
+    fit_latent_stats,
+)
 from latentforge_runner.training import list_checkpoints
 from latentforge_tokenizers.stats import LatentStats
 
@@ -130,7 +134,7 @@ class SampleRecipe:
             return
         d, e = self.train.data, self.train.eval
         log.info("%s holds no %s: recomputing the latent statistics as train-generator did", run, STATS_FILE)
-        dataset = build_dataset(d.name, image_size=d.image_size, root=d.root)
+        dataset = build_training_data(d, self.train.tokenizer.name)
         fit_latent_stats(self.tokenizer, dataset, e.stats_batches, e.stats_reduce, self.device)
 
     def _load_generator(self, run: Path) -> torch.nn.Module:

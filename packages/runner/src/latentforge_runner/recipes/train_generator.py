@@ -1,13 +1,15 @@
-"""train-generator: a generator on the latents or tokens of a frozen tokenizer, images read on the fly.
+"""train-generator: a generator on the latents or tokens of a frozen tokenizer, encoded on the fly or cached.
 
     latentforge run train-generator --config rae-ditdh-xl data.root=/data/imagenet/train
+    latentforge run train-generator --config tiny-rae data.name=latents data.root=runs/cache-latents
     torchrun --nproc-per-node 8 -m latentforge_runner.cli run train-generator --config vavae-lightningdit-xl
 
 Continuous tokenizers (RAE, VA-VAE) give normalised latents ``[B, C, h, w]`` to a flow generator
 (DiT, LightningDiT, DiT-DH), which receives ``in_channels``/``input_size``/``num_classes``; discrete
 ones (K-Means, VQGAN) give token grids ``[B, h, w]`` to GPT/MaskGIT, which receive ``vocab_size``/
-``grid_size``/``num_classes``.  Every ``eval.every`` steps a class-balanced grid of samples from the
-EMA goes to TensorBoard and ``samples/``.
+``grid_size``/``num_classes``.  With ``data.name: latents`` the run reads the shards ``cache-latents``
+wrote (``data.root``, flipped copies included when cached) instead of encoding images.  Every
+``eval.every`` steps a class-balanced grid of samples from the EMA goes to TensorBoard and ``samples/``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from PIL import Image
 from latentforge_core.checkpoint import load_checkpoint, load_into
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
-from latentforge_runner.data import build_dataset
+from latentforge_runner.data import DataError, build_dataset
 from latentforge_runner.recipes import RunSettings, open_run
 from latentforge_runner.training import Trainer, TrainingSettings
 from latentforge_tokenizers.stats import LatentStats
@@ -35,8 +37,8 @@ STATS_FILE = "latent_stats.safetensors"  # in the run folder: the statistics the
 
 @settings
 class DataSettings(Settings):
-    name: Literal["digits", "folder"] = "folder"
-    root: str | None = None  # ImageNet layout: root/<class>/*.JPEG
+    name: Literal["digits", "folder", "latents"] = "folder"
+    root: str | None = None  # ImageNet layout root/<class>/*.JPEG; for latents, a cache-latents folder
     image_size: int = 256
     num_classes: int = 1000
 
@@ -66,19 +68,43 @@ class TrainGeneratorSettings(Settings):
     eval: EvalSettings = EvalSettings()
 
 
+def build_training_data(d: DataSettings, tokenizer: str):
+    """Images (``digits``, ``folder``) or the latent shards of ``tokenizer`` (``latents``)."""
+    if d.name != "latents":
+        return build_dataset(d.name, image_size=d.image_size, root=d.root)
+    from latentforge_runner.recipes.cache_latents import LatentShards  # it imports DataSettings from here
+
+    if not d.root:
+        raise DataError("data.name 'latents' needs data.root: a folder written by cache-latents")
+    shards = LatentShards(d.root, flip=None)
+    if shards.tokenizer != tokenizer:
+        raise DataError(
+            f"the shards in {d.root} hold latents of tokenizer {shards.tokenizer!r}, but this run's "
+            f"tokenizer is {tokenizer!r}; cache them with the same tokenizer"
+        )
+    return shards
+
+
 def fit_latent_stats(tokenizer, dataset, num_batches: int, reduce: str, device: torch.device) -> int:
-    """Set ``tokenizer``'s latent statistics from the first ``num_batches`` × 64 images; returns the count.
+    """Set ``tokenizer``'s latent statistics from the first ``num_batches`` × 64 images (or cached
+    latents, flips excluded); returns the count.
 
     ``sample`` calls this too, so it recomputes exactly the statistics the generator was trained on.
     """
     from latentforge_tokenizers.stats import compute_latent_stats
 
-    n = min(len(dataset), num_batches * 64)
-    batches = (
-        torch.stack([dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(device)
-        for s in range(0, n, 64)
-    )
-    tokenizer.set_stats(compute_latent_stats(tokenizer.encode, batches, reduce=reduce))
+    cached = getattr(dataset, "values", None)  # LatentShards: raw latents in data set order
+    n = min(len(dataset) if cached is None else len(cached), num_batches * 64)
+    if cached is not None:
+        batches = (cached[s : s + 64].to(device) for s in range(0, n, 64))
+        encode = lambda z: z  # noqa: E731
+    else:
+        batches = (
+            torch.stack([dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(device)
+            for s in range(0, n, 64)
+        )
+        encode = tokenizer.encode
+    tokenizer.set_stats(compute_latent_stats(encode, batches, reduce=reduce))
     return n
 
 
@@ -92,9 +118,15 @@ class TrainGeneratorRecipe:
         cfg = self.cfg
         self.run_dir, self.dist, self.logger = open_run("train-generator", cfg)
         self.device = self.dist.device
-        self.dataset = build_dataset(cfg.data.name, image_size=cfg.data.image_size, root=cfg.data.root)
+        self.dataset = build_training_data(cfg.data, cfg.tokenizer.name)
+        self.cached = cfg.data.name == "latents"
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.device).eval().requires_grad_(False)
         self.discrete = self.tokenizer.vocab_size is not None
+        if self.cached and tuple(self.dataset.values.shape[1:]) != tuple(self.tokenizer.latent_shape):
+            raise DataError(
+                f"the cached {self.dataset.key} have shape {tuple(self.dataset.values.shape[1:])}, "
+                f"but tokenizer {cfg.tokenizer.name!r} gives {tuple(self.tokenizer.latent_shape)}"
+            )
         if not self.discrete:
             self._latent_stats()
         torch.manual_seed(cfg.run.seed)  # every process builds the same initial weights
@@ -133,20 +165,29 @@ class TrainGeneratorRecipe:
             self.tokenizer.stats.save(path)
 
     @torch.no_grad()
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        if self.discrete:
-            return self.tokenizer.encode(images)
-        return self.tokenizer.encode(images, normalize=True)
+    def inputs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The generator's targets: normalised latents or token grids, encoded now or read from the cache.
+
+        Contiguous, so that noise drawn ``randn_like`` them is the same on both paths."""
+        if self.cached:
+            z = batch[self.dataset.key]
+            z = z if self.discrete else self.tokenizer.stats.normalize(z)
+        elif self.discrete:
+            z = self.tokenizer.encode(batch["image"])
+        else:
+            z = self.tokenizer.encode(batch["image"], normalize=True)
+        return z.contiguous()
+
+    def loss_fn(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        return model(self.inputs(batch), batch["label"])
 
     def run(self) -> dict[str, Any]:
-        def loss_fn(model, batch):
-            return model(self._encode(batch["image"]), batch["label"])
-
         def on_step(trainer: Trainer) -> None:
             if self.cfg.eval.every and trainer.step % self.cfg.eval.every == 0:
                 self.sample_grid(trainer.step)
 
-        return self.trainer.fit(self.dataset, loss_fn, on_step=on_step, desc="generator")
+        data = self.dataset.batch if self.cached else self.dataset  # the shards live in memory
+        return self.trainer.fit(data, self.loss_fn, on_step=on_step, desc="generator")
 
     @torch.no_grad()
     def sample_grid(self, step: int) -> None:

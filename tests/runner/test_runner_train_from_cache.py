@@ -1,0 +1,97 @@
+"""train-generator on cache-latents shards: the same latents give the same loss as encoding on the fly."""
+
+import json
+
+import pytest
+import torch
+
+from latentforge_runner import cli
+from latentforge_runner.data import DataError
+from latentforge_runner.recipes.train_generator import TrainGeneratorRecipe
+
+QUICK = [
+    "training.steps=3",
+    "training.batch_size=8",
+    "training.checkpoint_every=3",
+    "training.log_every=1",
+    "eval.every=0",
+    "eval.num_samples=4",
+    "eval.stats_batches=1",
+    "eval.sampler.steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    recipe, cfg = cli.load_settings(
+        "cache-latents",
+        None,
+        [
+            "tokenizer.name=test-rae-tiny",
+            "data.name=digits",
+            "data.image_size=32",
+            "max_images=64",
+            "batch_size=32",
+            f"run.output_dir={out}",
+        ],
+    )
+    cli.run_recipe(recipe, cfg)
+    return out
+
+
+def _recipe(out, *extra):
+    _, cfg = cli.load_settings("train-generator", "tiny-rae", [*QUICK, f"run.output_dir={out}", *extra])
+    return TrainGeneratorRecipe(cfg)
+
+
+def test_cached_latents_give_the_on_the_fly_loss(cache, tmp_path):
+    fly, cached = (
+        _recipe(tmp_path / "fly"),
+        _recipe(tmp_path / "cached", "data.name=latents", f"data.root={cache}"),
+    )
+    try:
+        fly.setup()
+        cached.setup()
+        assert len(cached.dataset) == 128  # 64 cached images and their flipped copies
+        # Statistics from the first 64 images on both paths, the generators' initial weights equal.
+        torch.testing.assert_close(cached.tokenizer.stats.var, fly.tokenizer.stats.var)
+        torch.testing.assert_close(cached.tokenizer.stats.mean, fly.tokenizer.stats.mean)
+        for a, b in zip(fly.generator.parameters(), cached.generator.parameters(), strict=True):
+            assert torch.equal(a, b)
+        idx = [5, 0, 63, 17, 2, 40, 33, 9]
+        images, latents = fly.dataset.batch(idx), cached.dataset.batch(idx)
+        torch.testing.assert_close(fly.inputs(images), cached.inputs(latents))
+        torch.manual_seed(3)
+        loss_fly = fly.loss_fn(fly.trainer.forward_model, images)
+        torch.manual_seed(3)
+        loss_cached = cached.loss_fn(cached.trainer.forward_model, latents)
+        torch.testing.assert_close(loss_cached, loss_fly, rtol=1e-5, atol=1e-6)
+        # The flipped copies are the mirrored images' latents.
+        flipped = {k: v for k, v in images.items()} | {"image": images["image"].flip(-1)}
+        mirrored = cached.dataset.batch([i + 64 for i in idx])
+        torch.testing.assert_close(fly.inputs(flipped), cached.inputs(mirrored))
+        # A few optimisation steps from the cache.
+        logs = cached.run()
+        cached.save()
+    finally:
+        fly.cleanup()
+        cached.cleanup()
+    assert cached.trainer.step == 3 and torch.isfinite(torch.tensor(logs["loss"]))
+    rows = [json.loads(r) for r in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (tmp_path / "cached" / "checkpoints" / "00000003" / "ema.safetensors").is_file()
+    assert (tmp_path / "cached" / "samples" / "00000003.png").is_file()
+
+
+def test_cache_of_another_tokenizer_is_refused(cache, tmp_path):
+    recipe = _recipe(tmp_path, "data.name=latents", f"data.root={cache}", "tokenizer.name=test-vavae-tiny")
+    try:
+        with pytest.raises(
+            DataError, match="tokenizer 'test-rae-tiny'.*this run's tokenizer is 'test-vavae-tiny'"
+        ):
+            recipe.setup()
+    finally:
+        recipe.cleanup()
+    with pytest.raises(DataError, match="needs data.root"):
+        _recipe(tmp_path / "b", "data.name=latents").setup()
