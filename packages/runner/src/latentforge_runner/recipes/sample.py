@@ -1,12 +1,15 @@
 """sample: class-conditional samples of a trained generator → PNG files, an image grid and an ADM ``.npz``.
 
     latentforge run sample generator_run=runs/tiny-rae num_samples=100 labels=equal
-    latentforge run sample generator_run=runs/rae-ditdh-xl num_samples=50000 sampler.cfg_scale=1.5
+    latentforge run sample generator_run=runs/rae-ditdh-xl num_samples=50000 \\
+        guidance_weights=/weights/ditdh-s-ema.safetensors
 
 The generator, its shapes and the tokenizer come from the ``train-generator`` run folder (its
-``config.yaml`` and newest whole checkpoint, EMA weights by default).  Labels are ``equal`` (the same
-count per class, cycling 0, 1, …, K−1 so a grid of K columns shows one class per column) or
-``random``.  Writes ``images/<index>.png``, ``grid.png`` and ``samples.npz`` (``arr_0`` uint8
+``config.yaml`` and newest whole checkpoint, EMA weights by default).  A run whose
+``eval.guidance_model`` names a weak generator (RAE: DiT-DH-S) samples with autoguidance at
+``sampler.cfg_scale`` (1.42 in rae-ditdh-xl); ``guidance_model``/``guidance_weights`` override it.
+Labels are ``equal`` (the same count per class, cycling 0, 1, …, K−1 so a grid of K columns shows one
+class per column) or ``random``.  Writes ``images/<index>.png``, ``grid.png`` and ``samples.npz`` (``arr_0`` uint8
 ``[N, H, W, 3]``, ``arr_1`` labels), the file ``evaluate`` and the ADM evaluator read.
 """
 
@@ -31,6 +34,7 @@ from latentforge_runner.recipes import RunSettings, open_run
 from latentforge_runner.recipes.train_generator import (
     STATS_FILE,
     TrainGeneratorSettings,
+    autoguidance,
     build_training_data,
     fit_latent_stats,
 )
@@ -53,6 +57,11 @@ class SampleSettings(Settings):
     labels: Literal["equal", "random"] = "equal"
     batch_size: int = 64
     sampler: dict | None = None  # keyword arguments of generator.sample; default: the run's eval.sampler
+    # Autoguidance by a weak generator (default: the run's eval.guidance_model / guidance_weights).
+    guidance_model: Component | None = component(
+        "generators", default=None, injected=("in_channels", "input_size", "num_classes")
+    )
+    guidance_weights: str | None = None  # the weak model's EMA (our safetensors)
     grid_images: int = 100  # how many of the first samples go into grid.png
     write_png: bool = True
 
@@ -121,6 +130,14 @@ class SampleRecipe:
         if not self.discrete:
             self._latent_stats(run)
         self.generator = self._load_generator(run)
+        e = self.train.eval
+        self.guidance = autoguidance(
+            cfg.guidance_model or e.guidance_model,
+            cfg.guidance_weights or (None if cfg.guidance_model else e.guidance_weights),
+            self.tokenizer.latent_shape,
+            self.train.data.num_classes,
+            self.device,
+        )
         seed_everything(cfg.run.seed + self.dist.rank)
 
     def _latent_stats(self, run: Path) -> None:
@@ -178,7 +195,7 @@ class SampleRecipe:
         with SampleWriter(self.run_dir / "samples.npz", cfg.num_samples, size) as writer:
             for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="sample", unit="batch"):
                 y = self.labels[start : start + cfg.batch_size]
-                out = self.generator.sample(y.to(self.device), **sampler)
+                out = self.generator.sample(y.to(self.device), **sampler, **self.guidance)
                 images = (
                     self.tokenizer.decode(out)
                     if self.discrete

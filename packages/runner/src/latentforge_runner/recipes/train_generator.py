@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from latentforge_core.checkpoint import load_checkpoint, load_into
+from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
 from latentforge_runner.data import DataError, build_dataset
@@ -83,6 +83,27 @@ def build_training_data(d: DataSettings, tokenizer: str):
             f"tokenizer is {tokenizer!r}; cache them with the same tokenizer"
         )
     return shards
+
+
+def autoguidance(
+    block: Component | None, weights: str | None, latent_shape, num_classes: int, device: torch.device
+) -> dict[str, Any]:
+    """``generator.sample`` keywords for autoguidance by the weak model ``block`` (its EMA ``weights``,
+    our safetensors), or nothing without a block; ``sample`` uses this too."""
+    if block is None:
+        return {}
+    c, h, _ = latent_shape
+    guide = block.build("generators", in_channels=c, input_size=h, num_classes=num_classes)
+    if weights:
+        try:
+            load_into(guide, load_checkpoint(weights)[0])
+        except CheckpointError as err:
+            raise CheckpointError(f"guidance_weights {weights} for {block.name!r}: {err}") from err
+    else:
+        log.warning(
+            "autoguidance by %s with random weights: set guidance_weights to its trained EMA", block.name
+        )
+    return {"guidance": "autoguidance", "guidance_model": guide.to(device).eval()}
 
 
 def fit_latent_stats(tokenizer, dataset, num_batches: int, reduce: str, device: torch.device) -> int:
@@ -213,20 +234,17 @@ class TrainGeneratorRecipe:
         )
 
     def _guidance(self) -> dict[str, Any]:
-        """``guidance_model=`` for autoguidance, built once from ``eval.guidance_model``."""
-        block = self.cfg.eval.guidance_model
-        if block is None:
-            return {}
+        """Autoguidance keywords, built once from ``eval.guidance_model``."""
         if not hasattr(self, "_guide"):
-            c, h, _ = self.tokenizer.latent_shape
-            self._guide = (
-                block.build("generators", in_channels=c, input_size=h, num_classes=self.cfg.data.num_classes)
-                .to(self.device)
-                .eval()
+            e = self.cfg.eval
+            self._guide = autoguidance(
+                e.guidance_model,
+                e.guidance_weights,
+                self.tokenizer.latent_shape,
+                self.cfg.data.num_classes,
+                self.device,
             )
-            if self.cfg.eval.guidance_weights:
-                load_into(self._guide, load_checkpoint(self.cfg.eval.guidance_weights)[0])
-        return {"guidance": "autoguidance", "guidance_model": self._guide}
+        return self._guide
 
     def save(self) -> None:
         self.sample_grid(self.trainer.step)
