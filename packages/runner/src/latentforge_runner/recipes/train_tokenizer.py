@@ -1,0 +1,372 @@
+"""train-tokenizer: an autoencoder the seed pipelines decode through — VA-VAE, an RAE decoder or VQGAN.
+
+    latentforge run train-tokenizer --config tiny-train-vavae
+    torchrun --nproc-per-node 8 -m latentforge_runner.cli run train-tokenizer --config vavae-f16d32-train \\
+        data.root=/data/imagenet/train eval.root=/data/imagenet/val
+
+``loss.name`` picks the objective of the tokenizers package: ``vavae`` (``VAVAELoss``: L1 + LPIPS +
+KL + VF loss against a frozen foundation model + adaptive-weight PatchGAN), ``rae`` (``RAELoss``:
+frozen encoder, decoder trained with L1 + LPIPS + DINO-discriminator GAN; the latent noise is the
+tokenizer's ``noise_tau``) or ``vqgan`` (``VQGANLoss``: codebook + commitment + L1/LPIPS/GAN).  Each
+step updates the autoencoder, then the discriminator (both through the runner's Trainer: DDP,
+accumulation, exact resume).  VA-VAE and VQGAN gates count steps, RAE's count epochs, as in their
+code.  Every ``eval.every`` steps the EMA (or live) weights reconstruct a held-out set: PSNR, SSIM and
+rFID go to TensorBoard, a grid (originals over reconstructions) to ``eval/``, the numbers to
+``eval.json``; the trained tokenizer is written to ``tokenizer.safetensors`` in its own format.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from typing import Any, Literal
+
+import attrs
+import torch
+from einops import rearrange
+from PIL import Image
+
+from latentforge_core.checkpoint import load_checkpoint, load_into
+from latentforge_core.device import rng_state, set_rng_state
+from latentforge_metrics.reconstruction import PSNR, SSIM
+from latentforge_runner import distributed
+from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.data import Digits, build_dataset
+from latentforge_runner.recipes import RunSettings, open_run
+from latentforge_runner.training import Trainer, TrainingSettings
+from latentforge_tokenizers import losses
+from latentforge_tokenizers.discriminators import DiffAug, DinoDiscriminator, dino_trunk
+from latentforge_tokenizers.losses import gate
+from latentforge_tokenizers.rae import RAE
+from latentforge_tokenizers.vavae import VAVAE
+from latentforge_tokenizers.vqgan import VQGAN, VQGANLoss
+
+log = logging.getLogger("latentforge")
+
+# loss name → (its class, the tokenizer class it trains); objects the recipe builds are not params.
+LOSSES = {"vavae": (losses.VAVAELoss, VAVAE), "rae": (losses.RAELoss, RAE), "vqgan": (VQGANLoss, VQGAN)}
+BUILT = ("vf_encoder", "lpips", "discriminator")
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings
+# ------------------------------------------------------------------------------------------------
+@settings
+class DataSettings(Settings):
+    name: Literal["digits", "folder"] = "folder"
+    root: str | None = None  # ImageNet layout: root/<class>/*.JPEG
+    image_size: int = 256
+    limit: int | None = None  # train on the first ``limit`` images only (tiny runs)
+
+
+@settings
+class DiscriminatorSettings(Settings):
+    """taming's PatchGAN (VA-VAE, VQGAN) or RAE's frozen-DINO discriminator with trainable heads."""
+
+    kind: Literal["patchgan", "dino", "none"] = "patchgan"
+    ndf: int = 64  # patchgan
+    n_layers: int = 3  # patchgan
+    recipe: str = "S_8"  # dino: the DINO trunk (S_8, S_16, B_16)
+    trunk_weights: str | None = None  # dino: the DINO ``.pth`` (random trunk when None)
+    trunk: dict = attrs.field(factory=dict)  # dino: VisionTransformer overrides (a tiny trunk for tests)
+    input_size: int = 224  # dino: images are resized to this before the trunk
+    key_depths: tuple[int, ...] = (2, 5, 8, 11)
+    kernel_size: int = 9
+    augment: bool = True  # dino: DiffAug (translation + colour) on real and fake
+    weights: str | None = None  # start from a discriminator.safetensors of an earlier run (staged training)
+
+
+@settings
+class LossSettings(Settings):
+    name: Literal["vavae", "rae", "vqgan"]
+    params: dict = attrs.field(factory=dict)  # keyword arguments of VAVAELoss / RAELoss / VQGANLoss
+    lpips_heads: str | None = None  # LPIPS linear heads (default: the installed lpips package's file)
+    lpips_trunk: str | None = None  # torchvision vgg16 weights for the LPIPS trunk
+    vf_encoder: Component | None = component("encoders", default=None)  # VA-VAE's frozen foundation model
+    discriminator: DiscriminatorSettings = DiscriminatorSettings()
+
+    def __attrs_post_init__(self):
+        cls = LOSSES[self.name][0]
+        accepted = [p for p in inspect.signature(cls).parameters if p not in BUILT]
+        for key in self.params:
+            if key not in accepted:
+                raise ValueError(
+                    f"loss.params.{key}: {cls.__name__} takes no parameter {key!r} (set by the recipe or "
+                    f"unknown); it accepts {', '.join(accepted)}"
+                )
+        if self.name == "vavae" and self.discriminator.kind == "none":
+            raise ValueError("loss.discriminator.kind 'none' is not available for vavae (VAVAELoss has a GAN)")
+        if self.name != "vavae" and self.vf_encoder is not None:
+            raise ValueError(f"loss.vf_encoder is VA-VAE's alignment target; loss {self.name!r} has none")
+
+
+@settings
+class EvalSettings(Settings):
+    every: int = 0  # steps between evaluations (0: only at the end)
+    root: str | None = None  # held-out images (folder); the digits use their test split
+    num_images: int = 1000
+    batch_size: int = 32
+    grid: int = 8  # images in the reconstruction grid
+    rfid: Component | None = component("metrics", default=None, injected=("device",))  # rfid or fd-dinov2
+
+
+@settings
+class TrainTokenizerSettings(Settings):
+    run: RunSettings = RunSettings(output_dir="runs/train-tokenizer")
+    data: DataSettings = DataSettings()
+    tokenizer: Component = component("tokenizers")
+    loss: LossSettings
+    training: TrainingSettings = TrainingSettings(
+        lr=1e-4, betas=(0.5, 0.9), ema_decay=None, checkpoint_every=5000
+    )
+    eval: EvalSettings = EvalSettings()
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe
+# ------------------------------------------------------------------------------------------------
+class TrainTokenizerRecipe:
+    Settings = TrainTokenizerSettings
+
+    def __init__(self, config: TrainTokenizerSettings):
+        self.cfg = config
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir, self.dist, self.logger = open_run("train-tokenizer", cfg)
+        self.device = self.dist.device
+        self.train_data, num_items = self._train_data()
+        self.heldout = self._heldout()
+        torch.manual_seed(cfg.run.seed)  # every process builds the same initial weights
+        self.tokenizer = cfg.tokenizer.build("tokenizers")
+        self._check_tokenizer()
+        self.loss = self._build_loss().to(self.device)
+        disc = self.loss.discriminator
+        self.trainer = Trainer(
+            self.tokenizer,
+            cfg.training,
+            run_dir=self.run_dir,
+            num_items=num_items,
+            dist=self.dist,
+            logger=self.logger,
+            model_config={"name": cfg.tokenizer.name, **cfg.tokenizer.params},
+            discriminator=disc,
+        )
+        self.rfid = None if cfg.eval.rfid is None else cfg.eval.rfid.build("metrics", device=self.device)
+        encode_args = inspect.signature(self.tokenizer.encode).parameters
+        self.encode_kwargs = {"sample": False} if "sample" in encode_args else {}  # VA-VAE: the mean
+        self.history: list[dict[str, float]] = []
+        if cfg.run.resume and self.trainer.resume():
+            self._load_history()
+
+    # ---------------------------------------------------------------------------- building
+    def _train_data(self):
+        d = self.cfg.data
+        dataset = build_dataset(d.name, image_size=d.image_size, root=d.root)
+        n = len(dataset) if d.limit is None else min(d.limit, len(dataset))
+        if isinstance(dataset, Digits):  # in memory: gather batches without a DataLoader
+            return dataset.batch, n
+        return (dataset if n == len(dataset) else torch.utils.data.Subset(dataset, range(n))), n
+
+    def _heldout(self):
+        d, e = self.cfg.data, self.cfg.eval
+        if e.root is not None:
+            dataset = build_dataset("folder", image_size=d.image_size, root=e.root)
+        elif d.name == "digits":
+            dataset = Digits("test", d.image_size)
+        else:
+            raise ValueError("eval.root is required with data.name 'folder': a folder of held-out images")
+        return torch.utils.data.Subset(dataset, range(min(e.num_images, len(dataset))))
+
+    def _check_tokenizer(self) -> None:
+        name, tok = self.cfg.loss.name, self.tokenizer
+        expected = LOSSES[name][1]
+        if not isinstance(tok, expected):
+            raise ValueError(
+                f"loss.name {name!r} trains a {expected.__name__}, but tokenizer {self.cfg.tokenizer.name!r} "
+                f"is a {type(tok).__name__}"
+            )
+        size = self.cfg.data.image_size
+        if isinstance(tok, RAE) and size != tok.preprocessing.input_size:
+            raise ValueError(
+                f"data.image_size {size} differs from the RAE decoder's output size "
+                f"{tok.preprocessing.input_size}; set data.image_size={tok.preprocessing.input_size}"
+            )
+        if isinstance(tok, VAVAE) and self.cfg.loss.vf_encoder is None and tok.linear_proj is not None:
+            tok.linear_proj.requires_grad_(False)  # no VF loss: the projection gets no gradient
+
+    def _build_loss(self) -> torch.nn.Module:
+        s = self.cfg.loss
+        params = dict(s.params)
+        cls = LOSSES[s.name][0]
+        if params.get("perceptual_weight", 1.0) > 0:
+            params["lpips"] = losses.lpips_vgg(s.lpips_heads, s.lpips_trunk)
+        if s.vf_encoder is not None:
+            params["vf_encoder"] = s.vf_encoder.build("encoders")
+        disc = self._build_discriminator()
+        if disc is not None or s.name != "vavae":
+            params["discriminator"] = disc
+        loss = cls(**params)
+        if isinstance(loss, losses.VAVAELoss):
+            loss.logvar.requires_grad_(False)  # LDM's optimiser leaves logvar out: it stays at its init
+        return loss
+
+    def _build_discriminator(self) -> torch.nn.Module | None:
+        d = self.cfg.loss.discriminator
+        if d.kind == "none":
+            return None
+        if d.kind == "patchgan":
+            disc = losses.PatchGANDiscriminator(ndf=d.ndf, n_layers=d.n_layers)
+        else:
+            disc = DinoDiscriminator(
+                dino_trunk(d.recipe, d.trunk_weights, **d.trunk),
+                input_size=d.input_size,
+                key_depths=d.key_depths,
+                kernel_size=d.kernel_size,
+                augment=DiffAug() if d.augment else None,
+            )
+        if d.weights is not None:
+            load_into(disc, load_checkpoint(d.weights)[0])
+        return disc
+
+    # ---------------------------------------------------------------------------- losses per family
+    def _losses(self):
+        """(generator loss, discriminator loss) for the Trainer; fakes travel in the micro-batch."""
+        name, lf, trainer = self.cfg.loss.name, self.loss, self.trainer
+
+        if name == "vavae":
+
+            def gen(model, batch):
+                x = batch["image"] * 2 - 1  # B 3 H W in [-1, 1]
+                out = model(x)
+                batch["fake"] = out["recon"].detach()
+                return lf.generator_loss(x, out, trainer.model, trainer.step)
+
+            def disc(batch):
+                if not gate(trainer.step, lf.disc_start):
+                    return None
+                return lf.discriminator_loss(batch["image"] * 2 - 1, batch["fake"], trainer.step)
+
+        elif name == "rae":
+
+            def gen(model, batch):
+                recon = model(batch["image"])  # noised latents in train mode
+                last = trainer.model.decoder.decoder_pred.weight
+                return lf.generator_loss(batch["image"], recon, last, trainer.sampler.epoch)
+
+            def disc(batch):
+                epoch = trainer.sampler.epoch
+                if lf.discriminator is None or not gate(epoch, lf.disc_update_start):
+                    return None
+                with torch.no_grad():  # RAE regenerates the fakes in eval mode: no latent noise
+                    fake = trainer.model.eval()(batch["image"])
+                trainer.model.train()
+                return lf.discriminator_loss(batch["image"], fake, epoch)
+
+        else:
+
+            def gen(model, batch):
+                recon, qloss, _ = model(batch["image"])
+                batch["fake"] = recon.detach()
+                return lf.generator_loss(batch["image"], recon, qloss, trainer.model, trainer.step)
+
+            def disc(batch):
+                if lf.discriminator is None or not gate(trainer.step, lf.disc_start):
+                    return None
+                return lf.discriminator_loss(batch["image"], batch["fake"], trainer.step)
+
+        return gen, (disc if lf.discriminator is not None else None)
+
+    def run(self) -> dict[str, Any]:
+        gen, disc = self._losses()
+
+        def on_step(trainer: Trainer) -> None:
+            if self.cfg.eval.every and trainer.step % self.cfg.eval.every == 0:
+                self.evaluate(trainer.step)
+
+        if self.cfg.eval.every and self.trainer.step == 0:
+            self.evaluate(0)  # the starting point of the curves
+        return self.trainer.fit(
+            self.train_data, gen, disc_loss_fn=disc, on_step=on_step, desc=self.cfg.loss.name
+        )
+
+    # ---------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """PSNR/SSIM on the 8-bit reconstructions of the held-out set (and rFID), logged and saved."""
+        state = rng_state()  # evaluation must not move the training RNG
+        model = self.trainer.eval_model()
+        psnr, ssim = PSNR(), SSIM()
+        if self.rfid is not None:
+            self.rfid.reset()  # a frozen reference (the held-out features) is kept
+        shard = list(range(self.dist.rank, len(self.heldout), self.dist.world_size))
+        first = None
+        for start in range(0, len(shard), self.cfg.eval.batch_size):
+            items = [self.heldout[i] for i in shard[start : start + self.cfg.eval.batch_size]]
+            items = [it["image"] for it in items if "error" not in it]  # unreadable images are skipped
+            if not items:
+                continue
+            images = torch.stack(items).to(self.device)
+            recon = model.decode(model.encode(images, **self.encode_kwargs)).clamp(0, 1)
+            recon8, target8 = ((t * 255).round().to(torch.uint8).cpu() for t in (recon, images))
+            psnr.update(recon8, target8)
+            ssim.update(recon8, target8)
+            if self.rfid is not None:
+                if self.rfid.reference is None:
+                    self.rfid.update(target8.float() / 255, real=True)
+                self.rfid.update(recon8.float() / 255)
+            if first is None:
+                first = (target8[: self.cfg.eval.grid], recon8[: self.cfg.eval.grid])
+        result = {"step": step, "psnr": psnr.compute(), "ssim": ssim.compute()}
+        if self.rfid is not None:
+            if self.rfid.reference is None:  # freeze the held-out statistics (a copy: reset clears real)
+                real = self.rfid.real.gathered()
+                self.rfid.set_reference((real.mu, real.sigma))
+            result["rfid"] = float(self.rfid.compute())
+        set_rng_state(state)
+        self.trainer.model.train()
+        self._record(result, first)
+        return result
+
+    def _record(self, result: dict[str, float], first) -> None:
+        self.history = [h for h in self.history if h["step"] != result["step"]] + [result]
+        if not self.dist.is_main:
+            return
+        step = result["step"]
+        self.logger.scalars({f"eval/{k}": v for k, v in result.items() if k != "step"}, step)
+        grid = rearrange(torch.stack(first), "two b c h w -> c (two h) (b w)")  # originals over recons
+        self.logger.images("eval/reconstructions", grid.float() / 255, step)
+        (self.run_dir / "eval").mkdir(exist_ok=True)
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(self.run_dir / "eval" / f"grid_{step:08d}.png")
+        report = {"tokenizer": self.cfg.tokenizer.name, "final": result, "history": self.history}
+        tmp = self.run_dir / ".eval.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, self.run_dir / "eval.json")
+        log.info(
+            "step %d: PSNR %.2f dB, SSIM %.4f%s",
+            step,
+            result["psnr"],
+            result["ssim"],
+            f", rFID {result['rfid']:.3f}" if "rfid" in result else "",
+        )
+
+    def _load_history(self) -> None:
+        path = self.run_dir / "eval.json"
+        if path.is_file():
+            steps = json.loads(path.read_text())["history"]
+            self.history = [h for h in steps if h["step"] <= self.trainer.step]
+
+    # ---------------------------------------------------------------------------- protocol
+    def save(self) -> None:
+        if not self.history or self.history[-1]["step"] != self.trainer.step:
+            self.evaluate(self.trainer.step)
+        if self.dist.is_main:
+            self.trainer.eval_model().save(self.run_dir / "tokenizer.safetensors")
+        self.trainer.model.train()
+        distributed.barrier()
+
+    def cleanup(self) -> None:
+        self.logger.close()
+        distributed.cleanup()
