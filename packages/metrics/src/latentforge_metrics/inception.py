@@ -15,6 +15,7 @@ load beside every torch build and nothing of it is needed.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -81,9 +82,9 @@ def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
         return images
     if not images.is_floating_point():
         raise TypeError(f"{what} must be uint8 (0..255) or float (0..1), got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
+    lo, hi = (v.item() for v in torch.aminmax(images))  # one pass; NaN and inf propagate into it
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{what} contain NaN or infinite values")
-    lo, hi = images.min().item(), images.max().item()
     if lo < -1e-3 or hi > 1 + 1e-3:
         hint = " (images in [-1, 1]? use (x + 1) / 2)" if lo < 0 else " (images in 0..255? divide by 255)"
         raise ValueError(f"float {what} must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
@@ -135,7 +136,8 @@ def preprocess(images: torch.Tensor, protocol: str | InceptionProtocol) -> torch
     images = check_images(images)
     if protocol.normalize == "2x-1":  # pytorch-fid: resize the [0, 1] image, then 2x - 1
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
-        return 2 * _resize(x, protocol.resize) - 1
+        x = _resize(x, protocol.resize)  # a fresh tensor (/255, clamp or resize): scaled in place
+        return x.mul_(2).sub_(1)
     if protocol.quantize is not None:
         x = to_uint8(images, protocol.quantize).float()
     else:
@@ -147,15 +149,39 @@ def preprocess(images: torch.Tensor, protocol: str | InceptionProtocol) -> torch
 # Blocks (torchvision names; TF pooling semantics)
 # ------------------------------------------------------------------------------------------------
 class BasicConv2d(nn.Module):
-    """Conv (no bias) → BatchNorm(eps=1e-3) → ReLU."""
+    """Conv (no bias) → BatchNorm(eps=1e-3) → ReLU.
+
+    Without autograd the BatchNorm (always in eval mode here) is folded into the conv's weight and
+    bias, and the ReLU runs in place: one conv instead of three passes over the activations. The
+    folded pair is cached and rebuilt whenever a parameter or statistic is replaced, changed in place
+    (``load_state_dict``) or moved. With autograd on, the layers run as stored, so gradients reach them.
+    """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
+        self._folded: tuple | None = None  # (source versions, weight, bias)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv weight and bias with the BatchNorm's affine map and running statistics folded in."""
+        bn = self.bn
+        sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # [out]
+                weight = self.conv.weight * scale[:, None, None, None]  # [out, in, kh, kw]
+                if weight.device.type == "cpu":  # oneDNN runs channels-last convs without reorders
+                    weight = weight.contiguous(memory_format=torch.channels_last)
+                self._folded = (key, weight, bn.bias - bn.running_mean * scale)
+        return self._folded[1], self._folded[2]
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        if torch.is_grad_enabled():
+            return F.relu(self.bn(self.conv(x)))
+        weight, bias = self.folded()
+        return F.relu_(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding))
 
 
 def _pool3x3(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -274,7 +300,8 @@ class FIDInceptionV3(nn.Module):
 
     ``forward(images)`` takes uint8 or [0, 1] float ``[B, 3, H, W]`` and applies ``protocol``;
     ``forward_features(x)`` takes an already preprocessed ``[B, 3, 299, 299]`` batch. Inference runs in
-    fp32 (bf16 autocast would move FID): the reference numbers were all computed in fp32.
+    fp32 even inside a caller's autocast (bf16 would move FID): the reference numbers are all fp32. On
+    CPU the activations are channels-last, which oneDNN's convs and the pools run fastest.
     """
 
     def __init__(self, protocol: str | InceptionProtocol = "torch-fidelity"):
@@ -320,6 +347,12 @@ class FIDInceptionV3(nn.Module):
         unknown = set(features) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown Inception feature(s) {sorted(unknown)}; expected some of {FEATURES}")
+        with torch.autocast(x.device.type, enabled=False):
+            return self._features(x, features)
+
+    def _features(self, x: torch.Tensor, features) -> dict[str, torch.Tensor]:
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # [B, 64, 147, 147]
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # [B, 64, 73, 73]
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # [B, 192, 71, 71]
