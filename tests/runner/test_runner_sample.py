@@ -123,7 +123,7 @@ def test_sample_reads_the_runs_latent_statistics_and_recomputes_only_without_the
     def stats_of(out):
         _, scfg = _sample(tmp_path / "t", out, "num_samples=10")
         recipe = SampleRecipe(scfg)
-        recipe._load_generator = lambda run: None
+        recipe._load_generator = lambda *args: None
         try:
             recipe.setup()
             return recipe.tokenizer.stats

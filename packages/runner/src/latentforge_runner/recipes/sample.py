@@ -9,8 +9,13 @@ The generator, its shapes and the tokenizer come from the ``train-generator`` ru
 ``eval.guidance_model`` names a weak generator (RAE: DiT-DH-S) samples with autoguidance at
 ``sampler.cfg_scale`` (1.42 in rae-ditdh-xl); ``guidance_model``/``guidance_weights`` override it.
 Labels are ``equal`` (the same count per class, cycling 0, 1, …, K−1 so a grid of K columns shows one
-class per column) or ``random``.  Writes ``images/<index>.png``, ``grid.png`` and ``samples.npz`` (``arr_0`` uint8
-``[N, H, W, 3]``, ``arr_1`` labels), the file ``evaluate`` and the ADM evaluator read.
+class per column) or ``random``.  Writes ``images/<index>.png``, ``grid.png`` and ``samples.npz``
+(``arr_0`` uint8 ``[N, H, W, 3]``, ``arr_1`` labels), the file ``evaluate`` and the ADM evaluator read.
+
+DiGIT samples in two stages: ``generator_run`` (the GPT over K-Means tokens) gives token grids,
+``stage2_run`` (a run with a ``condition_tokenizer``) turns them into VQGAN codes, its VQGAN decodes:
+
+    latentforge run sample generator_run=runs/digit-base-gpt stage2_run=runs/digit-base-stage2
 """
 
 from __future__ import annotations
@@ -29,7 +34,15 @@ from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_i
 from latentforge_core.device import seed_everything
 from latentforge_metrics.npz import SampleWriter
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, ConfigError, Settings, component, load_yaml, settings
+from latentforge_runner.config import (
+    Component,
+    ConfigError,
+    Settings,
+    component,
+    load_yaml,
+    settings,
+    to_plain,
+)
 from latentforge_runner.recipes import RunSettings, open_run
 from latentforge_runner.recipes.train_generator import (
     STATS_FILE,
@@ -37,6 +50,7 @@ from latentforge_runner.recipes.train_generator import (
     autoguidance,
     build_training_data,
     fit_latent_stats,
+    generator_shapes,
 )
 from latentforge_runner.training import list_checkpoints
 from latentforge_tokenizers.stats import LatentStats
@@ -51,7 +65,7 @@ class SampleSettings(Settings):
     run: RunSettings = RunSettings(output_dir="runs/sample")
     generator_run: str  # a train-generator run folder (config.yaml + checkpoints/)
     checkpoint: str | None = None  # a checkpoint folder; default: the run's newest whole one
-    weights: Literal["ema", "model"] = "ema"
+    weights: Literal["ema", "model"] = "ema"  # a run trained without EMA has only its model weights
     tokenizer: Component | None = component("tokenizers", default=None)  # default: the run's own
     num_samples: int = 50_000
     labels: Literal["equal", "random"] = "equal"
@@ -62,6 +76,10 @@ class SampleSettings(Settings):
         "generators", default=None, injected=("in_channels", "input_size", "num_classes")
     )
     guidance_weights: str | None = None  # the weak model's EMA (our safetensors)
+    # DiGIT: a train-generator run of stage 2 (condition_tokenizer set) that turns generator_run's
+    # K-Means tokens into VQGAN codes, and its sampler settings (default: its eval.sampler).
+    stage2_run: str | None = None
+    stage2_sampler: dict | None = None
     grid_images: int = 100  # how many of the first samples go into grid.png
     write_png: bool = True
 
@@ -98,6 +116,16 @@ def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
     return Image.fromarray((grid * 255).round().byte().numpy())
 
 
+def read_run(run: Path, what: str) -> TrainGeneratorSettings:
+    """The settings of a train-generator run folder."""
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{what} {run} holds no config.yaml: expected the folder of a train-generator run")
+    data = load_yaml(run / "config.yaml")
+    if data.pop("recipe", "train-generator") != "train-generator":
+        raise ConfigError(f"{run} is not a train-generator run (its config.yaml names another recipe)")
+    return TrainGeneratorSettings.from_dict(data, where=str(run / "config.yaml"))
+
+
 class SampleRecipe:
     Settings = SampleSettings
 
@@ -109,36 +137,49 @@ class SampleRecipe:
         self.run_dir, self.dist, self.logger = open_run("sample", cfg)
         self.device = self.dist.device
         run = Path(cfg.generator_run)
-        if not (run / "config.yaml").is_file():
-            raise ConfigError(
-                f"generator_run {run} holds no config.yaml: expected the folder of a train-generator run"
-            )
-        data = load_yaml(run / "config.yaml")
-        if data.pop("recipe", "train-generator") != "train-generator":
-            raise ConfigError(f"{run} is not a train-generator run (its config.yaml names another recipe)")
-        self.train = TrainGeneratorSettings.from_dict(data, where=str(run / "config.yaml"))
+        self.train = read_run(run, "generator_run")
+        k = self.train.data.num_classes
         # A tokenizer with random weights (the tiny test ones) comes out as train-generator built it.
         seed_everything(self.train.run.seed)
         block = cfg.tokenizer or self.train.tokenizer
         self.tokenizer = block.build("tokenizers").to(self.device).eval().requires_grad_(False)
         self.discrete = self.tokenizer.vocab_size is not None
-        if not hasattr(self.tokenizer, "decode"):
+        self.stage2 = None
+        if cfg.stage2_run is not None:
+            self._setup_stage2(Path(cfg.stage2_run))
+        elif not hasattr(self.tokenizer, "decode"):
             raise ConfigError(
                 f"tokenizer {block.name!r} has no pixel decoder; sample a generator whose tokens decode "
-                "to images"
+                "to images, or name a DiGIT stage-2 run (stage2_run=...) that turns them into VQGAN codes"
             )
         if not self.discrete:
             self._latent_stats(run)
-        self.generator = self._load_generator(run)
+        shape = generator_shapes(self.tokenizer, k)
+        self.generator = self._load_generator(run, self.train, cfg.checkpoint, shape)
         e = self.train.eval
         self.guidance = autoguidance(
             cfg.guidance_model or e.guidance_model,
             cfg.guidance_weights or (None if cfg.guidance_model else e.guidance_weights),
-            self.tokenizer.latent_shape,
-            self.train.data.num_classes,
+            self.tokenizer,
+            k,
             self.device,
         )
         seed_everything(cfg.run.seed + self.dist.rank)
+
+    def _setup_stage2(self, run: Path) -> None:
+        """DiGIT: stage 1's tokens condition the stage-2 generator, whose tokenizer (the VQGAN) decodes."""
+        self.train2 = read_run(run, "stage2_run")
+        if self.train2.condition_tokenizer is None:
+            raise ConfigError(f"stage2_run {run} is not a stage-2 run: its config has no condition_tokenizer")
+        if not self.discrete:
+            raise ConfigError(
+                f"stage2_run continues a token generator; generator_run {self.cfg.generator_run} makes "
+                "continuous latents"
+            )
+        seed_everything(self.train2.run.seed)
+        self.decoder = self.train2.tokenizer.build("tokenizers").to(self.device).eval().requires_grad_(False)
+        shape = generator_shapes(self.decoder, self.train2.data.num_classes, condition=self.tokenizer)
+        self.stage2 = self._load_generator(run, self.train2, None, shape)
 
     def _latent_stats(self, run: Path) -> None:
         """The statistics train-generator saved in its run folder; recomputed (the same images, the
@@ -154,54 +195,63 @@ class SampleRecipe:
         dataset = build_training_data(d, self.train.tokenizer.name)
         fit_latent_stats(self.tokenizer, dataset, e.stats_batches, e.stats_reduce, self.device)
 
-    def _load_generator(self, run: Path) -> torch.nn.Module:
-        if self.cfg.checkpoint is not None:
-            folder = Path(self.cfg.checkpoint)
+    def _load_generator(
+        self, run: Path, train: TrainGeneratorSettings, checkpoint: str | None, shape: dict[str, Any]
+    ) -> torch.nn.Module:
+        if checkpoint is not None:
+            folder = Path(checkpoint)
         else:
             found = list_checkpoints(run / "checkpoints")
             if not found:
                 raise CheckpointError(f"{run / 'checkpoints'} holds no whole checkpoint to sample from")
             folder = found[-1]
+        weights = self.cfg.weights
+        if weights == "ema" and train.training.ema_decay is None:
+            weights = "model"  # a run without EMA (DiGIT's recipe)
         try:
-            sd, config = load_checkpoint(folder / f"{self.cfg.weights}.safetensors")
+            sd, config = load_checkpoint(folder / f"{weights}.safetensors")
         except FileNotFoundError as err:
             raise CheckpointError(f"{err}: expected a checkpoint folder written by train-generator") from err
-        if self.discrete:
-            h, w = self.tokenizer.latent_shape[-2:]
-            shape = dict(vocab_size=self.tokenizer.vocab_size, grid_size=(h, w))
-        else:
-            c, h, _ = self.tokenizer.latent_shape
-            shape = dict(in_channels=c, input_size=h)
-        name = self.train.generator.name
+        name = train.generator.name
         if config.get("name") not in (None, name):
             raise CheckpointError(
                 f"{folder} is a checkpoint of {config.get('name')!r}, the run trains {name!r}"
             )
-        generator = self.train.generator.build("generators", num_classes=self.train.data.num_classes, **shape)
+        for key, value in shape.items():  # e.g. stage 1's tokens against what stage 2 was trained on
+            saved = config.get(key)
+            if saved is not None and to_plain(saved) != to_plain(value):
+                raise CheckpointError(
+                    f"{folder} was trained with {key}={saved}, but the tokenizers here give {key}={value}"
+                )
+        generator = train.generator.build("generators", **shape)
         load_into(generator, sd)
         log.info(
-            "sampling %s from %s (%s weights, step %s)", name, folder, self.cfg.weights, config.get("step")
+            "sampling %s from %s (%s weights, step %s)", name, folder, weights, config.get("step")
         )
         return generator.to(self.device).eval()
+
+    def _images(self, y: torch.Tensor, sampler: dict[str, Any], sampler2: dict[str, Any]) -> torch.Tensor:
+        """Labels → images in [0, 1] ``[B, 3, H, W]``, through stage 2 when there is one."""
+        out = self.generator.sample(y.to(self.device), **sampler, **self.guidance)
+        if self.stage2 is not None:
+            return self.decoder.decode(self.stage2.sample(out, **sampler2))
+        return self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)
 
     @torch.no_grad()
     def run(self) -> dict[str, Any]:
         cfg, k = self.cfg, self.train.data.num_classes
         self.labels = class_labels(cfg.labels, cfg.num_samples, k, cfg.run.seed)
         sampler = self.train.eval.sampler if cfg.sampler is None else cfg.sampler
-        size = self.train.data.image_size
+        sampler2, size = {}, self.train.data.image_size
+        if self.stage2 is not None:
+            sampler2 = self.train2.eval.sampler if cfg.stage2_sampler is None else cfg.stage2_sampler
+            size = self.train2.data.image_size
         (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
         grid: list[torch.Tensor] = []
         with SampleWriter(self.run_dir / "samples.npz", cfg.num_samples, size) as writer:
             for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="sample", unit="batch"):
                 y = self.labels[start : start + cfg.batch_size]
-                out = self.generator.sample(y.to(self.device), **sampler, **self.guidance)
-                images = (
-                    self.tokenizer.decode(out)
-                    if self.discrete
-                    else self.tokenizer.decode(out, normalize=True)
-                )
-                images = images.float().clamp(0, 1).cpu()  # [B, 3, H, W]
+                images = self._images(y, sampler, sampler2).float().clamp(0, 1).cpu()  # [B, 3, H, W]
                 writer.write(images, y)
                 if cfg.write_png:
                     for i, img in enumerate((images * 255).round().byte().permute(0, 2, 3, 1).numpy()):

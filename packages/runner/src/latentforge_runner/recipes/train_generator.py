@@ -10,6 +10,10 @@ ones (K-Means, VQGAN) give token grids ``[B, h, w]`` to GPT/MaskGIT, which recei
 ``grid_size``/``num_classes``.  With ``data.name: latents`` the run reads the shards ``cache-latents``
 wrote (``data.root``, flipped copies included when cached) instead of encoding images.  Every
 ``eval.every`` steps a class-balanced grid of samples from the EMA goes to TensorBoard and ``samples/``.
+
+DiGIT's stage 2 is a ``condition_tokenizer`` block: the generator (``digit-stage2-*``) learns the codes
+of ``tokenizer`` (the VQGAN) conditioned on the K-Means tokens of the same image instead of a class
+label, and receives ``cond_vocab_size``/``cond_grid_size`` too; ``sample`` chains it after stage 1.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from PIL import Image
 
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, Settings, component, settings
-from latentforge_runner.data import DataError, build_dataset
+from latentforge_runner.config import Component, ConfigError, Settings, component, settings
+from latentforge_runner.data import DataError, build_dataset, collate
 from latentforge_runner.recipes import RunSettings, open_run
 from latentforge_runner.training import Trainer, TrainingSettings
 from latentforge_tokenizers.stats import LatentStats
@@ -62,10 +66,35 @@ class TrainGeneratorSettings(Settings):
     data: DataSettings = DataSettings()
     tokenizer: Component = component("tokenizers")
     generator: Component = component(
-        "generators", injected=("in_channels", "input_size", "num_classes", "vocab_size", "grid_size")
+        "generators",
+        injected=(
+            "in_channels",
+            "input_size",
+            "num_classes",
+            "vocab_size",
+            "grid_size",
+            "cond_vocab_size",
+            "cond_grid_size",
+        ),
     )
+    # DiGIT stage 2: the tokens that condition the generator (K-Means), in place of class labels.
+    condition_tokenizer: Component | None = component("tokenizers", default=None)
     training: TrainingSettings = TrainingSettings()
     eval: EvalSettings = EvalSettings()
+
+
+def generator_shapes(tokenizer, num_classes: int, condition=None) -> dict[str, Any]:
+    """What the generator builder receives from the tokenizer(s): latent or token-grid shape, and
+    the classes, or (stage 2) the conditioning tokens' vocabulary and grid."""
+    if tokenizer.vocab_size is None:
+        c, h, _ = tokenizer.latent_shape
+        return dict(in_channels=c, input_size=h, num_classes=num_classes)
+    shape = dict(vocab_size=tokenizer.vocab_size, grid_size=tuple(tokenizer.latent_shape[-2:]))
+    if condition is None:
+        return shape | dict(num_classes=num_classes)
+    return shape | dict(
+        cond_vocab_size=condition.vocab_size, cond_grid_size=tuple(condition.latent_shape[-2:])
+    )
 
 
 def build_training_data(d: DataSettings, tokenizer: str):
@@ -86,14 +115,13 @@ def build_training_data(d: DataSettings, tokenizer: str):
 
 
 def autoguidance(
-    block: Component | None, weights: str | None, latent_shape, num_classes: int, device: torch.device
+    block: Component | None, weights: str | None, tokenizer, num_classes: int, device: torch.device
 ) -> dict[str, Any]:
     """``generator.sample`` keywords for autoguidance by the weak model ``block`` (its EMA ``weights``,
     our safetensors), or nothing without a block; ``sample`` uses this too."""
     if block is None:
         return {}
-    c, h, _ = latent_shape
-    guide = block.build("generators", in_channels=c, input_size=h, num_classes=num_classes)
+    guide = block.build("generators", **generator_shapes(tokenizer, num_classes))
     if weights:
         try:
             load_into(guide, load_checkpoint(weights)[0])
@@ -141,8 +169,18 @@ class TrainGeneratorRecipe:
         self.device = self.dist.device
         self.dataset = build_training_data(cfg.data, cfg.tokenizer.name)
         self.cached = cfg.data.name == "latents"
-        self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.device).eval().requires_grad_(False)
+        self.tokenizer = self._frozen(cfg.tokenizer)
         self.discrete = self.tokenizer.vocab_size is not None
+        self.condition = None if cfg.condition_tokenizer is None else self._frozen(cfg.condition_tokenizer)
+        if self.condition is not None and (
+            not self.discrete or self.condition.vocab_size is None or self.cached
+        ):
+            raise ConfigError(
+                "condition_tokenizer (DiGIT stage 2) pairs two discrete tokenizers over the same images: "
+                f"got tokenizer {cfg.tokenizer.name!r} ({'discrete' if self.discrete else 'continuous'}), "
+                f"condition_tokenizer {cfg.condition_tokenizer.name!r}, data.name {cfg.data.name!r} "
+                "(expected images, not cached latents)"
+            )
         if self.cached and tuple(self.dataset.values.shape[1:]) != tuple(self.tokenizer.latent_shape):
             raise DataError(
                 f"the cached {self.dataset.key} have shape {tuple(self.dataset.values.shape[1:])}, "
@@ -151,13 +189,8 @@ class TrainGeneratorRecipe:
         if not self.discrete:
             self._latent_stats()
         torch.manual_seed(cfg.run.seed)  # every process builds the same initial weights
-        if self.discrete:
-            h, w = self.tokenizer.latent_shape[-2:]
-            shape = dict(vocab_size=self.tokenizer.vocab_size, grid_size=(h, w))
-        else:
-            c, h, _ = self.tokenizer.latent_shape
-            shape = dict(in_channels=c, input_size=h)
-        self.generator = cfg.generator.build("generators", num_classes=cfg.data.num_classes, **shape)
+        shape = generator_shapes(self.tokenizer, cfg.data.num_classes, self.condition)
+        self.generator = cfg.generator.build("generators", **shape)
         self.trainer = Trainer(
             self.generator,
             cfg.training,
@@ -170,6 +203,12 @@ class TrainGeneratorRecipe:
         )
         if cfg.run.resume:
             self.trainer.resume()
+
+    def _frozen(self, block: Component) -> torch.nn.Module:
+        """A tokenizer in eval mode without gradients; one with random (test) weights is the same on
+        every process and for ``sample``, which seeds alike before building it."""
+        torch.manual_seed(self.cfg.run.seed)
+        return block.build("tokenizers").to(self.device).eval().requires_grad_(False)
 
     def _latent_stats(self) -> None:
         """The run folder's statistics (a resumed run), else the tokenizer's own, else computed; then
@@ -199,8 +238,13 @@ class TrainGeneratorRecipe:
             z = self.tokenizer.encode(batch["image"], normalize=True)
         return z.contiguous()
 
+    @torch.no_grad()
+    def conditions(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Class labels, or (stage 2) the condition tokenizer's tokens of the same images."""
+        return batch["label"] if self.condition is None else self.condition.encode(batch["image"])
+
     def loss_fn(self, model, batch: dict[str, Any]) -> torch.Tensor:
-        return model(self.inputs(batch), batch["label"])
+        return model(self.inputs(batch), self.conditions(batch))
 
     def run(self) -> dict[str, Any]:
         def on_step(trainer: Trainer) -> None:
@@ -217,9 +261,13 @@ class TrainGeneratorRecipe:
             return  # K-Means tokens decode through a second stage (digit-stage2), not here
         n, k = self.cfg.eval.num_samples, self.cfg.data.num_classes
         y = (torch.arange(n) * max(1, k // n)) % k
+        if self.condition is not None:  # stage 2: codes for the K-Means tokens of the first images
+            images = collate([self.dataset[i] for i in range(n)])["image"]
+            y = self.conditions({"image": images.to(self.device)})
         state = torch.get_rng_state()  # sampling must not move the training RNG
         model = self.trainer.eval_model()
-        out = model.sample(y.to(self.device), **self.cfg.eval.sampler, **self._guidance())
+        guide = {} if self.discrete else self._guidance()
+        out = model.sample(y.to(self.device), **self.cfg.eval.sampler, **guide)
         images = (
             self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)
         ).cpu()
@@ -238,11 +286,7 @@ class TrainGeneratorRecipe:
         if not hasattr(self, "_guide"):
             e = self.cfg.eval
             self._guide = autoguidance(
-                e.guidance_model,
-                e.guidance_weights,
-                self.tokenizer.latent_shape,
-                self.cfg.data.num_classes,
-                self.device,
+                e.guidance_model, e.guidance_weights, self.tokenizer, self.cfg.data.num_classes, self.device
             )
         return self._guide
 
