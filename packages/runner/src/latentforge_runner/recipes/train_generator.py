@@ -9,7 +9,8 @@ Continuous tokenizers (RAE, VA-VAE) give normalised latents ``[B, C, h, w]`` to 
 ones (K-Means, VQGAN) give token grids ``[B, h, w]`` to GPT/MaskGIT, which receive ``vocab_size``/
 ``grid_size``/``num_classes``.  With ``data.name: latents`` the run reads the shards ``cache-latents``
 wrote (``data.root``, flipped copies included when cached) instead of encoding images.  Every
-``eval.every`` steps a class-balanced grid of samples from the EMA goes to TensorBoard and ``samples/``.
+``eval.every`` steps a class-balanced grid of samples from the EMA goes to TensorBoard and ``samples/``,
+and with ``eval.fid_samples`` an online FID (``eval/<metric>`` in TensorBoard and ``metrics.jsonl``).
 
 DiGIT's stage 2 is a ``condition_tokenizer`` block: the generator (``digit-stage2-*``) learns the codes
 of ``tokenizer`` (the VQGAN) conditioned on the K-Means tokens of the same image instead of a class
@@ -26,6 +27,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from latentforge_core import registry
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, ConfigError, Settings, component, settings
@@ -58,6 +60,24 @@ class EvalSettings(Settings):
         "generators", default=None, injected=("in_channels", "input_size", "num_classes")
     )
     guidance_weights: str | None = None  # the weak model's EMA weights (our safetensors) for autoguidance
+    # Online FID every ``every`` steps (and at the end) on ``fid_samples`` class-balanced EMA samples
+    # against ``fid_reference``: an ADM-style .npz (mu/sigma statistics, or arr_0 images) or an image
+    # folder.  ``fid_metric`` is any registered Fréchet metric: fid (Inception), or fd-dinov2 whose
+    # ``fid_params.encoder`` names the feature network.
+    fid_samples: int = 0  # 0: no online FID
+    fid_reference: str | None = None
+    fid_metric: str = "fid"
+    fid_params: dict = attrs.field(factory=dict)
+    fid_batch_size: int = 64
+
+    def __attrs_post_init__(self):
+        if self.fid_samples < 0 or self.fid_batch_size < 1:
+            raise ValueError(
+                f"eval.fid_samples must be ≥ 0 and eval.fid_batch_size ≥ 1, got {self.fid_samples}, "
+                f"{self.fid_batch_size}"
+            )
+        if self.fid_samples and not self.fid_reference:
+            raise ValueError("eval.fid_samples > 0 needs eval.fid_reference: an .npz or an image folder")
 
 
 @settings
@@ -250,36 +270,122 @@ class TrainGeneratorRecipe:
         def on_step(trainer: Trainer) -> None:
             if self.cfg.eval.every and trainer.step % self.cfg.eval.every == 0:
                 self.sample_grid(trainer.step)
+                self.online_fid(trainer.step)
 
         data = self.dataset.batch if self.cached else self.dataset  # the shards live in memory
         return self.trainer.fit(data, self.loss_fn, on_step=on_step, desc="generator")
 
+    def _conditions_for(self, index: torch.Tensor) -> torch.Tensor:
+        """Class-balanced labels, or (stage 2) the K-Means tokens of data set images ``index``."""
+        if self.condition is None:
+            return index % self.cfg.data.num_classes
+        images = collate([self.dataset[int(i) % len(self.dataset)] for i in index])["image"]
+        return self.conditions({"image": images.to(self.device)})
+
     @torch.no_grad()
+    def generate(self, y: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] ``[B, 3, H, W]`` from the EMA for conditions ``y``; the training RNG and
+        mode are left as they were."""
+        state = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        model = self.trainer.eval_model()
+        try:
+            guide = {} if self.discrete else self._guidance()
+            out = model.sample(y.to(self.device), **self.cfg.eval.sampler, **guide)
+            decoded = (
+                self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)
+            )
+        finally:
+            torch.set_rng_state(state)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            self.trainer.model.train()
+        return decoded.float().clamp(0, 1)
+
     def sample_grid(self, step: int) -> None:
         """Class-balanced samples from the EMA → TensorBoard and ``samples/<step>.png``."""
         if not self.dist.is_main or not hasattr(self.tokenizer, "decode"):
             return  # K-Means tokens decode through a second stage (digit-stage2), not here
         n, k = self.cfg.eval.num_samples, self.cfg.data.num_classes
-        y = (torch.arange(n) * max(1, k // n)) % k
-        if self.condition is not None:  # stage 2: codes for the K-Means tokens of the first images
-            images = collate([self.dataset[i] for i in range(n)])["image"]
-            y = self.conditions({"image": images.to(self.device)})
-        state = torch.get_rng_state()  # sampling must not move the training RNG
-        model = self.trainer.eval_model()
-        guide = {} if self.discrete else self._guidance()
-        out = model.sample(y.to(self.device), **self.cfg.eval.sampler, **guide)
-        images = (
-            self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)
-        ).cpu()
-        torch.set_rng_state(state)
-        self.trainer.model.train()
+        index = torch.arange(n) if self.condition is not None else torch.arange(n) * max(1, k // n)
+        images = self.generate(self._conditions_for(index)).cpu()
         cols = int(n**0.5)
-        grid = rearrange(images[: cols * (n // cols)].clamp(0, 1), "(r c) ch h w -> ch (r h) (c w)", c=cols)
+        grid = rearrange(images[: cols * (n // cols)], "(r c) ch h w -> ch (r h) (c w)", c=cols)
         self.logger.images("samples", grid, step)
         (self.run_dir / "samples").mkdir(exist_ok=True)
         Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(
             self.run_dir / "samples" / f"{step:08d}.png"
         )
+
+    # -------------------------------------------------------------------------------- online FID
+    def _setup_fid(self) -> None:
+        """The metric and its reference, once: statistics from the .npz when it holds them (FID), else
+        the reference images' features (kept as fixed statistics)."""
+        from latentforge_metrics.generative import FID, FrechetMetric
+        from latentforge_metrics.npz import ReferenceFileError, load_reference
+        from latentforge_metrics.stats import GaussianStats
+        from latentforge_runner.recipes.evaluate import ImageSource, _accepts
+
+        e = self.cfg.eval
+        if not hasattr(self.tokenizer, "decode"):
+            raise ConfigError(
+                f"eval.fid_samples: tokenizer {self.cfg.tokenizer.name!r} has no pixel decoder to make "
+                "images from (K-Means tokens decode through stage 2; measure FID with sample + evaluate)"
+            )
+        try:
+            factory = registry.metrics.get(e.fid_metric)
+        except registry.RegistryError as err:
+            raise ConfigError(f"eval.fid_metric: {err}") from err
+        injected = {"device": self.device} if _accepts(factory, "device") else {}
+        metric = registry.metrics.build(e.fid_metric, **injected, **e.fid_params)
+        if not isinstance(metric, FrechetMetric):
+            raise ConfigError(
+                f"eval.fid_metric {e.fid_metric!r} is not a Fréchet distance (fid, fd-dinov2, …); "
+                "other metrics run in evaluate"
+            )
+        source = ImageSource(e.fid_reference, self.cfg.data.image_size, "eval.fid_reference")
+        stats = None
+        if source.folder is None and isinstance(metric, FID):
+            try:
+                stats = getattr(load_reference(source.path), metric.reference_key)
+            except ReferenceFileError:  # a sample-style batch: images only
+                stats = None
+        if stats is None:
+            n = 0
+            for real in source.batches(e.fid_batch_size):
+                metric.update(real, real=True)
+                n += len(real)
+            real = metric.real  # this process's own pass over every reference image, not gathered
+            stats = GaussianStats.from_moments(real.mu, real.sigma, n=real.n)
+            metric.reset()
+            log.info("online %s: reference features of %d images from %s", e.fid_metric, n, source.path)
+        metric.set_reference(stats)
+        self._fid = metric
+
+    @torch.no_grad()
+    def online_fid(self, step: int) -> float | None:
+        """``eval.fid_samples`` class-balanced samples (split over the processes, the same noise at
+        every evaluation) → the metric against the reference; logged as ``eval/<metric>``."""
+        e = self.cfg.eval
+        if not e.fid_samples or getattr(self, "_fid_step", None) == step:
+            return None
+        if not hasattr(self, "_fid"):
+            self._setup_fid()
+        self._fid.reset()
+        mine = torch.arange(self.dist.rank, e.fid_samples, self.dist.world_size)
+        state = torch.get_rng_state()
+        torch.manual_seed(self.cfg.run.seed + 7919 * self.dist.rank)  # the same draws at every evaluation
+        try:
+            for index in mine.split(e.fid_batch_size):
+                images = self.generate(self._conditions_for(index))
+                self._fid.update((images * 255).round().to(torch.uint8))  # as the samples' .npz holds them
+        finally:
+            torch.set_rng_state(state)
+        value = float(self._fid.compute())
+        self._fid_step = step
+        self.logger.scalars({f"eval/{e.fid_metric}": value}, step)
+        log.info("step %d: %s %.4f on %d samples", step, e.fid_metric, value, e.fid_samples)
+        return value
 
     def _guidance(self) -> dict[str, Any]:
         """Autoguidance keywords, built once from ``eval.guidance_model``."""
@@ -292,6 +398,7 @@ class TrainGeneratorRecipe:
 
     def save(self) -> None:
         self.sample_grid(self.trainer.step)
+        self.online_fid(self.trainer.step)
 
     def cleanup(self) -> None:
         self.logger.close()
