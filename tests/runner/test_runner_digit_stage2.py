@@ -115,3 +115,33 @@ def test_stage2_bad_pairings(centroids, tmp_path):
                 ],
             )[1]
         ).setup()
+
+
+@pytest.mark.slow
+def test_stage2_reads_its_condition(centroids, tmp_path):
+    """After 300 steps, held-out codes are likelier under their own images' K-Means tokens than under
+    another image's: stage 2 uses the condition, not only the codes' own statistics."""
+    import torch.nn.functional as F
+
+    from latentforge_runner.data import Digits
+
+    job = _train(
+        "tiny-digit-stage2",
+        tmp_path,
+        f"condition_tokenizer.params.centroids={centroids}",
+        "training.steps=300",
+        "training.checkpoint_every=300",
+        "training.warmup_steps=5",
+        "training.lr=3e-3",
+    )
+    images = Digits("test", 32).images[:128]
+    model = job.generator.eval()
+    with torch.no_grad():
+        codes, cond = job.tokenizer.encode(images), job.condition.encode(images)
+
+        def nll(shift):
+            return float(F.cross_entropy(model(codes, cond.roll(shift, 0)).flatten(0, 1), codes.flatten()))
+
+        own, others = nll(0), [nll(s) for s in (1, 7, 31)]
+    print(f"held-out code NLL: own tokens {own:.3f}, other images' tokens {[round(o, 3) for o in others]}")
+    assert own + 0.01 < min(others)
