@@ -158,3 +158,44 @@ def test_torch_fidelity_layout_without_bn_counters_loads(inception_state, tmp_pa
     loaded = fid_inception_v3(path).state_dict()
     assert len(inception_state) == len(loaded) == 566
     assert all(torch.equal(loaded[k], v) for k, v in inception_state.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# The inference path (BatchNorm folded into the convs, channels-last on CPU) against the stored layers
+# ------------------------------------------------------------------------------------------------
+def test_folded_inference_equals_layer_by_layer_autograd_path(inception, tf_features, images):
+    x = preprocess(images, "torch-fidelity").requires_grad_()
+    with torch.enable_grad():  # autograd on: conv → BatchNorm → ReLU exactly as stored
+        layered = inception.forward_features(x)
+        layered["pool3"].sum().backward()
+    assert x.grad is not None and x.grad.abs().max() > 0
+    for name in ("pool3", "logits", "spatial"):
+        assert _rel(tf_features[0][name], layered[name].detach()) < 1e-5
+
+
+def test_folding_follows_weights_changed_in_place(inception_file, pytorch_fid_model, images):
+    ours = FIDInceptionV3("pytorch-fid").load_weights(inception_file)
+    x = images.float() / 255
+    before = ours(x, features=("spatial",))["spatial"]  # builds the folded weights
+    bn = ours.Mixed_6d.branch1x1.bn
+    with torch.no_grad():
+        bn.running_var.mul_(4)  # an in-place change, as load_state_dict makes
+    after = ours(x, features=("spatial",))["spatial"]
+    with torch.enable_grad():
+        layered = ours.forward_features(preprocess(x, "pytorch-fid"), ("spatial",))["spatial"]
+    assert _rel(after, before) > 1e-2
+    assert _rel(after, layered) < 1e-5
+    ours.load_weights(inception_file)  # back to the file's values: pytorch-fid's features again
+    got = ours(x)["pool3"]
+    with torch.no_grad():
+        want = pytorch_fid_model(x)[0].flatten(1)
+    assert _rel(got, want) < 1e-4
+
+
+def test_features_stay_fp32_under_autocast(inception, tf_features, images):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = preprocess(images, "torch-fidelity")  # the TF1 resize is two matmuls
+        got = inception(images, features=("spatial",))["spatial"]
+    assert x.dtype == got.dtype == torch.float32
+    assert torch.equal(x, preprocess(images, "torch-fidelity"))
+    assert _rel(got, tf_features[0]["spatial"]) < 1e-6

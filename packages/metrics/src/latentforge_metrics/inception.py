@@ -122,12 +122,13 @@ def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 def _resize(x: torch.Tensor, mode: str) -> torch.Tensor:
     if x.shape[-2:] == (INPUT_SIZE, INPUT_SIZE):
         return x  # every resize of these protocols is the identity at 299
-    if mode == "tf1-bilinear":
-        return resize_tf1_bilinear(x, INPUT_SIZE)
-    size = (INPUT_SIZE, INPUT_SIZE)
-    return F.interpolate(
-        x, size=size, mode="bilinear", align_corners=False, antialias=mode == "bilinear-antialias"
-    )
+    with torch.autocast(x.device.type, enabled=False):  # fp32 inside a caller's autocast too
+        if mode == "tf1-bilinear":
+            return resize_tf1_bilinear(x, INPUT_SIZE)
+        size = (INPUT_SIZE, INPUT_SIZE)
+        return F.interpolate(
+            x, size=size, mode="bilinear", align_corners=False, antialias=mode == "bilinear-antialias"
+        )
 
 
 def preprocess(images: torch.Tensor, protocol: str | InceptionProtocol) -> torch.Tensor:
