@@ -79,6 +79,15 @@ def test_online_fid_is_logged_and_matches_scipy(reference, tmp_path):
     expected = _frechet(fake.double().numpy(), real.double().numpy())
     assert fids[4] == pytest.approx(expected, rel=1e-3)
     assert fids[2] != fids[4]  # the EMA moved between the evaluations
+    # Scoring draws its own noise: the run trains exactly as without it.
+    plain = TrainGeneratorRecipe(_settings(tmp_path / "plain", reference, "eval.fid_samples=0"))
+    try:
+        plain.setup()
+        plain.run()
+    finally:
+        plain.cleanup()
+    for a, b in zip(plain.trainer.ema.module.parameters(), job.trainer.ema.module.parameters(), strict=True):
+        assert torch.equal(a, b)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))

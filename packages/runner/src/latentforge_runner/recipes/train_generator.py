@@ -19,6 +19,7 @@ label, and receives ``cond_vocab_size``/``cond_grid_size`` too; ``sample`` chain
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Literal
 
@@ -284,10 +285,8 @@ class TrainGeneratorRecipe:
 
     @torch.no_grad()
     def generate(self, y: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] ``[B, 3, H, W]`` from the EMA for conditions ``y``; the training RNG and
-        mode are left as they were."""
-        state = torch.get_rng_state()
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        """Images in [0, 1] ``[B, 3, H, W]`` from the EMA for conditions ``y`` (the model goes back to
+        training mode; callers keep the training RNG aside)."""
         model = self.trainer.eval_model()
         try:
             guide = {} if self.discrete else self._guidance()
@@ -296,9 +295,6 @@ class TrainGeneratorRecipe:
                 self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)
             )
         finally:
-            torch.set_rng_state(state)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
             self.trainer.model.train()
         return decoded.float().clamp(0, 1)
 
@@ -308,7 +304,8 @@ class TrainGeneratorRecipe:
             return  # K-Means tokens decode through a second stage (digit-stage2), not here
         n, k = self.cfg.eval.num_samples, self.cfg.data.num_classes
         index = torch.arange(n) if self.condition is not None else torch.arange(n) * max(1, k // n)
-        images = self.generate(self._conditions_for(index)).cpu()
+        with _rng_kept():  # sampling must not move the training RNG
+            images = self.generate(self._conditions_for(index)).cpu()
         cols = int(n**0.5)
         grid = rearrange(images[: cols * (n // cols)], "(r c) ch h w -> ch (r h) (c w)", c=cols)
         self.logger.images("samples", grid, step)
@@ -369,18 +366,15 @@ class TrainGeneratorRecipe:
         e = self.cfg.eval
         if not e.fid_samples or getattr(self, "_fid_step", None) == step:
             return None
-        if not hasattr(self, "_fid"):
-            self._setup_fid()
-        self._fid.reset()
         mine = torch.arange(self.dist.rank, e.fid_samples, self.dist.world_size)
-        state = torch.get_rng_state()
-        torch.manual_seed(self.cfg.run.seed + 7919 * self.dist.rank)  # the same draws at every evaluation
-        try:
+        with _rng_kept():  # building the metric (random test weights) and sampling draw from it too
+            if not hasattr(self, "_fid"):
+                self._setup_fid()
+            self._fid.reset()
+            torch.manual_seed(self.cfg.run.seed + 7919 * self.dist.rank)  # the same draws at every evaluation
             for index in mine.split(e.fid_batch_size):
                 images = self.generate(self._conditions_for(index))
                 self._fid.update((images * 255).round().to(torch.uint8))  # as the samples' .npz holds them
-        finally:
-            torch.set_rng_state(state)
         value = float(self._fid.compute())
         self._fid_step = step
         self.logger.scalars({f"eval/{e.fid_metric}": value}, step)
@@ -403,3 +397,16 @@ class TrainGeneratorRecipe:
     def cleanup(self) -> None:
         self.logger.close()
         distributed.cleanup()
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Evaluation draws from the global RNGs without moving the training run's."""
+    state = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
