@@ -97,7 +97,9 @@ class LossSettings(Settings):
                     f"unknown); it accepts {', '.join(accepted)}"
                 )
         if self.name == "vavae" and self.discriminator.kind == "none":
-            raise ValueError("loss.discriminator.kind 'none' is not available for vavae (VAVAELoss has a GAN)")
+            raise ValueError(
+                "loss.discriminator.kind 'none' is not available for vavae (VAVAELoss has a GAN)"
+            )
         if self.name != "vavae" and self.vf_encoder is not None:
             raise ValueError(f"loss.vf_encoder is VA-VAE's alignment target; loss {self.name!r} has none")
 
