@@ -196,8 +196,6 @@ class TrainTokenizerRecipe:
                 f"data.image_size {size} differs from the RAE decoder's output size "
                 f"{tok.preprocessing.input_size}; set data.image_size={tok.preprocessing.input_size}"
             )
-        if isinstance(tok, VAVAE) and self.cfg.loss.vf_encoder is None and tok.linear_proj is not None:
-            tok.linear_proj.requires_grad_(False)  # no VF loss: the projection gets no gradient
 
     def _build_loss(self) -> torch.nn.Module:
         s = self.cfg.loss
@@ -213,6 +211,9 @@ class TrainTokenizerRecipe:
         loss = cls(**params)
         if isinstance(loss, losses.VAVAELoss):
             loss.logvar.requires_grad_(False)  # LDM's optimiser leaves logvar out: it stays at its init
+            no_vf = loss.vf_encoder is None or loss.vf_weight <= 0
+            if no_vf and self.tokenizer.linear_proj is not None:
+                self.tokenizer.linear_proj.requires_grad_(False)  # no VF loss: no gradient reaches it
         return loss
 
     def _build_discriminator(self) -> torch.nn.Module | None:
