@@ -19,6 +19,62 @@ from latentforge_core import attention
 
 
 #################################################################################
+#                     Linear layers on oneDNN for fp32 CPU training             #
+#################################################################################
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@torch.library.custom_op("latentforge_generators::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN's GEMM: on CPUs where MKL's sgemm takes a generic path (AMD)
+    it runs these shapes faster.  A custom op, so ``torch.compile`` keeps it whole and fuses around it."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # ..., out
+
+
+@_onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _onednn_linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_linear_backward(ctx, grad):
+    """Input gradient on oneDNN as well; the weight gradient on BLAS (as fast there)."""
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _onednn_linear(grad, weight.t(), None)  # ..., in
+    flat = grad.reshape(-1, grad.shape[-1])  # B·N, out
+    if ctx.needs_input_grad[1]:
+        grad_w = flat.t() @ x.reshape(-1, x.shape[-1])  # out, in
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = flat.sum(0)  # out
+    return grad_x, grad_w, grad_b
+
+
+_onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through oneDNN for fp32 on CPU; ``F.linear`` elsewhere and under autocast."""
+    cpu_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    if _ONEDNN and cpu_fp32 and not torch.is_autocast_enabled("cpu"):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+#################################################################################
 #                          Position embeddings                                  #
 #################################################################################
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -84,7 +140,7 @@ class PatchEmbed(nn.Module):
         # A conv with kernel = stride is a GEMM on (c p q)-flattened patches; as F.linear it is faster.
         p = self.patch_size
         patches = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)  # B, T, C·p²
-        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # B, T, D
+        return linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # B, T, D
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0):
@@ -107,7 +163,7 @@ class TimestepEmbedder(nn.Module):
         self.frequency_size = frequency_size
         self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            Linear(frequency_size, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size)
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -163,10 +219,10 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: RoPE2D | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
@@ -182,8 +238,8 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -194,8 +250,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        self.w12 = Linear(dim, 2 * hidden)
+        self.w3 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)
@@ -238,7 +294,7 @@ class AdaLNBlock(nn.Module):
         self.norm2 = norm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RoPE2D | None = None) -> torch.Tensor:
         mods = _per_token(self.adaLN_modulation(c)).chunk(6, dim=-1)  # 6 × [B, 1|N, D]
@@ -254,8 +310,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_features: int, *, rmsnorm: bool = False):
         super().__init__()
         self.norm_final = RMSNorm(dim) if rmsnorm else affine_free_layernorm(dim)
-        self.linear = nn.Linear(dim, out_features)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = Linear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = _per_token(self.adaLN_modulation(c)).chunk(2, dim=-1)
