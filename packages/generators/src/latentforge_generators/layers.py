@@ -3,7 +3,8 @@
 Module and parameter names follow the released checkpoints (``x_embedder.proj``, ``attn.qkv``,
 ``mlp.fc1`` / ``mlp.w12``, ``adaLN_modulation.1``, ``feat_rope.freqs_cos`` …) so official state dicts
 load strictly.  The forward passes fuse what the references compute in separate steps (one qkv
-GEMM, ``addcmul`` for modulation and gated residuals, SDPA through core's ``attention``).
+GEMM, ``addcmul`` for modulation and gated residuals, SDPA through core's ``attention``), and
+every linear runs its fp32 CPU GEMMs on oneDNN (``linear``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from latentforge_core import attention
-
 
 #################################################################################
 #                     Linear layers on oneDNN for fp32 CPU training             #
