@@ -64,6 +64,32 @@ def test_tiny_tokenizer_learns_on_digits(tmp_path, config):
     assert psnr(to8(recon), to8(images)).mean().item() == pytest.approx(final["psnr"], abs=1e-4)
 
 
+@pytest.mark.slow  # 48 Inception passes at 299 px
+@pytest.mark.filterwarnings("ignore:the covariance of 8 samples")  # 8 images: a biased but exact FD
+def test_inception_rfid_equals_the_metric_on_the_exported_tokenizer(tmp_path):
+    """The registered Inception rFID (random weights in its layout): the held-out statistics frozen at
+    the first evaluation serve the later ones, and the final number is RFID's on the exported weights."""
+    from latentforge_metrics.generative import RFID
+    from latentforge_metrics.inception import FIDInceptionV3
+
+    weights = tmp_path / "inception-random.pth"
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    rfid = ["eval.rfid.name=rfid", f"eval.rfid.params={{weights: {weights}}}"]
+    quick = ["training.steps=2", "training.checkpoint_every=2", "eval.every=1", "eval.num_images=8"]
+    report = _run("tiny-train-vqgan", tmp_path / "run", *quick, *rfid)
+    assert [h["step"] for h in report["history"]] == [0, 1, 2]
+    tok = registry.tokenizers.build(
+        "test-vqgan-tiny", pretrained=str(tmp_path / "run" / "tokenizer.safetensors")
+    )
+    images = Digits("test", 16).images[:8]
+    with torch.no_grad():
+        recon = (tok.decode(tok.encode(images)).clamp(0, 1) * 255).round() / 255
+    direct = RFID(weights=weights)
+    direct.update(recon, (images * 255).round() / 255)
+    assert report["final"]["rfid"] == pytest.approx(direct.compute(), rel=1e-4)
+
+
 def _checkpoint_tensors(folder):
     out = {}
     for f in ("model", "ema", "discriminator"):
