@@ -1,8 +1,8 @@
 """train-tokenizer: an autoencoder the seed pipelines decode through — VA-VAE, an RAE decoder or VQGAN.
 
     latentforge run train-tokenizer --config tiny-train-vavae
-    torchrun --nproc-per-node 8 -m latentforge_runner.cli run train-tokenizer --config vavae-f16d32-train \\
-        data.root=/data/imagenet/train eval.root=/data/imagenet/val
+    torchrun --nproc-per-node 8 -m latentforge_runner.cli run train-tokenizer \\
+        data.root=/data/imagenet/train eval.root=/data/imagenet/val --config vavae-f16d32-train
 
 ``loss.name`` picks the objective of the tokenizers package: ``vavae`` (``VAVAELoss``: L1 + LPIPS +
 KL + VF loss against a frozen foundation model + adaptive-weight PatchGAN), ``rae`` (``RAELoss``:
