@@ -131,6 +131,14 @@ def test_train_tokenizer_resumes_bitwise(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_lpips_term_runs_when_weighted(tmp_path):
+    """The tiny configs leave LPIPS off for speed; with a weight the recipe builds and uses it."""
+    quick = ["training.steps=2", "training.log_every=1", "eval.every=0", "eval.rfid=null"]
+    _run("tiny-train-vqgan", tmp_path, *quick, "loss.params.perceptual_weight=1.0")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["vqgan/lpips"] > 0 for r in rows if "vqgan/lpips" in r) and len(rows) >= 2
+
+
 def test_bad_loss_settings_name_the_key(tmp_path):
     cases = [
         (["loss.params.disc_strat=3"], r"loss.params.disc_strat: RAELoss takes no parameter"),
