@@ -144,6 +144,19 @@ def test_cli_validate_ls_and_errors(capsys):
     assert "unknown kind 'widgets'" in capsys.readouterr().err
 
 
+def test_cli_overrides_go_before_or_after_the_config():
+    before = cli.parse_args(["run", "train-generator", "training.steps=7", "--config", "tiny-rae", "run.seed=3"])
+    assert before.config == "tiny-rae" and before.overrides == ["training.steps=7", "run.seed=3"]
+    after = cli.parse_args(["validate", "tiny-rae", "--recipe", "train-generator", "training.steps=7"])
+    assert after.recipe == "train-generator" and after.overrides == ["training.steps=7"]
+    _, cfg = cli.load_settings(before.recipe, before.config, before.overrides)
+    assert cfg.training.steps == 7 and cfg.run.seed == 3
+    with pytest.raises(SystemExit):
+        cli.parse_args(["run", "train-generator", "--config", "tiny-rae", "--bogus", "x=1"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["ls", "recipes", "a=1"])
+
+
 def test_resolved_config_round_trips_through_yaml(tmp_path):
     _, cfg = cli.load_settings("train-generator", "tiny-rae", ["training.steps=7"])
     path = tmp_path / "c.yaml"

@@ -139,8 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse, taking ``key=value`` overrides on either side of ``--config`` (argparse alone stops
+    collecting positionals at the first option, so ``run R --config F a.b=1`` would be refused)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    misplaced = [e for e in extra if e.startswith("-") or "=" not in e]
+    if misplaced or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(misplaced or extra)} (overrides are key.sub=value)")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError, registry.RegistryError) as err:
