@@ -196,3 +196,11 @@ def test_features_stay_fp32_under_autocast(inception, tf_features, images):
     assert x.dtype == got.dtype == torch.float32
     assert torch.equal(x, preprocess(images, "torch-fidelity"))
     assert _rel(got, tf_features[0]["spatial"]) < 1e-6
+
+
+def test_network_built_under_inference_mode_folds_without_version_counters(inception, tf_features, images):
+    with torch.inference_mode():  # inference tensors have no version counter to key a cache on
+        model = FIDInceptionV3("torch-fidelity")
+        model.load_state_dict(inception.state_dict())
+        got = model(images, features=("spatial",))["spatial"]
+    assert torch.equal(got, tf_features[0]["spatial"])

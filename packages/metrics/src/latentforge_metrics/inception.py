@@ -164,18 +164,25 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
         self._folded: tuple | None = None  # (source versions, weight, bias)
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The conv weight and bias with the BatchNorm's affine map and running statistics folded in."""
         bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # [out]
+        weight = self.conv.weight * scale[:, None, None, None]  # [out, in, kh, kw]
+        if weight.device.type == "cpu":  # oneDNN runs channels-last convs without reorders
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return weight, bn.bias - bn.running_mean * scale
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fold()``, cached while the sources keep their storage and version counters."""
+        bn = self.bn
         sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if any(t.is_inference() for t in sources):  # built under inference_mode: no version counter
+            return self.fold()
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
         if self._folded is None or self._folded[0] != key:
-            with torch.no_grad():
-                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # [out]
-                weight = self.conv.weight * scale[:, None, None, None]  # [out, in, kh, kw]
-                if weight.device.type == "cpu":  # oneDNN runs channels-last convs without reorders
-                    weight = weight.contiguous(memory_format=torch.channels_last)
-                self._folded = (key, weight, bn.bias - bn.running_mean * scale)
+            self._folded = (key, *self.fold())
         return self._folded[1], self._folded[2]
 
     def forward(self, x):
