@@ -107,3 +107,87 @@ def test_sampler_shards_resumes_and_refuses_another_data_set():
         ResumableBatchSampler(90, 8, seed=3).load_state_dict(one.state_dict())
     with pytest.raises(DataError, match="not divisible by 3 processes"):
         ResumableBatchSampler(100, 8, world_size=3)
+
+
+def _wide_folder(root, n=12):
+    """Images wider than tall with a distinct pattern each, so a crop window can be located."""
+    rng = np.random.default_rng(1)
+    (root / "a").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "a" / f"{i}.png")
+    return root
+
+
+def _locate(window: np.ndarray, image: np.ndarray) -> list[tuple[int, int]]:
+    h, w = window.shape[:2]
+    return [
+        (top, left)
+        for top in range(image.shape[0] - h + 1)
+        for left in range(image.shape[1] - w + 1)
+        if np.array_equal(image[top : top + h, left : left + w], window)
+    ]
+
+
+def test_random_crop_is_a_window_of_the_bicubic_resize_and_flips_half(tmp_path):
+    folder = ImageFolder(_wide_folder(tmp_path), 16, crop="random", resize=20, seed=5)
+    path, _ = folder.samples[3]
+    resized = np.asarray(Image.open(path).convert("RGB").resize((28, 20), Image.BICUBIC))  # short side 20
+    crop = (folder[3]["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert len(_locate(crop, resized)) == 1
+    positions = {_locate((folder[i]["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+                         np.asarray(Image.open(folder.samples[i][0]).convert("RGB").resize((28, 20), Image.BICUBIC)))[0]
+                 for i in range(len(folder))}  # fmt: skip
+    assert len(positions) > 4  # the window moves from image to image
+    flipping = ImageFolder(tmp_path, 16, flip=True, seed=5)
+    plain = ImageFolder(tmp_path, 16)
+    flipped = [
+        not torch.equal(flipping[i]["image"], plain[i]["image"])
+        and torch.equal(flipping[i]["image"], plain[i]["image"].flip(-1))
+        for i in range(len(plain))
+    ]
+    assert 2 <= sum(flipped) <= len(plain) - 2  # about half, each an exact mirror
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
+    root = _wide_folder(tmp_path)
+    a = ImageFolder(root, 16, crop="random", resize=24, flip=True, seed=0)
+    b = ImageFolder(root, 16, crop="random", resize=24, flip=True, seed=0)
+    first = [a[i]["image"] for i in range(len(a))]
+    a.set_epoch(1)
+    second = [a[i]["image"] for i in range(len(a))]
+    assert sum(not torch.equal(x, y) for x, y in zip(first, second)) > len(a) // 2
+    b.set_epoch(1)  # a resumed run (or a loader worker) reaches the same crops from the epoch alone
+    assert all(torch.equal(x, b[i]["image"]) for i, x in enumerate(second))
+    with pytest.raises(DataError, match="resize 12 is smaller than the crop 16"):
+        ImageFolder(root, 16, crop="random", resize=12)
+    with pytest.raises(DataError, match="unknown crop 'corner'"):
+        ImageFolder(root, 16, crop="corner")
+    from latentforge_runner.data import build_dataset
+
+    with pytest.raises(DataError, match="a mirrored digit is another glyph"):
+        build_dataset("digits", image_size=16, flip=True)
+
+
+def test_trainer_draws_new_crops_each_epoch_and_the_same_after_resume(tmp_path):
+    root = _wide_folder(tmp_path / "data", n=8)
+    seen: list[torch.Tensor] = []
+
+    def loss(model, batch):
+        seen.append(batch["image"][batch["index"].argsort()])  # data-set order within the batch
+        return model(batch["image"]).square().mean()
+
+    def train(steps, run, resume=False):
+        ds = ImageFolder(root, 16, crop="random", resize=24, flip=True, seed=3)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 1))
+        t = TrainingSettings(steps=steps, batch_size=8, lr=1e-3, ema_decay=None, checkpoint_every=2)
+        trainer = Trainer(model, t, run_dir=tmp_path / run, num_items=len(ds))
+        if resume:
+            trainer.resume()
+        trainer.fit(ds, loss)
+
+    train(4, "whole")  # one batch per epoch: four epochs
+    whole, seen[:] = list(seen), []
+    assert not torch.equal(whole[0], whole[1])
+    train(2, "cut")
+    train(4, "cut", resume=True)
+    assert len(seen) == 4 and all(torch.equal(a, b) for a, b in zip(whole, seen))

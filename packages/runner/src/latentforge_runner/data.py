@@ -1,7 +1,10 @@
-"""Data: ImageNet-layout folders with the ADM center crop, the embedded digits, and a resumable sampler.
+"""Data: ImageNet-layout folders with the seeds' crops and flips, the embedded digits, a resumable sampler.
 
 Every image leaves here as a float tensor in [0, 1] ``[3, H, W]`` with an int64 label; components
-apply their own preprocessing.  An unreadable image is skipped, counted and reported (the batch
+apply their own preprocessing.  Training augmentation is the seeds' own: the ADM center crop (RAE
+stage 2, LightningDiT) or a bicubic resize of the short side then a random crop (DiGIT, VA-VAE, the
+RAE decoder), with an optional horizontal flip; its randomness is drawn from ``(seed, epoch,
+index)``, so a resumed run and any number of loader workers see the same crops.  An unreadable image is skipped, counted and reported (the batch
 carries the paths it dropped) instead of stopping a long run.  The batch sampler's order depends
 only on ``(seed, epoch)``, so its position is two integers a checkpoint can store.
 """
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+CROPS = ("center", "random")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".JPEG")
 
 
@@ -39,6 +43,16 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     return arr[top : top + size, left : left + size]
 
 
+def random_crop_arr(image: Image.Image, size: int, resize: int, rng: np.random.Generator) -> np.ndarray:
+    """torchvision's ``Resize(resize, bicubic)`` then ``RandomCrop(size)``: short side to ``resize``."""
+    scale = resize / min(image.size)
+    image = image.resize(tuple(max(resize, round(s * scale)) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top = int(rng.integers(0, arr.shape[0] - size + 1))
+    left = int(rng.integers(0, arr.shape[1] - size + 1))
+    return arr[top : top + size, left : left + size]
+
+
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` → float ``[3, H, W]`` in [0, 1]."""
     return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
@@ -51,12 +65,29 @@ class ImageFolder(torch.utils.data.Dataset):
     """``root/<class>/*.jpg`` (ImageNet layout) or a flat folder of images (label 0).
 
     Classes are the sorted sub-folder names.  An image that fails to decode yields an error record;
-    :func:`collate` drops it and keeps its path for the count.
+    :func:`collate` drops it and keeps its path for the count.  ``crop="random"`` resizes the short
+    side to ``resize`` (default ``image_size``) and crops at random; ``flip`` mirrors half the images.
+    The training loop calls :meth:`set_epoch` so each epoch draws new crops.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        *,
+        crop: str = "center",
+        resize: int | None = None,
+        flip: bool = False,
+        seed: int = 0,
+    ):
         self.root = Path(root)
         self.image_size = image_size
+        if crop not in CROPS:
+            raise DataError(f"unknown crop {crop!r}: expected one of {', '.join(CROPS)}")
+        self.resize = image_size if resize is None else resize
+        if self.resize < image_size:
+            raise DataError(f"resize {self.resize} is smaller than the crop {image_size}: expected resize ≥ crop")
+        self.crop, self.flip, self.seed, self.epoch = crop, flip, seed, 0
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root}")
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -76,13 +107,22 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.samples[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
         try:
             with Image.open(path) as img:
-                arr = center_crop_arr(img.convert("RGB"), self.image_size)
+                if self.crop == "center":
+                    arr = center_crop_arr(img.convert("RGB"), self.image_size)
+                else:
+                    arr = random_crop_arr(img.convert("RGB"), self.image_size, self.resize, rng)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             return {"error": f"{path}: {type(err).__name__}: {err}"}
+        if self.flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
         return {"image": to_tensor(arr), "label": label, "index": index}
 
 
@@ -152,14 +192,21 @@ class Digits(torch.utils.data.Dataset):
         return {"image": self.images[idx], "label": self.labels[idx], "index": idx, "skipped": []}
 
 
-def build_dataset(name: str, *, split: str = "train", image_size: int, root: str | None = None):
-    """``digits`` or ``folder`` (ImageNet layout at ``root``)."""
+def build_dataset(
+    name: str, *, split: str = "train", image_size: int, root: str | None = None, **augment: Any
+):
+    """``digits`` or ``folder`` (ImageNet layout at ``root``); ``augment`` = ImageFolder's crop/flip."""
     if name == "digits":
+        if augment.get("crop", "center") != "center" or augment.get("flip"):
+            raise DataError(
+                "crop/flip augmentation applies to image folders; the digits are used as they are "
+                "(a mirrored digit is another glyph): set data.crop=center data.flip=false"
+            )
         return Digits(split, image_size)
     if name == "folder":
         if not root:
             raise DataError("data.name 'folder' needs data.root: a folder in the ImageNet layout")
-        return ImageFolder(root, image_size)
+        return ImageFolder(root, image_size, **augment)
     raise DataError(f"unknown data set {name!r}: expected 'digits' (embedded) or 'folder' (needs data.root)")
 
 

@@ -349,6 +349,9 @@ class Trainer:
         """The rest of the current epoch's batches, from the sampler's position."""
         if not isinstance(data, torch.utils.data.Dataset):
             return (data(indices) for indices in self.sampler)
+        images = data.dataset if isinstance(data, torch.utils.data.Subset) else data
+        if hasattr(images, "set_epoch"):  # new random crops/flips each epoch, the same after a resume
+            images.set_epoch(self.sampler.epoch)
         # A fresh loader per epoch, its worker seeds drawn from its own generator, so that creating
         # it never touches the global RNG (a resumed run creates one at another moment).
         generator = torch.Generator().manual_seed(self.t.seed * 100_003 + self.sampler.epoch)

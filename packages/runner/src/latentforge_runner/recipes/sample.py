@@ -11,6 +11,10 @@ The generator, its shapes and the tokenizer come from the ``train-generator`` ru
 Labels are ``equal`` (the same count per class, cycling 0, 1, …, K−1 so a grid of K columns shows one
 class per column) or ``random``.  Writes ``images/<index>.png``, ``grid.png`` and ``samples.npz``
 (``arr_0`` uint8 ``[N, H, W, 3]``, ``arr_1`` labels), the file ``evaluate`` and the ADM evaluator read.
+Under ``torchrun`` the processes share the batches; each batch's noise is seeded by (``run.seed``, its
+first index), so ``samples.npz`` is the same for any number of processes (at a given ``batch_size``):
+
+    torchrun --nproc-per-node 8 -m latentforge_runner.cli run sample generator_run=runs/rae-ditdh-xl
 
 DiGIT samples in two stages: ``generator_run`` (the GPT over K-Means tokens) gives token grids,
 ``stage2_run`` (a run with a ``condition_tokenizer``) turns them into VQGAN codes, its VQGAN decodes:
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,7 +197,7 @@ class SampleRecipe:
             return
         d, e = self.train.data, self.train.eval
         log.info("%s holds no %s: recomputing the latent statistics as train-generator did", run, STATS_FILE)
-        dataset = build_training_data(d, self.train.tokenizer.name)
+        dataset = build_training_data(d, self.train.tokenizer.name, self.train.training.seed)
         fit_latent_stats(self.tokenizer, dataset, e.stats_batches, e.stats_reduce, self.device)
 
     def _load_generator(
@@ -237,8 +242,23 @@ class SampleRecipe:
             return self.decoder.decode(self.stage2.sample(out, **sampler2))
         return self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)
 
+    def _batch(
+        self, start: int, sampler: dict[str, Any], sampler2: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``start … start+B−1`` (PNGs written here); their randomness is seeded by (run seed,
+        start) alone, so a sample does not depend on how many processes share the work."""
+        cfg = self.cfg
+        y = self.labels[start : start + cfg.batch_size]
+        distributed.seed_batch(cfg.run.seed, start)
+        images = self._images(y, sampler, sampler2).float().clamp(0, 1).cpu()  # [B, 3, H, W]
+        if cfg.write_png:
+            for i, img in enumerate((images * 255).round().byte().permute(0, 2, 3, 1).numpy()):
+                Image.fromarray(img).save(self.run_dir / "images" / f"{start + i:06d}.png")
+        return images, y
+
     @torch.no_grad()
     def run(self) -> dict[str, Any]:
+        """Rank r of w samples the batches r, r+w, …; the main process writes them in order."""
         cfg, k = self.cfg, self.train.data.num_classes
         self.labels = class_labels(cfg.labels, cfg.num_samples, k, cfg.run.seed)
         sampler = self.train.eval.sampler if cfg.sampler is None else cfg.sampler
@@ -247,17 +267,19 @@ class SampleRecipe:
             sampler2 = self.train2.eval.sampler if cfg.stage2_sampler is None else cfg.stage2_sampler
             size = self.train2.data.image_size
         (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
+        starts = range(0, cfg.num_samples, cfg.batch_size)
+        mine = (self._batch(start, sampler, sampler2) for start in distributed.shard(starts))
+        main = self.dist.is_main
         grid: list[torch.Tensor] = []
-        with SampleWriter(self.run_dir / "samples.npz", cfg.num_samples, size) as writer:
-            for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="sample", unit="batch"):
-                y = self.labels[start : start + cfg.batch_size]
-                images = self._images(y, sampler, sampler2).float().clamp(0, 1).cpu()  # [B, 3, H, W]
+        bar = tqdm(total=len(starts), desc="sample", unit="batch", disable=not main)
+        npz = SampleWriter(self.run_dir / "samples.npz", cfg.num_samples, size) if main else nullcontext()
+        with npz as writer:
+            for images, y in distributed.gather_in_order(mine, len(starts)):
+                grid.append(images[: max(0, cfg.grid_images - writer.written)])
                 writer.write(images, y)
-                if cfg.write_png:
-                    for i, img in enumerate((images * 255).round().byte().permute(0, 2, 3, 1).numpy()):
-                        Image.fromarray(img).save(self.run_dir / "images" / f"{start + i:06d}.png")
-                grid.append(images[: max(0, cfg.grid_images - start)])
-        self.grid = torch.cat(grid)
+                bar.update()
+        bar.close()
+        self.grid = torch.cat(grid) if main else None
         counts = torch.bincount(self.labels, minlength=k)
         return {
             "num_samples": cfg.num_samples,
@@ -266,6 +288,8 @@ class SampleRecipe:
         }
 
     def save(self) -> None:
+        if not self.dist.is_main:
+            return
         columns = min(self.train.data.num_classes, 10) if self.cfg.labels == "equal" else 10
         image_grid(self.grid, min(columns, self.grid.shape[0])).save(self.run_dir / "grid.png")
         log.info("%d samples written to %s", self.cfg.num_samples, self.run_dir / "samples.npz")

@@ -48,6 +48,9 @@ class DataSettings(Settings):
     root: str | None = None  # ImageNet layout root/<class>/*.JPEG; for latents, a cache-latents folder
     image_size: int = 256
     num_classes: int = 1000
+    crop: Literal["center", "random"] = "center"  # ADM center crop, or short side → resize, random crop
+    resize: int | None = None  # random crop: the short side first goes to this (None: image_size)
+    flip: bool = False  # random horizontal flip (RAE stage 2, LightningDiT, DiGIT)
 
 
 @settings
@@ -118,10 +121,12 @@ def generator_shapes(tokenizer, num_classes: int, condition=None) -> dict[str, A
     )
 
 
-def build_training_data(d: DataSettings, tokenizer: str):
-    """Images (``digits``, ``folder``) or the latent shards of ``tokenizer`` (``latents``)."""
+def build_training_data(d: DataSettings, tokenizer: str, seed: int):
+    """Images (``digits``, ``folder``, augmented by ``seed``) or the latent shards of ``tokenizer``."""
     if d.name != "latents":
-        return build_dataset(d.name, image_size=d.image_size, root=d.root)
+        return build_dataset(
+            d.name, image_size=d.image_size, root=d.root, crop=d.crop, resize=d.resize, flip=d.flip, seed=seed
+        )
     from latentforge_runner.recipes.cache_latents import LatentShards  # it imports DataSettings from here
 
     if not d.root:
@@ -188,7 +193,7 @@ class TrainGeneratorRecipe:
         cfg = self.cfg
         self.run_dir, self.dist, self.logger = open_run("train-generator", cfg)
         self.device = self.dist.device
-        self.dataset = build_training_data(cfg.data, cfg.tokenizer.name)
+        self.dataset = build_training_data(cfg.data, cfg.tokenizer.name, cfg.training.seed)
         self.cached = cfg.data.name == "latents"
         self.tokenizer = self._frozen(cfg.tokenizer)
         self.discrete = self.tokenizer.vocab_size is not None

@@ -59,6 +59,9 @@ class DataSettings(Settings):
     root: str | None = None  # ImageNet layout: root/<class>/*.JPEG
     image_size: int = 256
     limit: int | None = None  # train on the first ``limit`` images only (tiny runs)
+    crop: Literal["center", "random"] = "center"  # ADM center crop, or short side → resize, random crop
+    resize: int | None = None  # random crop: the short side first goes to this (None: image_size)
+    flip: bool = False  # random horizontal flip (RAE stage 2, LightningDiT, DiGIT)
 
 
 @settings
@@ -166,7 +169,10 @@ class TrainTokenizerRecipe:
     # ---------------------------------------------------------------------------- building
     def _train_data(self):
         d = self.cfg.data
-        dataset = build_dataset(d.name, image_size=d.image_size, root=d.root)
+        dataset = build_dataset(
+            d.name, image_size=d.image_size, root=d.root, crop=d.crop, resize=d.resize, flip=d.flip,
+            seed=self.cfg.training.seed,
+        )  # fmt: skip
         n = len(dataset) if d.limit is None else min(d.limit, len(dataset))
         if isinstance(dataset, Digits):  # in memory: gather batches without a DataLoader
             return dataset.batch, n
