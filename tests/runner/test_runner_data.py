@@ -118,6 +118,10 @@ def _wide_folder(root, n=12):
     return root
 
 
+def as_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
 def _locate(window: np.ndarray, image: np.ndarray) -> list[tuple[int, int]]:
     h, w = window.shape[:2]
     return [
@@ -132,11 +136,11 @@ def test_random_crop_is_a_window_of_the_bicubic_resize_and_flips_half(tmp_path):
     folder = ImageFolder(_wide_folder(tmp_path), 16, crop="random", resize=20, seed=5)
     path, _ = folder.samples[3]
     resized = np.asarray(Image.open(path).convert("RGB").resize((28, 20), Image.BICUBIC))  # short side 20
-    crop = (folder[3]["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    assert len(_locate(crop, resized)) == 1
-    positions = {_locate((folder[i]["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
-                         np.asarray(Image.open(folder.samples[i][0]).convert("RGB").resize((28, 20), Image.BICUBIC)))[0]
-                 for i in range(len(folder))}  # fmt: skip
+    assert len(_locate(as_uint8(folder[3]["image"]), resized)) == 1
+    positions = set()
+    for i in range(len(folder)):
+        source = np.asarray(Image.open(folder.samples[i][0]).convert("RGB").resize((28, 20), Image.BICUBIC))
+        positions.add(_locate(as_uint8(folder[i]["image"]), source)[0])
     assert len(positions) > 4  # the window moves from image to image
     flipping = ImageFolder(tmp_path, 16, flip=True, seed=5)
     plain = ImageFolder(tmp_path, 16)
@@ -155,7 +159,7 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
     first = [a[i]["image"] for i in range(len(a))]
     a.set_epoch(1)
     second = [a[i]["image"] for i in range(len(a))]
-    assert sum(not torch.equal(x, y) for x, y in zip(first, second)) > len(a) // 2
+    assert sum(not torch.equal(x, y) for x, y in zip(first, second, strict=True)) > len(a) // 2
     b.set_epoch(1)  # a resumed run (or a loader worker) reaches the same crops from the epoch alone
     assert all(torch.equal(x, b[i]["image"]) for i, x in enumerate(second))
     with pytest.raises(DataError, match="resize 12 is smaller than the crop 16"):
@@ -190,4 +194,4 @@ def test_trainer_draws_new_crops_each_epoch_and_the_same_after_resume(tmp_path):
     assert not torch.equal(whole[0], whole[1])
     train(2, "cut")
     train(4, "cut", resume=True)
-    assert len(seen) == 4 and all(torch.equal(a, b) for a, b in zip(whole, seen))
+    assert len(seen) == 4 and all(torch.equal(a, b) for a, b in zip(whole, seen, strict=True))

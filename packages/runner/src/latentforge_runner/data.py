@@ -4,8 +4,9 @@ Every image leaves here as a float tensor in [0, 1] ``[3, H, W]`` with an int64 
 apply their own preprocessing.  Training augmentation is the seeds' own: the ADM center crop (RAE
 stage 2, LightningDiT) or a bicubic resize of the short side then a random crop (DiGIT, VA-VAE, the
 RAE decoder), with an optional horizontal flip; its randomness is drawn from ``(seed, epoch,
-index)``, so a resumed run and any number of loader workers see the same crops.  An unreadable image is skipped, counted and reported (the batch
-carries the paths it dropped) instead of stopping a long run.  The batch sampler's order depends
+index)``, so a resumed run and any number of loader workers see the same crops.  An unreadable
+image is skipped, counted and reported (the batch carries the paths it dropped) instead of stopping
+a long run.  The batch sampler's order depends
 only on ``(seed, epoch)``, so its position is two integers a checkpoint can store.
 """
 
@@ -86,7 +87,9 @@ class ImageFolder(torch.utils.data.Dataset):
             raise DataError(f"unknown crop {crop!r}: expected one of {', '.join(CROPS)}")
         self.resize = image_size if resize is None else resize
         if self.resize < image_size:
-            raise DataError(f"resize {self.resize} is smaller than the crop {image_size}: expected resize ≥ crop")
+            raise DataError(
+                f"resize {self.resize} is smaller than the crop {image_size}: expected resize ≥ crop"
+            )
         self.crop, self.flip, self.seed, self.epoch = crop, flip, seed, 0
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root}")
