@@ -145,7 +145,8 @@ def test_cli_validate_ls_and_errors(capsys):
 
 
 def test_cli_overrides_go_before_or_after_the_config():
-    before = cli.parse_args(["run", "train-generator", "training.steps=7", "--config", "tiny-rae", "run.seed=3"])
+    argv = ["run", "train-generator", "training.steps=7", "--config", "tiny-rae", "run.seed=3"]
+    before = cli.parse_args(argv)
     assert before.config == "tiny-rae" and before.overrides == ["training.steps=7", "run.seed=3"]
     after = cli.parse_args(["validate", "tiny-rae", "--recipe", "train-generator", "training.steps=7"])
     assert after.recipe == "train-generator" and after.overrides == ["training.steps=7"]
