@@ -9,12 +9,17 @@ Several machines use torchrun's rendezvous, e.g. on each of two nodes::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import attrs
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from latentforge_core.device import resolve_device
+from latentforge_core.device import resolve_device, seed_everything
+
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -74,3 +79,38 @@ def all_gather_cat(value: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(value) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, value.contiguous())
     return torch.cat(parts)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(items: Sequence[T]) -> Sequence[T]:
+    """This process's share of ``items``: rank r of w takes items r, r+w, r+2w, … (all of them alone)."""
+    rank, world = _rank_world()
+    return items[rank::world]
+
+
+def gather_in_order(mine: Iterable[T], total: int) -> Iterator[T]:
+    """The results of every process's :func:`shard` of ``total`` items, yielded on the main process
+    in item order (one round of ``w`` results at a time, so memory holds one round); other processes
+    yield nothing but must iterate too, since every round is a collective ``gather_object``."""
+    rank, world = _rank_world()
+    results = iter(mine)
+    for start in range(0, total, world):
+        result = next(results) if start + rank < total else None
+        if world == 1:
+            yield result
+            continue
+        got: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(result, got, dst=0)
+        if got is not None:
+            yield from got[: total - start]
+
+
+def seed_batch(seed: int, first: int) -> None:
+    """Seed every RNG from (run seed, a batch's first item index): the batch draws the same numbers
+    whichever process handles it, so results do not depend on the number of processes."""
+    seed_everything(int(np.random.SeedSequence([seed, first]).generate_state(1)[0]))

@@ -8,6 +8,8 @@ VA-VAE: per channel, unbiased, on posterior samples).  The artifact goes to
 ``<checkpoint stem>.latent_stats.safetensors`` beside the tokenizer's weights file (``checkpoint`` or,
 by default, the block's ``pretrained_decoder``/``checkpoint``/``pretrained`` parameter), where the
 tokenizer builders look for it; without a weights file it goes to ``<output_dir>/latent_stats.safetensors``.
+Under ``torchrun`` the processes encode alternate batches and the first reduces every latent, in the
+order and batches of one process, so the statistics do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from latentforge_core.device import seed_everything
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
 from latentforge_runner.data import build_dataset
@@ -55,6 +58,7 @@ class LatentStatsRecipe:
                 f"batch_size must be ≥ 1 and max_images ≥ 0, got {cfg.batch_size}, {cfg.max_images}"
             )
         self.dataset = build_dataset(cfg.data.name, image_size=cfg.data.image_size, root=cfg.data.root)
+        seed_everything(cfg.run.seed)  # random-weight parts (the tiny test tokenizers) equal on every rank
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.dist.device).eval()
         if self.tokenizer.vocab_size is not None or not hasattr(self.tokenizer, "compute_stats"):
             raise ValueError(
@@ -63,21 +67,45 @@ class LatentStatsRecipe:
             )
         self.skipped: list[str] = []
 
-    def _batches(self):
-        n = len(self.dataset) if not self.cfg.max_images else min(len(self.dataset), self.cfg.max_images)
-        b = self.cfg.batch_size
-        for start in tqdm(range(0, n, b), desc="latent stats", unit="batch", disable=not self.dist.is_main):
-            items = [self.dataset[i] for i in range(start, min(start + b, n))]
-            self.skipped += [it["error"] for it in items if "error" in it]
-            good = [it["image"] for it in items if "error" not in it]
-            if good:
-                yield torch.stack(good).to(self.dist.device)
+    def _latents(self, indices: range) -> tuple[torch.Tensor | None, list[str]]:
+        """One batch's latents on the CPU (None when no image could be read) and its unreadable files."""
+        items = [self.dataset[i] for i in indices]
+        distributed.seed_batch(self.cfg.run.seed, indices.start)  # posterior samples (VA-VAE)
+        good = [it["image"] for it in items if "error" not in it]
+        z = self._encode(torch.stack(good).to(self.dist.device)).cpu() if good else None
+        return z, [it["error"] for it in items if "error" in it]
 
     def run(self) -> dict[str, Any]:
-        self.stats = self.tokenizer.compute_stats(self._batches())
+        """Rank r of w encodes the batches r, r+w, …; the main process runs the tokenizer's own
+        ``compute_stats`` (its convention) over every latent, in data-set order and in the batches
+        one process would have, with ``encode`` the identity for that call: the statistics do not
+        depend on the number of processes."""
+        n = len(self.dataset) if not self.cfg.max_images else min(len(self.dataset), self.cfg.max_images)
+        b = self.cfg.batch_size
+        batches = [range(s, min(s + b, n)) for s in range(0, n, b)]
+        self._encode = self.tokenizer.encode
+        mine = (self._latents(indices) for indices in distributed.shard(batches))
+        ordered = distributed.gather_in_order(mine, len(batches))
+        self.stats = None
+        if not self.dist.is_main:
+            for _ in ordered:  # the main process gathers every round
+                pass
+            return {}
+        bar = tqdm(ordered, total=len(batches), desc="latent stats", unit="batch")
+        self.tokenizer.encode = lambda z, **_: z
+        try:
+            self.stats = self.tokenizer.compute_stats(self._collect(bar))
+        finally:
+            del self.tokenizer.encode  # the class's method again
         if self.skipped:
             log.warning("skipped %d unreadable image(s), first: %s", len(self.skipped), self.skipped[0])
         return {"shape": self.stats.shape, "skipped": len(self.skipped)}
+
+    def _collect(self, ordered):
+        for z, skipped in ordered:
+            self.skipped += skipped
+            if z is not None:
+                yield z.to(self.dist.device)
 
     def destination(self) -> Path:
         weights = self.cfg.checkpoint or next(
@@ -86,7 +114,7 @@ class LatentStatsRecipe:
         return stats_path(weights) if weights else self.run_dir / "latent_stats.safetensors"
 
     def save(self) -> None:
-        if self.dist.is_main:
+        if self.stats is not None:
             path = self.stats.save(self.destination())
             log.info("latent statistics %s written to %s", self.stats.shape, path)
 

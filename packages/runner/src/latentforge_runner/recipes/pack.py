@@ -7,6 +7,8 @@ or flat (no labels).  Every image gets the ADM center crop of ``data.py``, so a 
 matches what the training recipes read.  Unreadable images are skipped, counted and listed in
 ``pack.json``.  The pixels stream through a temporary file, so the count of readable images (which
 the ``.npz`` header declares) is known before the archive is written, without holding the set in memory.
+Under ``torchrun`` the processes decode alternate batches and the first writes them in data-set order,
+so the archive is the same for any number of processes.
 """
 
 from __future__ import annotations
@@ -59,17 +61,25 @@ class PackRecipe:
         self.skipped: list[str] = []
 
     def run(self) -> dict[str, Any]:
+        """Rank r of w decodes the batches r, r+w, …; the main process writes them in data-set order."""
         cfg = self.cfg
         n = len(self.dataset) if cfg.max_images is None else min(cfg.max_images, len(self.dataset))
+        batches = [list(range(s, min(s + cfg.batch_size, n))) for s in range(0, n, cfg.batch_size)]
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(self.dataset, range(n)),
-            batch_size=cfg.batch_size,
+            self.dataset,
+            batch_sampler=distributed.shard(batches),
             num_workers=cfg.num_workers,
             collate_fn=collate,
         )
+        ordered = distributed.gather_in_order(map(_to_bytes, loader), len(batches))
+        self.report = None
+        if not self.dist.is_main:
+            for _ in ordered:  # the main process gathers every round
+                pass
+            return {}
         raw_path = self.run_dir / ".pack.raw"
         try:
-            good, labels = self._decode(loader, raw_path)
+            good, labels = self._decode(ordered, raw_path)
             if good == 0:
                 raise DataError(
                     f"none of the {n} images under {cfg.root} could be read; first: {self.skipped[0]}"
@@ -89,19 +99,18 @@ class PackRecipe:
         }
         return self.report
 
-    def _decode(self, loader, raw_path: Path) -> tuple[int, torch.Tensor | None]:
-        """Crop every image, append its pixels to ``raw_path``; (readable count, labels or None)."""
+    def _decode(self, batches, raw_path: Path) -> tuple[int, torch.Tensor | None]:
+        """Append every batch's pixels to ``raw_path``; (readable count, labels or None)."""
         labels: list[torch.Tensor] = []
         good = 0
         with open(raw_path, "wb") as raw:
-            for batch in tqdm(loader, desc="pack", unit="batch", disable=not self.dist.is_main):
+            for batch in tqdm(batches, desc="pack", unit="batch"):
                 self.skipped += batch["skipped"]
                 if batch["image"] is None:
                     continue
-                pixels = batch["image"].mul(255).round().to(torch.uint8)  # [B, 3, H, W], exact
-                raw.write(pixels.numpy().tobytes())
+                raw.write(batch["image"].numpy().tobytes())
                 labels.append(batch["label"])
-                good += pixels.shape[0]
+                good += batch["image"].shape[0]
         return good, (torch.cat(labels) if labels and self.dataset.classes else None)
 
     def _write(self, raw_path: Path, good: int, labels: torch.Tensor | None) -> None:
@@ -116,9 +125,19 @@ class PackRecipe:
                 )
 
     def save(self) -> None:
+        if self.report is None:
+            return
         (self.run_dir / "pack.json").write_text(json.dumps(self.report, indent=2))
         log.info("%d images packed into %s", self.report["num_images"], self.output)
 
     def cleanup(self) -> None:
         self.logger.close()
         distributed.cleanup()
+
+
+def _to_bytes(batch: dict[str, Any]) -> dict[str, Any]:
+    """A collated batch with its pixels as uint8 (exact: the crop gave k/255), a quarter of the bytes
+    to gather."""
+    if batch["image"] is not None:
+        batch["image"] = batch["image"].mul(255).round().to(torch.uint8)  # [B, 3, H, W]
+    return batch

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into
 from latentforge_core.device import seed_everything
+from latentforge_metrics.inception import to_uint8
 from latentforge_metrics.npz import SampleWriter
 from latentforge_runner import distributed
 from latentforge_runner.config import (
@@ -252,7 +253,7 @@ class SampleRecipe:
         distributed.seed_batch(cfg.run.seed, start)
         images = self._images(y, sampler, sampler2).float().clamp(0, 1).cpu()  # [B, 3, H, W]
         if cfg.write_png:
-            for i, img in enumerate((images * 255).round().byte().permute(0, 2, 3, 1).numpy()):
+            for i, img in enumerate(to_uint8(images).permute(0, 2, 3, 1).numpy()):  # the npz's pixels
                 Image.fromarray(img).save(self.run_dir / "images" / f"{start + i:06d}.png")
         return images, y
 
