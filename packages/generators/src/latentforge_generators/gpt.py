@@ -105,7 +105,9 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ forward
     def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         self.transformer.check_length(start + ids.shape[1])
-        x = self.tok_embed(ids) * self.embed_scale  # B N D
+        x = self.tok_embed(ids)  # B N D
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.pos_embed is not None:
             x = x + self.pos_embed[start : start + ids.shape[1]]
         return self.drop(x)
@@ -160,7 +162,6 @@ class GPT(nn.Module):
         return [hidden[layer].mean(dim=1) for layer in layers]  # each B D
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
     def sample(
         self,
         y: torch.Tensor | int,
@@ -180,21 +181,17 @@ class GPT(nn.Module):
         guided = cfg_scale != 1.0
         if guided:
             start = torch.cat([start, torch.full_like(start, self.null_id)])
-        tokens = start.new_empty(len(start), 0)
-        cache = self.transformer.new_cache(len(start), self.seq_len, self.head.weight) if use_cache else None
-        inputs = start[:, None]
-        for _ in range(self.seq_len):
-            if cache is None:
-                inputs = torch.cat([start[:, None], tokens], dim=1)
-            logits = self.forward_ids(inputs, cache)[:, -1]  # B V
-            if guided:
-                logits = cfg_logits(logits, cfg_scale)
-            nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # B
-            if guided:
-                nxt = nxt.repeat(2)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            inputs = nxt[:, None]
-        return tokens[:batch].view(batch, *self.grid)
+        with torch.inference_mode():
+            seq = torch.cat([start[:, None], start.new_empty(len(start), self.seq_len)], dim=1)
+            cache = self.transformer.new_cache(len(start), self.seq_len, self.head.weight) if use_cache else None
+            for i in range(self.seq_len):
+                inputs = seq[:, i : i + 1] if cache is not None else seq[:, : i + 1]
+                logits = self.forward_ids(inputs, cache)[:, -1]  # B V
+                if guided:
+                    logits = cfg_logits(logits, cfg_scale)
+                nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # B
+                seq[:, i + 1] = nxt.repeat(2) if guided else nxt
+        return seq[:batch, 1:].clone().view(batch, *self.grid)  # clone: a normal tensor, not an inference one
 
 
 #################################################################################

@@ -66,23 +66,35 @@ def as_sequence(tokens: torch.Tensor, grid: tuple[int, int], vocab_size: int) ->
 #################################################################################
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the nucleus of mass ``top_p``.
+def top_candidates(
+    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits that survive top-k and the nucleus of mass ``top_p``: ``(values, ids)``.
 
-    The nucleus keeps the tokens whose preceding cumulative probability is below ``top_p`` (so
-    the token that crosses ``top_p`` stays), fairseq's rule that DiGIT's stage 2 samples with.
+    With a filter, ``values [..., k]`` are sorted in descending order and ``ids`` say which
+    vocabulary entries they are (``None`` without a filter: ``values`` is ``logits``). Top-k keeps
+    exactly k (``topk``, as fairseq's sampler does), so with top-k set the vocabulary is never
+    sorted. The nucleus keeps the tokens whose preceding cumulative probability is below
+    ``top_p`` (so the token that crosses ``top_p`` stays), fairseq's rule that DiGIT's stage 2
+    samples with; dropped ones become -inf.
     """
+    ids = None
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, ids = logits.topk(top_k, dim=-1)  # ..., k
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs
-        drop_sorted = before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        if ids is None:
+            logits, ids = logits.sort(dim=-1, descending=True)
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    return logits, ids
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """``logits`` with -inf everywhere outside ``top_candidates`` (same shape)."""
+    values, ids = top_candidates(logits, top_k, top_p)
+    if ids is None:
+        return values
+    return torch.full_like(logits, float("-inf")).scatter(-1, ids, values)
 
 
 def sample_logits(
@@ -92,10 +104,24 @@ def sample_logits(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw one id per row of ``logits [..., V]`` → ``[...]``."""
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = logits.softmax(dim=-1).flatten(0, -2)  # (B*), V
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+    """Draw one id per row of ``logits [..., V]`` → ``[...]``.
+
+    Gumbel-max: argmax(logits/T + Gumbel noise) is an exact draw from softmax(logits/T) that needs
+    neither the softmax nor the exponential draw inside ``multinomial`` (the costliest step of
+    decoding a small model). ``top_k=1`` is greedy.
+    """
+    shape = logits.shape[:-1]
+    logits = logits.float().flatten(0, -2)  # (B*), V
+    if top_k == 1:
+        return logits.argmax(dim=-1).view(shape)
+    if temperature != 1.0:
+        logits = logits / temperature
+    values, ids = top_candidates(logits, top_k, top_p)
+    u = torch.rand(values.shape, device=values.device, generator=generator)
+    pick = (values - u.log_().neg_().log_()).argmax(dim=-1, keepdim=True)  # -log(-log u) ~ Gumbel
+    if ids is not None:
+        pick = ids.gather(-1, pick)
+    return pick.view(shape)
 
 
 #################################################################################

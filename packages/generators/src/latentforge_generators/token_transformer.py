@@ -24,26 +24,25 @@ STYLES = ("digit", "prenorm", "modern")  # post-LN fairseq | pre-LN fairseq | RM
 #################################################################################
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables in the half-split layout that Llama's q/k weights in transformers use."""
+    """cos/sin tables in the half-split layout that Llama's q/k weights in transformers use.
+
+    Rotating ``[x1, x2]`` gives ``x·cos + [-x2, x1]·sin = x·cos + roll(x, d/2)·[-sin, sin]``: the
+    sign lives in the table, so a rotation is three ops instead of the seven of ``rotate_half``.
+    """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)  # P Dh
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # P Dh/2
+        self.register_buffer("cos", torch.cat((angles, angles), dim=-1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat((-angles.sin(), angles.sin()), dim=-1), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        n = x.shape[-2]
+        """``x [..., N, Dh]`` at positions ``start .. start + N``."""
+        n, half = x.shape[-2], x.shape[-1] // 2
         cos, sin = self.cos[start : start + n].to(x.dtype), self.sin[start : start + n].to(x.dtype)
-        return x * cos + rotate_half(x) * sin  # B H N Dh
+        return torch.addcmul(x * cos, x.roll(half, dims=-1), sin)  # ... N Dh
 
 
 class KVCache:
@@ -83,9 +82,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x, *, rope=None, start=0, cache=None, layer=0, causal=True):
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        if rope is not None:
-            q, k = rope(q, start), rope(k, start)
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = (*rope(qkv[:2], start), qkv[2]) if rope is not None else qkv  # q, k rotated at once
         if cache is not None:
             k, v = cache.update(layer, k, v, start)  # B H start+N Dh
         out = attention(q, k, v, is_causal=causal and q.shape[2] > 1)  # B H N Dh
