@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint
-from latentforge_core.device import seed_everything
 from latentforge_runner import cli
+from latentforge_runner.distributed import seed_batch
 from latentforge_runner.recipes.sample import SampleRecipe
 
 TRAIN = [
@@ -73,7 +73,7 @@ def test_sample_uses_the_runs_autoguidance(runs, tmp_path):
     expected = load_checkpoint(weights)[0]
     assert all(torch.equal(v, expected[k]) for k, v in guide.state_dict().items())
     # The same draw by hand: v = v_weak + 1.42 (v_main - v_weak), 3 Euler steps.
-    seed_everything(0)
+    seed_batch(0, 0)  # sample seeds each batch by (run seed, its first index)
     with torch.no_grad():
         y = torch.as_tensor(labels)
         z = recipe.generator.sample(
@@ -86,7 +86,7 @@ def test_sample_uses_the_runs_autoguidance(runs, tmp_path):
     _, plain, _ = _sample(
         run, tmp_path / "p", "sampler.cfg_scale=1.0", "sampler.sampler=euler", "sampler.steps=3"
     )
-    seed_everything(0)
+    seed_batch(0, 0)  # sample seeds each batch by (run seed, its first index)
     with torch.no_grad():
         alone = recipe.tokenizer.decode(recipe.generator.sample(y, sampler="euler", steps=3), normalize=True)
     alone = (alone.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
