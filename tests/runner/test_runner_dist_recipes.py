@@ -42,9 +42,9 @@ def _npz(path):
 def test_sample_two_processes_write_the_samples_of_one(tmp_path):
     gen = tmp_path / "gen"
     train = [
-        "training.steps=2",
+        "training.steps=1",
         "training.batch_size=8",
-        "training.checkpoint_every=2",
+        "training.checkpoint_every=1",
         "eval.every=0",
         "eval.stats_batches=1",
         "eval.sampler.steps=2",
@@ -93,6 +93,7 @@ def test_pack_two_processes_write_the_archive_of_one(tmp_path):
     assert not list((tmp_path / "two").glob(".*"))  # no temporary file left
 
 
+@pytest.mark.slow  # two launches of two processes: ~20 s each on 2 loaded cores
 @pytest.mark.parametrize("tokenizer", ["test-rae-tiny", "test-vavae-tiny"])
 def test_latent_stats_two_processes_equal_one(tmp_path, tokenizer):
     """RAE: per element, deterministic encoder (decoder from a checkpoint, the stats beside it);
