@@ -102,6 +102,7 @@ class LatentStatsRecipe:
         return {"shape": self.stats.shape, "skipped": len(self.skipped)}
 
     def _collect(self, ordered):
+        """Every rank's latents in order, on this device; the unreadable files counted on the way."""
         for z, skipped in ordered:
             self.skipped += skipped
             if z is not None:
