@@ -3,6 +3,11 @@ on the same-size Llama, GPT training-step throughput, and MaskGIT images/s at 8 
 
 Full size is DiGIT-base's width on CUDA (16 × 1024); on a CPU a 4 × 256 model keeps the cache-less
 run (which re-reads the whole prefix at each of the 256 steps) within minutes. Tiny otherwise.
+
+Like for like: the same weights, both in eval mode without gradients, both drawing from the full
+softmax at temperature 1 (transformers' default top-k of 50 is switched off; it suppresses the
+class/null rows that our head does not have), the same number of new tokens, and transformers with
+its default cache (``DynamicCache``) and attention (SDPA).
 """
 
 import pytest
@@ -92,6 +97,7 @@ def test_gpt_sampling(measure, models, device, shape, impl):
                     max_new_tokens=n,
                     min_new_tokens=n,
                     do_sample=True,
+                    temperature=1.0,
                     top_k=0,
                     top_p=1.0,
                     suppress_tokens=suppress,
@@ -100,7 +106,7 @@ def test_gpt_sampling(measure, models, device, shape, impl):
         use_cache = impl == "ours"
 
         def fn():
-            return ours.sample(y, use_cache=use_cache)
+            return ours.sample(y, temperature=1.0, use_cache=use_cache)
 
     out = measure(
         fn,
