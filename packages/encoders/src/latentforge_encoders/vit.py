@@ -23,6 +23,14 @@ from einops import rearrange
 from latentforge_core.attention import attention
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+# In-place twins, used when no gradient is recorded: a frozen ViT's hidden activations are the
+# largest tensors of its forward, and writing over them spares a fresh allocation per block.
+ACTIVATIONS_ = {"gelu": torch.ops.aten.gelu_, "gelu_tanh": functools.partial(torch.ops.aten.gelu_, approximate="tanh")}
+
+
+def no_grad_needed(*tensors: torch.Tensor) -> bool:
+    """True when autograd records nothing for ``tensors`` (so they may be overwritten in place)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
 def swiglu_hidden_dim(dim: int, mlp_ratio: float) -> int:
@@ -44,7 +52,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return rearrange(self.proj(x), "b c h w -> b (h w) c")  # B, N, C
+        # contiguous: a channels-first view would hand its layout to every residual sum after it
+        return rearrange(self.proj(x), "b c h w -> b (h w) c").contiguous()  # B, N, C
 
 
 class Attention(nn.Module):
@@ -59,7 +68,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if x.device.type == "cpu":  # three [B, N, C] products: a fused [B, N, 3C] one is mapped fresh each call
+            dim = self.proj.in_features
+            bias = self.qkv.bias.split(dim) if self.qkv.bias is not None else (None,) * 3
+            q, k, v = (
+                rearrange(F.linear(x, w, b), "b n (h d) -> b h n d", h=self.num_heads)
+                for w, b in zip(self.qkv.weight.split(dim), bias)
+            )  # B, H, N, D each
+        else:
+            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         out = attention(q, k, v)  # B, H, N, D
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # B, N, C
 
@@ -69,10 +86,11 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.act = ACTIVATIONS[act]
+        self.act, self.act_ = ACTIVATIONS[act], ACTIVATIONS_[act]
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)  # B, T, hidden
+        return self.fc2(self.act_(h) if no_grad_needed(h) else self.act(h))  # B, T, C
 
 
 class SwiGLU(nn.Module):
@@ -96,8 +114,8 @@ class LayerScale(nn.Module):
         self.init_value = init_value
         self.gamma = nn.Parameter(torch.full((dim,), init_value))
 
-    def add(self, x, branch):
-        return torch.addcmul(x, branch, self.gamma)
+    def add(self, x, branch, out=None):
+        return torch.addcmul(x, branch, self.gamma, out=out)
 
 
 class Block(nn.Module):
@@ -118,6 +136,10 @@ class Block(nn.Module):
 
     @staticmethod
     def residual(x, branch, scale: LayerScale | None):
+        """``x + scale·branch``; written over ``branch`` (a temporary) when no gradient is recorded,
+        never over ``x``, which a caller may hold as a block output."""
+        if no_grad_needed(x, branch, *([] if scale is None else [scale.gamma])):
+            return branch.add_(x) if scale is None else scale.add(x, branch, out=branch)
         return x + branch if scale is None else scale.add(x, branch)
 
 
