@@ -107,8 +107,8 @@ def sample_logits(
     """Draw one id per row of ``logits [..., V]`` → ``[...]``.
 
     Gumbel-max: argmax(logits/T + Gumbel noise) is an exact draw from softmax(logits/T) that needs
-    neither the softmax nor the exponential draw inside ``multinomial`` (the costliest step of
-    decoding a small model). ``top_k=1`` is greedy.
+    neither the softmax nor the exponential draw inside ``multinomial`` (which cost as much as a
+    transformer layer per decoding step of a small model). ``top_k=1`` is greedy.
     """
     shape = logits.shape[:-1]
     logits = logits.float().flatten(0, -2)  # (B*), V

@@ -28,7 +28,7 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables in the half-split layout that Llama's q/k weights in transformers use.
 
     Rotating ``[x1, x2]`` gives ``x·cos + [-x2, x1]·sin = x·cos + roll(x, d/2)·[-sin, sin]``: the
-    sign lives in the table, so a rotation is three ops instead of the seven of ``rotate_half``.
+    sign lives in the table, so a rotation is a roll and two multiplies (q and k in one pass).
     """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0):
