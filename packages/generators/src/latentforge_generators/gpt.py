@@ -181,9 +181,10 @@ class GPT(nn.Module):
         guided = cfg_scale != 1.0
         if guided:
             start = torch.cat([start, torch.full_like(start, self.null_id)])
+        rows = len(start)
         with torch.inference_mode():
-            seq = torch.cat([start[:, None], start.new_empty(len(start), self.seq_len)], dim=1)
-            cache = self.transformer.new_cache(len(start), self.seq_len, self.head.weight) if use_cache else None
+            seq = torch.cat([start[:, None], start.new_empty(rows, self.seq_len)], dim=1)
+            cache = self.transformer.new_cache(rows, self.seq_len, self.head.weight) if use_cache else None
             for i in range(self.seq_len):
                 inputs = seq[:, i : i + 1] if cache is not None else seq[:, : i + 1]
                 logits = self.forward_ids(inputs, cache)[:, -1]  # B V
