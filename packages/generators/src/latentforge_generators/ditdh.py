@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentforge_core.linear import Linear
 from latentforge_generators.layers import (
     AdaLNBlock,
     FinalLayer,
@@ -94,7 +95,7 @@ class DiTDH(nn.Module):
         # Head ("velocity decoder"): a second embedding of the noisy input, RoPE only, per-token adaLN.
         self.x_embedder = PatchEmbed(patch_size, in_channels, head_hidden_size)
         self.s_projector = (
-            nn.Linear(hidden_size, head_hidden_size) if hidden_size != head_hidden_size else nn.Identity()
+            Linear(hidden_size, head_hidden_size) if hidden_size != head_hidden_size else nn.Identity()
         )
         self.dec_feat_rope = RoPE2D(head_hidden_size // head_num_heads, grid)
         block = dict(mlp_ratio=mlp_ratio, rmsnorm=True, swiglu=True, qk_norm=use_qknorm)

@@ -17,61 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from latentforge_core import attention
-
-#################################################################################
-#                     Linear layers on oneDNN for fp32 CPU training             #
-#################################################################################
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-@torch.library.custom_op("latentforge_generators::onednn_linear", mutates_args=())
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` by oneDNN's GEMM: on CPUs where MKL's sgemm takes a generic path (AMD)
-    it runs these shapes faster.  A custom op, so ``torch.compile`` keeps it whole and fuses around it."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # ..., out
-
-
-@_onednn_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _onednn_linear_setup(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
-def _onednn_linear_backward(ctx, grad):
-    """Input gradient on oneDNN as well; the weight gradient on BLAS (as fast there)."""
-    x, weight = ctx.saved_tensors
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _onednn_linear(grad, weight.t(), None)  # ..., in
-    flat = grad.reshape(-1, grad.shape[-1])  # B·N, out
-    if ctx.needs_input_grad[1]:
-        grad_w = flat.t() @ x.reshape(-1, x.shape[-1])  # out, in
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = flat.sum(0)  # out
-    return grad_x, grad_w, grad_b
-
-
-_onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, through oneDNN for fp32 on CPU; ``F.linear`` elsewhere and under autocast."""
-    cpu_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-    if _ONEDNN and cpu_fp32 and not torch.is_autocast_enabled("cpu"):
-        return _onednn_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+from latentforge_core.linear import Linear, linear
 
 
 #################################################################################

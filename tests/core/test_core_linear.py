@@ -1,0 +1,40 @@
+"""core.linear: the oneDNN GEMM path equals F.linear in value and in every gradient, and steps aside
+where it does not apply (autocast, other dtypes)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentforge_core import linear as lin
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_equals_f_linear_with_gradients(bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 17, 48, generator=gen, requires_grad=True)
+    w = torch.randn(40, 48, generator=gen, requires_grad=True)
+    b = torch.randn(40, generator=gen, requires_grad=True) if bias else None
+    grad = torch.randn(3, 17, 40, generator=gen)
+    ours = lin.linear(x, w, b)
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    inputs = [x, w] + ([b] if bias else [])
+    got = torch.autograd.grad(ours, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_module_keeps_nn_linear_keys_and_falls_back_where_it_does_not_apply():
+    layer = lin.Linear(8, 4)
+    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # F.linear under autocast, as nn.Linear would be
+    assert layer.double()(x.double()).dtype == torch.float64
+    if lin._ONEDNN:  # the custom op is what runs for fp32 on CPU
+        from torch.profiler import profile
+
+        with profile() as prof:
+            lin.Linear(8, 4)(x)
+        assert any("onednn_linear" in e.name for e in prof.events())
