@@ -274,12 +274,20 @@ def test_filters_match_transformers(top_k, top_p):
     assert torch.equal(torch.isinf(filter_logits(logits, top_k, top_p)), torch.isinf(ref))
 
 
-def test_sample_logits_follows_the_filtered_distribution():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
-    draws = sample_logits(logits, top_k=2, generator=torch.Generator().manual_seed(0))
-    freq = torch.bincount(draws, minlength=4).float() / len(draws)
-    expected = F.softmax(torch.tensor([2.0, 1.0]), 0)
-    assert freq[2:].sum() == 0 and torch.allclose(freq[:2], expected, atol=0.02)
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, None, None), (1.0, 2, None), (0.7, None, None), (1.0, None, 0.8), (1.5, 4, 0.9)],
+)
+def test_sample_logits_follows_the_filtered_distribution(temperature, top_k, top_p):
+    """Gumbel-max draws have the frequencies of softmax(filtered logits / T), zero outside the filter."""
+    logits = torch.tensor([2.0, 1.2, 0.5, 0.0, -0.5, -1.5])
+    draws = sample_logits(
+        logits.expand(40000, 6), temperature, top_k, top_p, generator=torch.Generator().manual_seed(0)
+    )
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    expected = F.softmax(filter_logits(logits / temperature, top_k, top_p), 0)
+    assert torch.equal(freq == 0, expected == 0)
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
