@@ -21,11 +21,15 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from latentforge_core.attention import attention
+from latentforge_core.linear import Linear, linear
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 # In-place twins, used when no gradient is recorded: a frozen ViT's hidden activations are the
 # largest tensors of its forward, and writing over them spares a fresh allocation per block.
-ACTIVATIONS_ = {"gelu": torch.ops.aten.gelu_, "gelu_tanh": functools.partial(torch.ops.aten.gelu_, approximate="tanh")}
+ACTIVATIONS_ = {
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_tanh": functools.partial(torch.ops.aten.gelu_, approximate="tanh"),
+}
 
 
 def no_grad_needed(*tensors: torch.Tensor) -> bool:
@@ -64,16 +68,17 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x):
-        if x.device.type == "cpu":  # three [B, N, C] products: a fused [B, N, 3C] one is mapped fresh each call
+        # On CPU three [B, N, C] products: a fused [B, N, 3C] output is mapped fresh on every call.
+        if x.device.type == "cpu":
             dim = self.proj.in_features
             bias = self.qkv.bias.split(dim) if self.qkv.bias is not None else (None,) * 3
             q, k, v = (
-                rearrange(F.linear(x, w, b), "b n (h d) -> b h n d", h=self.num_heads)
-                for w, b in zip(self.qkv.weight.split(dim), bias)
+                rearrange(linear(x, w, b), "b n (h d) -> b h n d", h=self.num_heads)
+                for w, b in zip(self.qkv.weight.split(dim), bias, strict=True)
             )  # B, H, N, D each
         else:
             q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
@@ -84,8 +89,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, act: str = "gelu"):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1 = Linear(dim, hidden_dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.act, self.act_ = ACTIVATIONS[act], ACTIVATIONS_[act]
 
     def forward(self, x):
@@ -98,8 +103,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden_dim)
-        self.w3 = nn.Linear(hidden_dim, dim)
+        self.w12 = Linear(dim, 2 * hidden_dim)
+        self.w3 = Linear(hidden_dim, dim)
 
     def forward(self, x):
         gate, up = self.w12(x).chunk(2, dim=-1)
