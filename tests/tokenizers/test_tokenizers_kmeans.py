@@ -245,3 +245,16 @@ def test_bad_input_errors():
         tiny_tokenizer(n_clusters=8).encode(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="empty"):
         tiny_tokenizer(n_clusters=8).fit([])
+
+
+def test_reservoir_never_writes_into_the_callers_features():
+    from latentforge_tokenizers.kmeans import Reservoir
+
+    x = torch.randn(500, 4)
+    before = x.clone()
+    reservoir = Reservoir(300, seed=0)
+    reservoir.add(x[:320])  # fills from a view of x, then the overflow competes for its rows
+    reservoir.add(x[320:])
+    assert torch.equal(x, before) and reservoir.rows.shape == (300, 4) and reservoir.seen == 500
+    rows = {tuple(r.tolist()) for r in reservoir.rows}
+    assert len(rows) == 300 and rows <= {tuple(r.tolist()) for r in x}

@@ -81,10 +81,29 @@ class Reservoir:
     def __init__(self, capacity: int, seed: int):
         self.capacity = capacity
         self.generator = torch.Generator().manual_seed(seed)
-        self.rows: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
+        self._rows: list[torch.Tensor] = []  # while filling, batches are kept as given: one copy at the end
+        self._keys: list[torch.Tensor] = []
+        self.kept = 0
+        self.owned = False  # whether rows are our copy (a lone batch may be the caller's tensor)
         self.seen = 0
         self.width: int | None = None
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The sample ``[n, D]`` (n ≤ capacity)."""
+        self._merge()
+        return self._rows[0]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        self._merge()
+        return self._keys[0]
+
+    def _merge(self) -> None:
+        if len(self._rows) != 1:
+            self._rows = [torch.cat(self._rows) if self._rows else torch.empty(0, self.width or 0)]
+            self._keys = [torch.cat(self._keys) if self._keys else torch.empty(0)]
+            self.owned = True
 
     def add(self, batch: torch.Tensor) -> None:
         batch = batch.detach().to("cpu", torch.float32)
@@ -96,12 +115,11 @@ class Reservoir:
             raise ValueError("feature batch holds NaN or infinite values; K-Means needs finite features")
         keys = torch.rand(batch.shape[0], generator=self.generator)
         self.seen += batch.shape[0]
-        if self.rows is None:
-            self.rows, self.keys = batch[:0].clone(), keys[:0]
-        room = self.capacity - self.rows.shape[0]
+        room = self.capacity - self.kept
         if room > 0:  # still filling: take what fits, the rest competes below
-            self.rows = torch.cat([self.rows, batch[:room]])
-            self.keys = torch.cat([self.keys, keys[:room]])
+            self._rows.append(batch[:room])
+            self._keys.append(keys[:room])
+            self.kept += min(room, batch.shape[0])
             batch, keys = batch[room:], keys[room:]
         if batch.shape[0] == 0:
             return
@@ -109,6 +127,8 @@ class Reservoir:
         batch, keys = batch[better], keys[better]
         if batch.shape[0] == 0:
             return
+        if not self.owned:  # replacing rows below must never write into the caller's features
+            self._rows, self.owned = [self.rows.clone()], True
         kept = torch.zeros(self.capacity + keys.shape[0], dtype=torch.bool)
         kept[torch.cat([self.keys, keys]).topk(self.capacity).indices] = True
         freed = (~kept[: self.capacity]).nonzero().squeeze(1)
