@@ -136,9 +136,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 ratio = f"{ours['throughput'] / r['throughput']:.2f}x"
             gf = f"{r['gflops']:.1f}" if "gflops" in r else ""
             mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else ""
-            lines.append(
-                f"| {group} | {r['impl']} | {r['throughput']:.2f} {r['unit']} | {gf} | {mfu} | {ratio} | {when} |"
-            )
+            speed = f"{r['throughput']:.2f} {r['unit']}"
+            lines.append(f"| {group} | {r['impl']} | {speed} | {gf} | {mfu} | {ratio} | {when} |")
     merged = sorted(lines + _earlier_rows(set(by_group)), key=lambda row: row.split("|")[1].strip())
     separator = "|---" * 7 + "|"
     RESULTS.write_text(

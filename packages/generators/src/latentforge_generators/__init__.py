@@ -1,4 +1,5 @@
-"""latentforge-generators: DiT, LightningDiT, DiT-DH, GPT, MaskGIT; flow-matching transport, samplers, guidance."""
+"""latentforge-generators: DiT, LightningDiT, DiT-DH, GPT, MaskGIT; flow-matching transport, samplers,
+guidance."""
 
 from latentforge_generators.digit_stage2 import DiGITStage2
 from latentforge_generators.dit import DiT, DiT_models

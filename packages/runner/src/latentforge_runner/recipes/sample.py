@@ -231,9 +231,7 @@ class SampleRecipe:
                 )
         generator = train.generator.build("generators", **shape)
         load_into(generator, sd)
-        log.info(
-            "sampling %s from %s (%s weights, step %s)", name, folder, weights, config.get("step")
-        )
+        log.info("sampling %s from %s (%s weights, step %s)", name, folder, weights, config.get("step"))
         return generator.to(self.device).eval()
 
     def _images(self, y: torch.Tensor, sampler: dict[str, Any], sampler2: dict[str, Any]) -> torch.Tensor:
