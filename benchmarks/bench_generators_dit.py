@@ -7,11 +7,14 @@ diffusers gets the very same weights through our converter.
 
 Rows: ``ours`` compiles its blocks at full size (``compile_blocks()``, as LightningDiT's own code
 decorates its blocks with ``torch.compile``; the warm-up round pays the compilation), ``ours-eager``
-is the same model without compilation, ``diffusers`` runs eagerly as it ships.  In the tiny
-default run nothing is compiled (compiling costs minutes) and ``ours-eager`` is skipped.
+is the same model without compilation, ``diffusers`` runs eagerly as it ships.  The three alternate
+step by step (``measure_interleaved``).  In the tiny default run nothing is compiled (compiling
+costs minutes) and ``ours`` is the eager model.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -59,13 +62,8 @@ CASES = [  # name, builder, latent (C, S), has a diffusers peer
 ]
 
 
-@pytest.mark.parametrize("impl", ["ours", "ours-eager", "diffusers"])
 @pytest.mark.parametrize("name,builder,latent,has_peer", CASES, ids=[c[0] for c in CASES])
-def test_train_step(measure, full, name, builder, latent, has_peer, impl):
-    if impl == "diffusers" and not has_peer:
-        pytest.skip(f"diffusers has no {name.split('-')[0]}")
-    if impl == "ours-eager" and not full:
-        pytest.skip("the tiny run is eager already")
+def test_train_step(measure_interleaved, full, name, builder, latent, has_peer):
     torch.manual_seed(0)
     channels, size = latent
     if full:
@@ -75,15 +73,16 @@ def test_train_step(measure, full, name, builder, latent, has_peer, impl):
         model, batch = tiny(in_channels=channels, input_size=8, learn_sigma=False, num_classes=10), 2
     flops = 3 * 2 * forward_macs(model) * batch  # forward + backward (2× forward)
     shape = (model.in_channels, model.input_size, model.out_channels, model.num_classes)
-    if impl.startswith("ours"):
-        trained = forward = model.train()
-        if impl == "ours" and full:
-            model.compile_blocks()
-    else:
-        trained = to_diffusers(model).train()
 
-        def forward(x, t, y):
-            return trained(x, t, y).sample
+    def step_of(trained, forward):
+        return training_step(trained, forward, shape, batch, torch.Generator().manual_seed(0))
 
-    step = training_step(trained, forward, shape, batch, torch.Generator().manual_seed(0))
-    measure(step, group=f"train step {name} b{batch}", impl=impl, items=batch, unit="images/s", flops=flops)
+    steps = {}
+    if full:  # the compiled copy first: "ours" is the row the peer is compared against
+        compiled = copy.deepcopy(model).train().compile_blocks()
+        steps["ours"] = step_of(compiled, compiled)
+    steps["ours-eager" if full else "ours"] = step_of(model.train(), model)
+    if has_peer:
+        peer = to_diffusers(model).train()
+        steps["diffusers"] = step_of(peer, lambda x, t, y: peer(x, t, y).sample)
+    measure_interleaved(steps, group=f"train step {name} b{batch}", items=batch, unit="images/s", flops=flops)

@@ -6,7 +6,8 @@
 * A benchmark calls the ``measure`` fixture: it times the call, and records the figure a user
   cares about (images/s, tokens/s, …), the model FLOP utilisation when FLOPs are given (against a
   peak measured here by a large fp32 matmul in the same run), and the ``group``/``impl`` pair so the
-  report puts ours beside the peer and prints the ratio.
+  report puts ours beside the peer and prints the ratio.  ``measure_interleaved`` does the same for
+  several implementations at once, alternating them round by round (for steps that take seconds).
 """
 
 from __future__ import annotations
@@ -69,6 +70,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _row(
+    group: str, impl: str, unit: str, items: int, seconds: float, flops: float | None, peak: float
+) -> dict:
+    row = {"group": group, "impl": impl, "unit": unit, "items": items, "throughput": items / seconds}
+    if flops is not None:
+        row["gflops"] = flops / seconds / 1e9
+        row["mfu"] = row["gflops"] / peak
+    return row
+
+
 @pytest.fixture
 def measure(benchmark, peak_gflops, full, device):
     """``measure(fn, group=, impl=, items=, unit=, flops=None)`` → fn's result.
@@ -88,14 +99,44 @@ def measure(benchmark, peak_gflops, full, device):
         info = {"group": group, "impl": impl, "unit": unit, "items": items}
         stats = getattr(benchmark, "stats", None)
         if stats is not None and stats.stats is not None:
-            seconds = stats.stats.median
-            info["throughput"] = items / seconds
-            if flops is not None:
-                info["gflops"] = flops / seconds / 1e9
-                info["mfu"] = info["gflops"] / peak_gflops
+            info = _row(group, impl, unit, items, stats.stats.median, flops, peak_gflops)
             _rows.append(info)
         benchmark.extra_info.update(info)
         return result
+
+    return run
+
+
+@pytest.fixture
+def measure_interleaved(benchmark, peak_gflops, full, device):
+    """``measure_interleaved({impl: fn, ...}, group=, items=, unit=, flops=None, rounds=5)``.
+
+    For long steps on a shared machine: each round calls every implementation once, in turn, so a
+    change in the machine's load or memory state during the run hits all of them alike (separate
+    tests minutes apart measured ratios that drifted by 20%).  Each implementation's figure is the
+    median of its own per-call times; pytest-benchmark times the whole round.
+    """
+
+    def run(fns: dict, *, group: str, items: int, unit: str, flops: float | None = None, rounds: int = 5):
+        seconds: dict[str, list[float]] = {impl: [] for impl in fns}
+
+        def one_round():
+            for impl, fn in fns.items():
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                seconds[impl].append(time.perf_counter() - start)
+
+        benchmark.group = group
+        benchmark.pedantic(one_round, rounds=rounds if full else 1, warmup_rounds=1 if full else 0)
+        if getattr(benchmark, "stats", None) is None or benchmark.stats.stats is None:
+            return  # timing disabled: the tiny run only checks that every implementation runs
+        for impl, times in seconds.items():
+            median = sorted(times[-rounds:])[rounds // 2]  # the warm-up round is dropped
+            row = _row(group, impl, unit, items, median, flops, peak_gflops)
+            _rows.append(row)
+            benchmark.extra_info[impl] = row
 
     return run
 

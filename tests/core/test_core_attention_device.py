@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from latentforge_core import attention
-from latentforge_core.attention import resolve_backend, xformers_available
+from latentforge_core.attention import resolve_backend, split_heads, xformers_available
 from latentforge_core.device import (
     autocast,
     default_dtype,
@@ -49,6 +49,18 @@ def test_causal_mask_aligns_to_the_end_for_a_kv_cache(backend):
     torch.testing.assert_close(tail, full[:, :, -2:], atol=1e-6, rtol=1e-6)
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
     torch.testing.assert_close(full, reference(q, k, v, causal), atol=1e-5, rtol=1e-5)
+
+
+def test_split_heads_matches_the_channel_layout_and_its_gradient():
+    """q, k, v are channel blocks of the fused projection, heads contiguous inside each block."""
+    qkv = torch.randn(2, 5, 3 * 4 * 3, requires_grad=True)  # B, N, 3·H·D with H = 4, D = 3
+    q, k, v = split_heads(qkv, num_heads=4)
+    expected = qkv.detach().reshape(2, 5, 3, 4, 3).permute(2, 0, 3, 1, 4)  # three, B, H, N, D
+    for got, want in zip((q, k, v), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    weights = torch.randn(3, 2, 4, 5, 3)
+    sum((w * t).sum() for w, t in zip(weights, (q, k, v), strict=True)).backward()
+    torch.testing.assert_close(qkv.grad, weights.permute(1, 3, 0, 2, 4).reshape(2, 5, 36), rtol=0, atol=0)
 
 
 def test_boolean_and_additive_masks():

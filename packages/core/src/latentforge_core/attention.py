@@ -58,6 +58,16 @@ def _xformers_attention(q, k, v, attn_mask, is_causal, scale):
     return out.transpose(1, 2)
 
 
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused ``[B, N, 3·H·D]`` projection → q, k, v views ``[B, H, N, D]``.
+
+    Split along channels first: the gradients of the three views then concatenate back into the
+    projection's gradient in one contiguous copy, where unbinding a ``(three h d)`` rearrange
+    stacks them and transposes them twice.
+    """
+    return tuple(t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+
+
 def resolve_backend(backend: Backend, device: torch.device) -> str:
     """The backend that ``attention`` will actually run for tensors on ``device``."""
     if backend not in BACKENDS:

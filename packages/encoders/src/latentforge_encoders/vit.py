@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from latentforge_core.attention import attention
+from latentforge_core.attention import attention, split_heads
 from latentforge_core.linear import Linear, linear
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
@@ -81,7 +81,7 @@ class Attention(nn.Module):
                 for w, b in zip(self.qkv.weight.split(dim), bias, strict=True)
             )  # B, H, N, D each
         else:
-            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+            q, k, v = split_heads(self.qkv(x), self.num_heads)  # B, H, N, D each
         out = attention(q, k, v)  # B, H, N, D
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # B, N, C
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from latentforge_core import attention
+from latentforge_core.attention import attention, split_heads
 from latentforge_core.linear import Linear, linear
 
 
@@ -171,7 +171,7 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: RoPE2D | None = None) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = split_heads(self.qkv(x), self.num_heads)  # B, H, N, Dh each
         q, k = self.q_norm(q), self.k_norm(k)  # B, H, N, Dh
         if rope is not None:
             q, k = rope(q), rope(k)
