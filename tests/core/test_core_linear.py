@@ -4,6 +4,7 @@ where it does not apply (autocast, other dtypes)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from latentforge_core import linear as lin
 
@@ -38,3 +39,15 @@ def test_module_keeps_nn_linear_keys_and_falls_back_where_it_does_not_apply():
         with profile() as prof:
             lin.Linear(8, 4)(x)
         assert any("onednn_linear" in e.name for e in prof.events())
+
+
+def test_flop_counter_counts_the_onednn_op_like_f_linear():
+    """Benchmarks report MFU from torch's FlopCounterMode: the custom op must count as F.linear does."""
+    layer = lin.Linear(48, 80)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    counts = []
+    for forward in (layer, lambda x: F.linear(x, layer.weight, layer.bias)):
+        with FlopCounterMode(display=False) as counter:
+            forward(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 3 * 2 * 21 * 48 * 80  # forward, input and weight gradients

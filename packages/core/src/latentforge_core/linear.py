@@ -10,9 +10,12 @@ registered custom op, so ``torch.compile`` keeps it whole and fuses the elementw
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -27,6 +30,12 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 @_onednn_linear.register_fake
 def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@register_flop_formula(torch.ops.latentforge_core.onednn_linear)
+def _onednn_linear_flops(x_shape, weight_shape, bias_shape=None, *, out_shape=None, **kwargs) -> int:
+    """For ``FlopCounterMode``: 2 FLOPs per multiply-add, as it counts ``F.linear``."""
+    return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
 
 
 def _onednn_linear_setup(ctx, inputs, output):
