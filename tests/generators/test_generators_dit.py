@@ -18,6 +18,7 @@ from latentforge_generators.convert import (
 )
 from latentforge_generators.dit import DiT, DiT_models
 from latentforge_generators.layers import gelu_tanh
+from latentforge_generators.lightningdit import LightningDiT_models
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10)
 
@@ -242,10 +243,16 @@ def test_compiled_gelu_tanh_is_pytorchs_gelu():
 
 
 @pytest.mark.slow
-def test_compiled_blocks_match_eager():
-    """``compile_blocks()`` on DiT (LayerNorm, GELU MLP) computes the same outputs and gradients."""
-    eager = randomize(DiT_models["DiT-T/2"](**TINY))
-    compiled = DiT_models["DiT-T/2"](**TINY)
+@pytest.mark.parametrize(
+    "builder,options",
+    [(DiT_models["DiT-T/2"], {}), (LightningDiT_models["LightningDiT-T/1"], {"use_qknorm": True})],
+    ids=["DiT", "LightningDiT"],
+)
+def test_compiled_blocks_match_eager(builder, options):
+    """``compile_blocks()`` (LightningDiT's torch.compile) computes the same outputs and gradients:
+    DiT's LayerNorm and GELU MLP, LightningDiT's RMSNorm, SwiGLU, RoPE and QK-norm."""
+    eager = randomize(builder(**options, **TINY))
+    compiled = builder(**options, **TINY)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_blocks()
     x, t, y = inputs(eager)
