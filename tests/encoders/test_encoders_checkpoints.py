@@ -114,10 +114,13 @@ def test_official_layout_round_trip(tmp_path, registers, swiglu, chunks):
     assert encoder.vit.num_registers == registers and encoder.vit.config["ffn"] == (
         "swiglu" if swiglu else "mlp"
     )
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = peer(pixel_values=x).last_hidden_state
-        torch.testing.assert_close(encoder.vit(x), expected, **TOL)
+        # fp32 agreement relative to the output's scale (up to ~7 here): an absolute 1e-5 failed on
+        # near-zero entries for about one input in three, with either GEMM library on our side.
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(encoder.vit(x), expected, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_official_layout_into_registered_encoder(tmp_path):
