@@ -2,6 +2,7 @@
 
 import configparser
 import json
+import site as site_module
 import subprocess
 import sys
 import sysconfig
@@ -28,9 +29,9 @@ def make_venv(path: Path, *, chain_to_current: bool) -> Path:
             text=True,
         ).stdout.strip()
     )
-    if chain_to_current:
-        here = Path(sysconfig.get_paths()["purelib"])
-        (site / "_chain.pth").write_text(f"import site; site.addsitedir({str(here)!r})\n")
+    if chain_to_current:  # this venv's packages, and the system's when it was made with them (setup.sh)
+        here = dict.fromkeys([sysconfig.get_paths()["purelib"], *site_module.getsitepackages()])
+        (site / "_chain.pth").write_text("".join(f"import site; site.addsitedir({d!r})\n" for d in here))
     return python
 
 
