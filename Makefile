@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow bench
+.PHONY: setup demo test test-slow bench lint
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,16 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# Static checks (CI runs them first): ruff lint, ruff formatting, mypy on core and the public APIs
+# ([tool.mypy] in pyproject.toml). Every check runs; the target fails if any of them failed.
+lint: setup
+	@status=0; \
+	for check in "ruff check ." "ruff format --check ." "mypy"; do \
+		echo "$$ $$check"; \
+		$(PY) -m $$check || status=1; \
+	done; \
+	exit $$status
 
 bench: setup
 	$(PY) -m pytest benchmarks -m "slow or not slow" --benchmark-enable --benchmark-json=benchmarks/results.json -q

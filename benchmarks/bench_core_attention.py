@@ -8,7 +8,7 @@ from latentforge_core import attention
 
 @pytest.mark.parametrize("impl", ["ours", "math"])
 def test_attention_tokens_per_second(measure, full, device, impl):
-    b, h, n, d = (32, 12, 256, 64) if full else (2, 2, 16, 8)  # DiT-B/2 at 256 px: 256 tokens, 12 heads
+    b, h, n, d = (32, 12, 256, 64) if full else (2, 2, 16, 8)  # dit-b-2 at 256 px: 256 tokens, 12 heads
     q, k, v = (torch.randn(b, h, n, d, device=device) for _ in range(3))
     backend = "auto" if impl == "ours" else "math"
     out = measure(

@@ -1,8 +1,8 @@
 """Training-step throughput and MFU of the DiT family, ours beside diffusers' DiT in one run.
 
 One step = forward + backward + AdamW step with an MSE loss on the output, batch 32 at full size
-(DiT-S/2 and DiT-B/2 on 4×32×32 SD-VAE latents, LightningDiT-B/1 on 32×16×16 VA-VAE latents: 256
-tokens each).  FLOPs are counted analytically, 2 per multiply-add, backward = 2× forward.
+(``dit-s-2`` and ``dit-b-2`` on 4×32×32 SD-VAE latents, ``lightningdit-b-1`` on 32×16×16 VA-VAE latents:
+256 tokens each).  FLOPs are counted analytically, 2 per multiply-add, backward = 2× forward.
 diffusers gets the very same weights through our converter.
 
 Rows: ``ours`` compiles its blocks at full size (``compile_blocks()``, as LightningDiT's own code
@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from latentforge_generators.convert import to_diffusers
-from latentforge_generators.dit import DiT_models
-from latentforge_generators.lightningdit import LightningDiT_models
+from latentforge_generators.dit import SIZES as DIT_SIZES
+from latentforge_generators.dit import DiT
+from latentforge_generators.lightningdit import SIZES as LIGHTNINGDIT_SIZES
+from latentforge_generators.lightningdit import LightningDiT
 
 
 def forward_macs(model) -> float:
@@ -55,22 +57,23 @@ def training_step(model, forward, shape, batch: int, generator: torch.Generator)
     return step
 
 
-CASES = [  # name, builder, latent (C, S), has a diffusers peer
-    ("DiT-S/2", DiT_models["DiT-S/2"], (4, 32), True),
-    ("DiT-B/2", DiT_models["DiT-B/2"], (4, 32), True),
-    ("LightningDiT-B/1", LightningDiT_models["LightningDiT-B/1"], (32, 16), False),
+SIZES = {**DIT_SIZES, **LIGHTNINGDIT_SIZES}
+CASES = [  # registry name, class, latent (C, S), has a diffusers peer
+    ("dit-s-2", DiT, (4, 32), True),
+    ("dit-b-2", DiT, (4, 32), True),
+    ("lightningdit-b-1", LightningDiT, (32, 16), False),
 ]
 
 
-@pytest.mark.parametrize("name,builder,latent,has_peer", CASES, ids=[c[0] for c in CASES])
-def test_train_step(measure_interleaved, full, name, builder, latent, has_peer):
+@pytest.mark.parametrize("name,cls,latent,has_peer", CASES, ids=[c[0] for c in CASES])
+def test_train_step(measure_interleaved, full, name, cls, latent, has_peer):
     torch.manual_seed(0)
     channels, size = latent
     if full:
-        model, batch = builder(in_channels=channels, input_size=size, learn_sigma=False), 32
+        model, batch = cls(**SIZES[name], in_channels=channels, input_size=size, learn_sigma=False), 32
     else:  # a tiny model of the same family, one call
-        tiny = DiT_models["DiT-T/2"] if name.startswith("DiT") else LightningDiT_models["LightningDiT-T/1"]
-        model, batch = tiny(in_channels=channels, input_size=8, learn_sigma=False, num_classes=10), 2
+        tiny = SIZES["test-dit" if cls is DiT else "test-lightningdit"]
+        model, batch = cls(**tiny, in_channels=channels, input_size=8, learn_sigma=False, num_classes=10), 2
     flops = 3 * 2 * forward_macs(model) * batch  # forward + backward (2× forward)
     shape = (model.in_channels, model.input_size, model.out_channels, model.num_classes)
 

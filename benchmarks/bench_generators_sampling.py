@@ -1,6 +1,6 @@
 """Sampling throughput: 50-step Euler with classifier-free guidance, images/s and MFU.
 
-Full size: DiT-S/2 on 4×32×32 latents (SD-VAE at 256 px), 2 images (a batch of 4 with CFG).
+Full size: ``dit-s-2`` on 4×32×32 latents (SD-VAE at 256 px), 2 images (a batch of 4 with CFG).
 Tiny: the ``test-dit`` entry.
 Beside ours, the same sampler with guidance done as two separate forwards (cond, then uncond), the
 way a naive loop would, to show what batching them into one forward buys.

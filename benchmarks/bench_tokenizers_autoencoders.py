@@ -18,7 +18,7 @@ from latentforge_core.device import autocast
 from latentforge_tokenizers.discriminators import PatchGANDiscriminator
 from latentforge_tokenizers.losses import RAELoss, VAVAELoss
 from latentforge_tokenizers.lpips import LPIPS
-from latentforge_tokenizers.rae import RAE_DECODERS, RAEDecoder, build_rae, rae_test_tiny
+from latentforge_tokenizers.rae import RAE_DECODERS, RAEDecoder, build_rae, tiny_rae
 from latentforge_tokenizers.vavae import build_vavae
 
 
@@ -29,7 +29,7 @@ def flops_of(fn) -> float:
 
 
 def vavae_model(full: bool, device):
-    return build_vavae("f16d32" if full else "test-tiny").to(device)
+    return build_vavae("vavae-f16d32" if full else "test-vavae-tiny").to(device)
 
 
 def diffusers_vae(full: bool, device):
@@ -145,7 +145,7 @@ def test_rae_decoder_images_per_second(measure, full, device, size, impl):
 
 def test_rae_encode_images_per_second(measure, full, device):
     batch = 8 if full else 2
-    model = (build_rae("dinov2-vitb14-reg", "ViT-B") if full else rae_test_tiny()).to(device)
+    model = (build_rae("dinov2-vitb14-reg", "ViT-B") if full else tiny_rae()).to(device)
     x = torch.rand(batch, 3, 256 if full else 32, 256 if full else 32, device=device)
 
     def run():
@@ -205,7 +205,7 @@ def test_rae_training_step_images_per_second(measure, full, device, size):
         from latentforge_encoders.vit import VisionTransformer
         from latentforge_tokenizers.discriminators import DiffAug, DinoDiscriminator
 
-        model = rae_test_tiny(noise_tau=0.8).train()
+        model = tiny_rae(noise_tau=0.8).train()
         trunk = VisionTransformer(
             image_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, act="gelu_tanh"
         )

@@ -1,4 +1,4 @@
-"""Registry rules of DESIGN.md, each against real distribution metadata on a temporary sys.path."""
+"""Registry rules of docs/design.md, each against real distribution metadata on a temporary sys.path."""
 
 import sys
 import textwrap

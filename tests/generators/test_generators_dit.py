@@ -16,9 +16,10 @@ from latentforge_generators.convert import (
     official_state_dict,
     to_diffusers,
 )
-from latentforge_generators.dit import DiT, DiT_models
+from latentforge_generators.dit import SIZES, DiT
 from latentforge_generators.layers import gelu_tanh
-from latentforge_generators.lightningdit import LightningDiT_models
+from latentforge_generators.lightningdit import SIZES as LIGHTNINGDIT_SIZES
+from latentforge_generators.lightningdit import LightningDiT
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10)
 
@@ -68,7 +69,7 @@ def test_matches_diffusers_on_same_weights(patch, learn_sigma):
 
 def test_dit_frequencies_match_diffusers_with_its_shift_removed():
     """Our default (the DiT code's sinusoid) equals diffusers once its frequency shift is 0."""
-    ours = randomize(DiT_models["DiT-T/2"](**TINY)).eval()
+    ours = randomize(DiT(**SIZES["test-dit"], **TINY)).eval()
     theirs = to_diffusers(ours).eval()
     for block in theirs.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = 0
@@ -78,7 +79,7 @@ def test_dit_frequencies_match_diffusers_with_its_shift_removed():
 
 
 def test_converter_round_trip_is_lossless():
-    ours = randomize(DiT_models["DiT-T/2"](**TINY))
+    ours = randomize(DiT(**SIZES["test-dit"], **TINY))
     back = from_diffusers(to_diffusers(ours), time_freq_shift=0)
     for name, tensor in ours.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], tensor, atol=0, rtol=0)
@@ -129,18 +130,18 @@ def official_dit_layout(depth, d, c_in, patch, grid, num_classes=1000, learn_sig
 
 def test_official_layout_of_every_size():
     sizes = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}
-    for name, builder in DiT_models.items():
-        if name == "DiT-T/2":
+    for name, size in SIZES.items():
+        if name == "test-dit":
             continue
-        depth, d = sizes[name.split("-")[1].split("/")[0]]
-        patch = int(name.split("/")[1])
-        with torch.device("meta"):
-            model = builder()
-        expected = official_dit_layout(depth, d, 4, patch, 32 // patch)
-        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected, name
+        depth, d = sizes[name.split("-")[1].upper()]
+        for patch in (1, 2, 4, 8):  # the registered /2 and the paper's other patch sizes
+            with torch.device("meta"):
+                model = DiT(**{**size, "patch_size": patch})
+            expected = official_dit_layout(depth, d, 4, patch, 32 // patch)
+            assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected, (name, patch)
     # The reference's DiT-XL/2 figures: qkv [3456, 1152], final linear [32, 1152], 675 M parameters.
     with torch.device("meta"):
-        xl = DiT_models["DiT-XL/2"]()
+        xl = DiT(**SIZES["dit-xl-2"])
     assert sum(p.numel() for p in xl.parameters() if p.requires_grad) == pytest.approx(675e6, rel=1e-3)
 
 
@@ -152,7 +153,7 @@ def test_official_state_dict_loads_strictly_and_is_used(tmp_path):
     model_weights = {k: torch.zeros_like(v) for k, v in official.items()}
     path = tmp_path / "0400000.pt"
     torch.save({"model": model_weights, "ema": official}, path)
-    model = load_official(DiT_models["DiT-T/2"](**TINY), path)
+    model = load_official(DiT(**SIZES["test-dit"], **TINY), path)
     for k, v in official.items():
         assert torch.equal(model.state_dict()[k], v), k
     x, t, y = inputs(model)
@@ -166,7 +167,7 @@ def test_official_state_dict_loads_strictly_and_is_used(tmp_path):
 def test_checkpoint_of_another_size_names_the_keys():
     big = {k: torch.zeros(s) for k, s in official_dit_layout(2, 96, 4, 2, 4, num_classes=10).items()}
     with pytest.raises(CheckpointError, match=r"shape mismatch.*blocks\.0\.attn\.qkv\.weight"):
-        load_official(DiT_models["DiT-T/2"](**TINY), big)
+        load_official(DiT(**SIZES["test-dit"], **TINY), big)
     del big["blocks.1.mlp.fc2.bias"]
     with pytest.raises(CheckpointError, match="missing"):
         load_official(DiT(hidden_size=96, depth=2, num_heads=4, **TINY), big)
@@ -176,7 +177,7 @@ def test_checkpoint_of_another_size_names_the_keys():
 # Behaviour
 # ------------------------------------------------------------------------------------------------
 def test_contract_attributes_and_zero_init():
-    model = DiT_models["DiT-T/2"](**TINY)
+    model = DiT(**SIZES["test-dit"], **TINY)
     assert DiT.time_convention == "noise_at_0"
     assert (model.in_channels, model.out_channels, model.input_size, model.num_classes) == (4, 8, 8, 10)
     assert model.learn_sigma and not model.pos_embed.requires_grad
@@ -198,7 +199,7 @@ def test_label_dropout_uses_the_null_class_in_training_only():
 
 
 def test_bad_input_is_explained():
-    model = DiT_models["DiT-T/2"](**TINY)
+    model = DiT(**SIZES["test-dit"], **TINY)
     x, t, y = inputs(model)
     with pytest.raises(ValueError, match=r"\[B, 4, 8, 8\].*\(4, 3, 8, 8\)"):
         model(x[:, :3], t, y)
@@ -249,7 +250,10 @@ def test_compiled_form_of_gelu_tanh_is_pytorchs_gelu(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "builder,options",
-    [(DiT_models["DiT-T/2"], {}), (LightningDiT_models["LightningDiT-T/1"], {"use_qknorm": True})],
+    [
+        (DiT, SIZES["test-dit"]),
+        (LightningDiT, {**LIGHTNINGDIT_SIZES["test-lightningdit"], "use_qknorm": True}),
+    ],
     ids=["DiT", "LightningDiT"],
 )
 def test_compiled_blocks_match_eager(builder, options):

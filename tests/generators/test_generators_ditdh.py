@@ -10,7 +10,7 @@ import torch
 from latentforge_core.checkpoint import CheckpointError
 from latentforge_core.device import autocast
 from latentforge_generators.convert import load_official
-from latentforge_generators.ditdh import DiTDH, DiTDH_models
+from latentforge_generators.ditdh import SIZES, DiTDH
 from latentforge_generators.layers import AdaLNBlock
 
 TINY = dict(input_size=4, in_channels=12, num_classes=10)
@@ -67,11 +67,11 @@ def official_ditdh_layout(d, depth, heads, dh, head_depth, head_heads, c, grid, 
 
 
 @pytest.mark.parametrize(
-    "name,d,depth,heads,params", [("DiTDH-XL", 1152, 28, 16, 838.7), ("DiTDH-S", 384, 12, 6, 196)]
+    "name,d,depth,heads,params", [("ditdh-xl", 1152, 28, 16, 838.7), ("ditdh-s", 384, 12, 6, 196)]
 )
 def test_released_layouts_and_sizes(name, d, depth, heads, params):
     with torch.device("meta"):
-        model = DiTDH_models[name]()
+        model = DiTDH(**SIZES[name])
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == official_ditdh_layout(d, depth, heads, 2048, 2, 16, 768, 16)
     assert shapes[f"blocks.{depth + 1}.mlp.w12.weight"] == (2 * 5461, 2048) and shapes[
@@ -94,7 +94,7 @@ def test_released_state_dict_loads_strictly(tmp_path):
         assert model.eval()(x, t, y).abs().sum() > 0
     del official["t_embedder.W"]  # the Fourier frequencies must come from the checkpoint
     with pytest.raises(CheckpointError, match="t_embedder.W"):
-        load_official(DiTDH_models["DiTDH-T"](**TINY), official)
+        load_official(DiTDH(**SIZES["test-ditdh"], **TINY), official)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_per_token_condition_equals_per_image_when_tokens_agree():
 
 
 def test_head_sees_the_backbone_and_the_time_embedding_is_fourier():
-    model = randomize(DiTDH_models["DiTDH-T"](**TINY)).eval()
+    model = randomize(DiTDH(**SIZES["test-ditdh"], **TINY)).eval()
     x, t, y = inputs(model)
     with torch.no_grad():
         out = model(x, t, y)
@@ -126,7 +126,7 @@ def test_head_sees_the_backbone_and_the_time_embedding_is_fourier():
 
 
 def test_contract_and_bad_input():
-    model = DiTDH_models["DiTDH-T"](**TINY)
+    model = DiTDH(**SIZES["test-ditdh"], **TINY)
     assert DiTDH.time_convention == "noise_at_1" and not model.learn_sigma
     assert (model.in_channels, model.out_channels, model.input_size, model.num_classes) == (12, 12, 4, 10)
     x, t, y = inputs(model)
@@ -142,7 +142,7 @@ def test_contract_and_bad_input():
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_mixed_precision_path_runs_and_stays_close(dtype):
     """The bf16 autocast path (GPU default) on CPU: RMSNorm/RoPE in fp32, output near the fp32 one."""
-    model = randomize(DiTDH_models["DiTDH-T"](**TINY)).eval()
+    model = randomize(DiTDH(**SIZES["test-ditdh"], **TINY)).eval()
     x, t, y = inputs(model)
     with torch.no_grad():
         reference = model(x, t, y)

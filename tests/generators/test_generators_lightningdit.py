@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from latentforge_generators.convert import load_official, to_diffusers
 from latentforge_generators.layers import RMSNorm, RoPE2D, SwiGLU
-from latentforge_generators.lightningdit import LightningDiT, LightningDiT_models
+from latentforge_generators.lightningdit import SIZES, LightningDiT
 
 TINY = dict(input_size=4, in_channels=8, num_classes=10)
 
@@ -90,7 +90,7 @@ def test_with_its_switches_off_it_is_dit_and_matches_diffusers():
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), theirs(x, t, y).sample, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="plain DiT"):
-        to_diffusers(LightningDiT_models["LightningDiT-T/1"](**TINY))
+        to_diffusers(LightningDiT(**SIZES["test-lightningdit"], **TINY))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,15 +126,15 @@ def official_lightningdit_layout(depth, d, heads, c_in, patch, grid, qk_norm=Fal
 
 def test_released_xl1_layout_and_size():
     with torch.device("meta"):
-        model = LightningDiT_models["LightningDiT-XL/1"]()
+        model = LightningDiT(**SIZES["lightningdit-xl-1"])
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == official_lightningdit_layout(28, 1152, 16, 32, 1, 16)
     assert shapes["blocks.0.mlp.w12.weight"] == (6144, 1152) and shapes["feat_rope.freqs_cos"] == (256, 72)
     # docs/log.txt of the release: 675.26 M parameters including the frozen pos-embed.
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(675.26, abs=0.01)
-    for name, builder in LightningDiT_models.items():
+    for name, size in SIZES.items():
         with torch.device("meta"):
-            assert builder().out_channels == 32, name
+            assert LightningDiT(**size).out_channels == 32, name
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
@@ -146,7 +146,7 @@ def test_released_state_dict_loads_strictly(tmp_path, qk_norm):
     torch.save(
         {"model": {k: v + 1 for k, v in official.items()}, "ema": official, "config": {"lr": 2e-4}}, path
     )
-    model = load_official(LightningDiT_models["LightningDiT-T/1"](use_qknorm=qk_norm, **TINY), path)
+    model = load_official(LightningDiT(**SIZES["test-lightningdit"], use_qknorm=qk_norm, **TINY), path)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in official.items())
     x, t, y = inputs(model)
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_rope_tables_equal_the_released_formula():
 # Behaviour
 # ------------------------------------------------------------------------------------------------
 def test_qk_norm_makes_attention_blind_to_query_and_key_scale():
-    model = randomize(LightningDiT_models["LightningDiT-T/1"](use_qknorm=True, **TINY)).eval()
+    model = randomize(LightningDiT(**SIZES["test-lightningdit"], use_qknorm=True, **TINY)).eval()
     x, t, y = inputs(model)
     with torch.no_grad():
         before = model(x, t, y)
@@ -175,7 +175,7 @@ def test_qk_norm_makes_attention_blind_to_query_and_key_scale():
             block.attn.qkv.weight[: 2 * 64] *= 7.0  # q and k rows
             block.attn.qkv.bias[: 2 * 64] *= 7.0
         torch.testing.assert_close(model(x, t, y), before, atol=1e-4, rtol=1e-4)
-        plain = randomize(LightningDiT_models["LightningDiT-T/1"](**TINY)).eval()
+        plain = randomize(LightningDiT(**SIZES["test-lightningdit"], **TINY)).eval()
         reference = plain(x, t, y)
         for block in plain.blocks:
             block.attn.qkv.weight[: 2 * 64] *= 7.0
@@ -184,7 +184,7 @@ def test_qk_norm_makes_attention_blind_to_query_and_key_scale():
 
 
 def test_contract_and_bad_input():
-    model = LightningDiT_models["LightningDiT-T/1"](**TINY)
+    model = LightningDiT(**SIZES["test-lightningdit"], **TINY)
     assert LightningDiT.time_convention == "noise_at_0" and not model.learn_sigma
     assert (model.in_channels, model.out_channels, model.input_size, model.num_classes) == (8, 8, 4, 10)
     x, t, y = inputs(model)

@@ -1,16 +1,17 @@
-"""A tiny run on the digits through the runner's Trainer; launched plainly or under torchrun.
+"""A tiny run on the digits through the training kit; launched plainly or under torchrun.
 
 usage: [torchrun --nproc-per-node N] ddp_child.py OUT.pt GLOBAL_BATCH GRAD_ACCUM
 """
 
 import sys
 
+import kit_loop
 import torch
 
 from latentforge_core.device import seed_everything
 from latentforge_runner import distributed
 from latentforge_runner.data import Digits
-from latentforge_runner.training import Trainer, TrainingSettings
+from latentforge_runner.training import TrainingSettings
 
 out, batch_size, grad_accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)
@@ -29,8 +30,8 @@ t = TrainingSettings(
     grad_clip=1.0,
     checkpoint_every=100,
 )
-trainer = Trainer(model, t, run_dir=out + ".run", num_items=len(data), dist=dist)
-trainer.fit(data.batch, lambda m, b: torch.nn.functional.cross_entropy(m(b["image"]), b["label"]))
+state, entry = kit_loop.build(model, t, data.batch, len(data), out + ".run", dist=dist)
+kit_loop.fit(state, entry, kit_loop.cross_entropy)
 if dist.is_main:
-    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, out)
+    torch.save({k: v.clone() for k, v in state.model.state_dict().items()}, out)
 distributed.cleanup()

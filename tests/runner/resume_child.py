@@ -1,4 +1,4 @@
-"""A tiny training run driven by the runner's Trainer, for the kill-and-resume tests.
+"""A tiny training run over the training kit, for the kill-and-resume tests.
 
 usage: python resume_child.py RUN_DIR STEPS [--stall-in-checkpoint STEP]
 
@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import kit_loop
 import torch
 
 from latentforge_core.device import seed_everything
 from latentforge_runner import training
 from latentforge_runner.data import Digits
-from latentforge_runner.training import Trainer, TrainingSettings
+from latentforge_runner.training import TrainingSettings
 
 run_dir, steps = Path(sys.argv[1]), int(sys.argv[2])
 stall_at = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--stall-in-checkpoint" else None
@@ -53,8 +54,8 @@ t = TrainingSettings(
     log_every=5,
     grad_clip=1.0,
 )
-trainer = Trainer(model, t, run_dir=run_dir, num_items=len(data), model_config={"name": "digits-mlp"})
-trainer.resume()
+state, entry = kit_loop.build(model, t, data.batch, len(data), run_dir, name="digits-mlp")
+state.resume()
 
 
 def loss_fn(m, batch):
@@ -62,13 +63,13 @@ def loss_fn(m, batch):
     return torch.nn.functional.cross_entropy(m(batch["image"] + noise), batch["label"])
 
 
-def on_step(tr):
-    print(f"step {tr.step}", flush=True)
+def on_step(state):
+    print(f"step {state.step}", flush=True)
     time.sleep(0.02)
 
 
-trainer.fit(data.batch, loss_fn, on_step=on_step)
-final = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
-final.update({f"ema.{k}": v for k, v in trainer.ema.module.state_dict().items()})
+kit_loop.fit(state, entry, loss_fn, on_step=on_step)
+final = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+final.update({f"ema.{k}": v for k, v in state.ema.module.state_dict().items()})
 torch.save(final, run_dir / "final.pt")
 print("done", flush=True)

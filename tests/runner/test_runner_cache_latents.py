@@ -1,5 +1,6 @@
 """cache-latents: shards hold exactly tokenizer.encode of the images (and of their flips)."""
 
+import kit_loop
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from latentforge_core.checkpoint import load_checkpoint
 from latentforge_core.device import seed_everything
 from latentforge_runner import cli
 from latentforge_runner.data import DataError, Digits
-from latentforge_runner.recipes.cache_latents import LatentShards
+from latentforge_runner.latents import LatentShards
 
 
 def _cache(tmp_path, tokenizer, size, *extra):
@@ -60,7 +61,7 @@ def test_rae_latent_shards_equal_encode_and_flip(tmp_path):
 
 
 def test_a_generator_trains_on_the_shards(tmp_path):
-    from latentforge_runner.training import Trainer, TrainingSettings
+    from latentforge_runner.training import TrainingSettings
 
     _cache(tmp_path / "cache", "test-rae-tiny", 32, "max_images=32")
     ds = LatentShards(tmp_path / "cache")
@@ -68,8 +69,8 @@ def test_a_generator_trains_on_the_shards(tmp_path):
     generator = registry.generators.build("test-dit", in_channels=64, input_size=8, num_classes=10)
     before = [p.detach().clone() for p in generator.parameters()]
     settings = TrainingSettings(steps=2, batch_size=8, log_every=1, checkpoint_every=2, ema_decay=None)
-    trainer = Trainer(generator, settings, run_dir=tmp_path / "train", num_items=len(ds), forward="loss")
-    logs = trainer.fit(ds.batch, lambda model, batch: model(batch["latents"], batch["label"]))
+    trainer, entry = kit_loop.build(generator, settings, ds.batch, len(ds), tmp_path / "train", method="loss")
+    logs = kit_loop.fit(trainer, entry, lambda model, batch: model(batch["latents"], batch["label"]))
     assert trainer.step == 2 and logs["loss"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, generator.parameters(), strict=True))
 

@@ -3,6 +3,7 @@ the embedded digits, and the resumable sharded batch sampler."""
 
 import logging
 
+import kit_loop
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ from latentforge_runner.data import (
     center_crop_arr,
     collate,
 )
-from latentforge_runner.training import Trainer, TrainingSettings
+from latentforge_runner.training import TrainingSettings
 
 
 def test_adm_center_crop_halves_with_box_then_bicubic():
@@ -70,12 +71,12 @@ def test_corrupted_images_are_skipped_counted_and_reported(tmp_path, caplog):
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 2))
     t = TrainingSettings(steps=6, batch_size=5, lr=1e-3, ema_decay=None, checkpoint_every=100)
-    trainer = Trainer(model, t, run_dir=tmp_path / "run", num_items=len(ds))
+    trainer, entry = kit_loop.build(model, t, ds, len(ds), tmp_path / "run")
     with caplog.at_level(logging.WARNING, logger="latentforge"):
-        trainer.fit(ds, lambda m, b: torch.nn.functional.cross_entropy(m(b["image"]), b["label"]))
+        kit_loop.fit(trainer, entry, kit_loop.cross_entropy)
     assert trainer.step == 6
-    assert len(trainer.skipped) == 6  # 3 epochs of 2 batches: each broken file met once per epoch
-    assert sorted({s.split(":")[0].rsplit("/", 1)[-1] for s in trainer.skipped}) == [
+    assert len(trainer.batches.skipped) == 6  # 3 epochs of 2 batches: each broken file met once per epoch
+    assert sorted({s.split(":")[0].rsplit("/", 1)[-1] for s in trainer.batches.skipped}) == [
         "broken_0.jpg",
         "broken_1.jpg",
     ]
@@ -184,10 +185,10 @@ def test_trainer_draws_new_crops_each_epoch_and_the_same_after_resume(tmp_path):
         ds = ImageFolder(root, 16, crop="random", resize=24, flip=True, seed=3)
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 1))
         t = TrainingSettings(steps=steps, batch_size=8, lr=1e-3, ema_decay=None, checkpoint_every=2)
-        trainer = Trainer(model, t, run_dir=tmp_path / run, num_items=len(ds))
+        trainer, entry = kit_loop.build(model, t, ds, len(ds), tmp_path / run)
         if resume:
             trainer.resume()
-        trainer.fit(ds, loss)
+        kit_loop.fit(trainer, entry, loss)
 
     train(4, "whole")  # one batch per epoch: four epochs
     whole, seen[:] = list(seen), []

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from latentforge_core import registry
 from latentforge_core.checkpoint import load_checkpoint
 from latentforge_runner import cli
 from latentforge_runner.config import ConfigError
 from latentforge_runner.distributed import seed_batch
 from latentforge_runner.recipes.sample import SampleRecipe
-from latentforge_runner.recipes.train_generator import TrainGeneratorRecipe
 
 QUICK = ["eval.every=0", "eval.num_samples=4"]
 
@@ -26,8 +26,8 @@ def centroids(tmp_path_factory):
 
 
 def _train(config, out, *extra):
-    _, cfg = cli.load_settings("train-generator", config, [*QUICK, f"run.output_dir={out}", *extra])
-    job = TrainGeneratorRecipe(cfg)
+    recipe, cfg = cli.load_settings(None, config, [*QUICK, f"run.output_dir={out}", *extra])
+    job = registry.recipes.build(recipe, config=cfg)
     try:
         job.setup()
         job.run()
@@ -101,7 +101,13 @@ def test_stage2_learns_and_samples_through_both_stages(centroids, tmp_path):
 
 def test_stage2_bad_pairings(centroids, tmp_path):
     with pytest.raises(ConfigError, match="pairs two discrete tokenizers"):
-        _train("tiny-rae", tmp_path / "a", "condition_tokenizer.name=test-kmeans-tiny", "training.steps=1")
+        _train(
+            "tiny-digit-stage2",
+            tmp_path / "a",
+            "tokenizer.name=test-rae-tiny",
+            "tokenizer.params={}",
+            f"condition_tokenizer.params.centroids={centroids}",
+        )
     _train("tiny-rae", tmp_path / "rae", "training.steps=1", "training.batch_size=8", "eval.stats_batches=1")
     with pytest.raises(ConfigError, match="not a stage-2 run"):
         SampleRecipe(

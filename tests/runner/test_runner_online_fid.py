@@ -61,12 +61,12 @@ def test_online_fid_is_logged_and_matches_scipy(reference, tmp_path):
         job.run()
         job.save()
         # Recompute the last evaluation by hand: the same seeded draws, the metric's own encoder.
-        metric, seed = job._fid, job.cfg.run.seed
+        metric, seed = job.fid.metric, job.cfg.run.seed
         with torch.no_grad():
             torch.manual_seed(seed)
             fake = torch.cat(
                 [
-                    metric.features((job.generate(job._conditions_for(i)) * 255).round().to(torch.uint8))
+                    metric.features((job.generate(i % 10) * 255).round().to(torch.uint8))
                     for i in torch.arange(72).split(25)
                 ]
             )
@@ -86,7 +86,7 @@ def test_online_fid_is_logged_and_matches_scipy(reference, tmp_path):
         plain.run()
     finally:
         plain.cleanup()
-    for a, b in zip(plain.trainer.ema.module.parameters(), job.trainer.ema.module.parameters(), strict=True):
+    for a, b in zip(plain.state.ema.module.parameters(), job.state.ema.module.parameters(), strict=True):
         assert torch.equal(a, b)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -103,6 +103,6 @@ def test_online_fid_bad_settings(reference, tmp_path):
     try:
         job.setup()
         with pytest.raises(ConfigError, match="'psnr' is not a Fréchet distance"):
-            job.online_fid(1)
+            job.evaluate()
     finally:
         job.cleanup()

@@ -1,4 +1,4 @@
-"""train-generator runs each tiny shipped pipeline on the digits end to end, and resumes."""
+"""train-generator (and train-tokens) run each tiny shipped pipeline on the digits end to end, and resume."""
 
 import json
 
@@ -28,20 +28,19 @@ def test_tiny_pipeline_trains_samples_and_resumes(tmp_path, config):
         )
         cli.run_recipe(recipe, km)
         sampler = [f"tokenizer.params.centroids={tmp_path}/km/centroids.safetensors"]
-    recipe, cfg = cli.load_settings(
-        "train-generator", config, [*QUICK, *sampler, f"run.output_dir={tmp_path}"]
-    )
+    expected = "train-tokens" if config == "tiny-digit-gpt" else "train-generator"
+    recipe, cfg = cli.load_settings(None, config, [*QUICK, *sampler, f"run.output_dir={tmp_path}"])
     cli.run_recipe(recipe, cfg)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["00000002"]
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert saved["recipe"] == "train-generator" and saved["training"]["steps"] == 2
+    assert saved["recipe"] == expected and saved["training"]["steps"] == 2
     losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses] == [1, 2] and all(r["generator/loss"] > 0 for r in losses)
     if config != "tiny-digit-gpt":  # K-Means tokens have no pixel decoder of their own
         assert (tmp_path / "samples" / "00000002.png").is_file()
     # Resume: the same folder with more steps continues from step 2.
     _, longer = cli.load_settings(
-        "train-generator", config, [*QUICK, *sampler, f"run.output_dir={tmp_path}", "training.steps=3"]
+        expected, config, [*QUICK, *sampler, f"run.output_dir={tmp_path}", "training.steps=3"]
     )
     cli.run_recipe(recipe, longer)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["00000002", "00000003"]

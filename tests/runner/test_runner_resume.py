@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import kit_loop
 import pytest
 import torch
 
@@ -52,7 +53,7 @@ def _inprocess(run_dir, steps, stop_at=None):
     """The child's run inside this process, optionally stopped after ``stop_at`` steps."""
     from latentforge_core.device import seed_everything
     from latentforge_runner.data import Digits
-    from latentforge_runner.training import Trainer, TrainingSettings
+    from latentforge_runner.training import TrainingSettings
 
     seed_everything(0)
     data = Digits("train", image_size=8)
@@ -70,29 +71,26 @@ def _inprocess(run_dir, steps, stop_at=None):
         checkpoint_every=5,
         log_every=5,
     )
-    trainer = Trainer(model, t, run_dir=run_dir, num_items=len(data), model_config={"name": "mlp"})
-    trainer.resume()
-
-    def loss_fn(m, batch):
-        return torch.nn.functional.cross_entropy(m(batch["image"]), batch["label"])
+    state, entry = kit_loop.build(model, t, data.batch, len(data), run_dir, name="mlp")
+    state.resume()
 
     class Stop(Exception):
         pass
 
-    def on_step(tr):
-        if tr.step == stop_at:
-            tr.save_checkpoint()
+    def on_step(state):
+        if state.step == stop_at:
+            state.save()
             raise Stop
 
     try:
-        trainer.fit(data.batch, loss_fn, on_step=on_step)
+        kit_loop.fit(state, entry, kit_loop.cross_entropy, on_step=on_step)
     except Stop:
         return None
-    return trainer
+    return state
 
 
 def test_resume_in_process_is_bitwise(tmp_path):
-    """The quick version: stop after 7 steps (checkpoint at 7), resume in a new Trainer, finish 12."""
+    """The quick version: stop after 7 steps (checkpoint at 7), resume in a new run, finish 12."""
     full = _inprocess(tmp_path / "a", 12)
     assert _inprocess(tmp_path / "b", 12, stop_at=7) is None
     torch.manual_seed(123)  # clobber every RNG: the resumed run must restore them itself
@@ -102,8 +100,8 @@ def test_resume_in_process_is_bitwise(tmp_path):
         assert torch.equal(a, b), k
     for a, b in zip(full.ema.module.parameters(), resumed.ema.module.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert resumed.scheduler.get_last_lr() == full.scheduler.get_last_lr()
-    assert resumed.sampler.state_dict() == full.sampler.state_dict()
+    assert resumed.optim.scheduler.get_last_lr() == full.optim.scheduler.get_last_lr()
+    assert resumed.batches.sampler.state_dict() == full.batches.sampler.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +141,14 @@ def test_killed_mid_step_and_mid_checkpoint_resumes_bitwise(tmp_path, reference)
 
 def test_resume_refuses_checkpoint_of_another_model(tmp_path):
     from latentforge_core.checkpoint import CheckpointError
-    from latentforge_runner.training import Trainer, TrainingSettings
+    from latentforge_runner.training import TrainingSettings
 
     _inprocess(tmp_path, 6)
     other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 16), torch.nn.Linear(16, 10))
     t = TrainingSettings(steps=STEPS, batch_size=32)
-    trainer = Trainer(other, t, run_dir=tmp_path, num_items=1437, model_config={"name": "mlp"})
+    state, _ = kit_loop.build(other, t, None, 1437, tmp_path, name="mlp")
     with pytest.raises(CheckpointError, match="shape mismatch.*1.weight"):
-        trainer.resume()
-    renamed = Trainer(other, t, run_dir=tmp_path, num_items=1437, model_config={"name": "other-net"})
+        state.resume()
+    renamed, _ = kit_loop.build(other, t, None, 1437, tmp_path, name="other-net")
     with pytest.raises(CheckpointError, match="checkpoint of 'mlp'.*trains 'other-net'"):
         renamed.resume()

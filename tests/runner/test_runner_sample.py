@@ -89,7 +89,7 @@ def test_sample_rebuilds_the_training_runs_models(tmp_path):
         train.run()
         sample.setup()
         for ours, theirs in [
-            (sample.generator, train.trainer.ema.module),
+            (sample.generator, train.state.ema.module),
             (sample.tokenizer, train.tokenizer),
         ]:
             a, b = ours.state_dict(), theirs.state_dict()
@@ -104,8 +104,9 @@ def test_sample_rebuilds_the_training_runs_models(tmp_path):
 def test_sample_reads_the_runs_latent_statistics_and_recomputes_only_without_them(tmp_path, caplog):
     """train-generator saves the statistics it trained with; sample loads that file (a changed file
     changes what sample uses) and recomputes, saying so, only when the file is absent."""
+    from latentforge_runner.latents import STATS_FILE
     from latentforge_runner.recipes.sample import SampleRecipe
-    from latentforge_runner.recipes.train_generator import STATS_FILE, TrainGeneratorRecipe
+    from latentforge_runner.recipes.train_generator import TrainGeneratorRecipe
     from latentforge_tokenizers.stats import LatentStats
 
     _, cfg = cli.load_settings("train-generator", "tiny-rae", [*TRAIN, f"run.output_dir={tmp_path / 't'}"])

@@ -61,23 +61,23 @@ def test_cached_latents_give_the_on_the_fly_loss(cache, tmp_path):
             assert torch.equal(a, b)
         idx = [5, 0, 63, 17, 2, 40, 33, 9]
         images, latents = fly.dataset.batch(idx), cached.dataset.batch(idx)
-        torch.testing.assert_close(fly.inputs(images), cached.inputs(latents))
+        torch.testing.assert_close(fly.latents(images), cached.latents(latents))
         torch.manual_seed(3)
-        loss_fly = fly.loss_fn(fly.trainer.forward_model, images)
+        loss_fly = fly.model(fly.latents(images), images["label"])
         torch.manual_seed(3)
-        loss_cached = cached.loss_fn(cached.trainer.forward_model, latents)
+        loss_cached = cached.model(cached.latents(latents), latents["label"])
         torch.testing.assert_close(loss_cached, loss_fly, rtol=1e-5, atol=1e-6)
         # The flipped copies are the mirrored images' latents.
         flipped = {k: v for k, v in images.items()} | {"image": images["image"].flip(-1)}
         mirrored = cached.dataset.batch([i + 64 for i in idx])
-        torch.testing.assert_close(fly.inputs(flipped), cached.inputs(mirrored))
+        torch.testing.assert_close(fly.latents(flipped), cached.latents(mirrored))
         # A few optimisation steps from the cache.
         logs = cached.run()
         cached.save()
     finally:
         fly.cleanup()
         cached.cleanup()
-    assert cached.trainer.step == 3 and torch.isfinite(torch.tensor(logs["loss"]))
+    assert cached.state.step == 3 and torch.isfinite(torch.tensor(logs["loss"]))
     rows = [json.loads(r) for r in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (tmp_path / "cached" / "checkpoints" / "00000003" / "ema.safetensors").is_file()

@@ -16,7 +16,7 @@ from latentforge_metrics.reconstruction import psnr
 from latentforge_runner import cli
 from latentforge_runner.config import ConfigError
 from latentforge_runner.data import Digits
-from latentforge_runner.training import Trainer, list_checkpoints
+from latentforge_runner.training import TrainState, list_checkpoints
 
 # config → (registry name, builder argument of the exported weights, image size, PSNR rise asserted).
 # Measured rises over 40 steps (seed 0): VA-VAE 7.7 → 20.1 dB, RAE 7.5 → 19.3 dB, VQGAN 7.8 → 14.3 dB.
@@ -111,14 +111,14 @@ def test_train_tokenizer_resumes_bitwise(tmp_path):
     class Stop(Exception):
         pass
 
-    def save_then_stop(trainer):
-        path = save_checkpoint(trainer)
-        if trainer.step == 10:
+    def save_then_stop(state):
+        path = save_checkpoint(state)
+        if state.step == 10:
             raise Stop
         return path
 
-    save_checkpoint = Trainer.save_checkpoint
-    with mock.patch.object(Trainer, "save_checkpoint", save_then_stop), pytest.raises(Stop):
+    save_checkpoint = TrainState.save
+    with mock.patch.object(TrainState, "save", save_then_stop), pytest.raises(Stop):
         _run("tiny-train-rae", tmp_path / "cut", *quick)
     assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["00000010"]
     torch.manual_seed(1234)  # clobber the RNG: the resumed run restores its own

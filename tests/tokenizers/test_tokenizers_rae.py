@@ -20,7 +20,7 @@ from latentforge_tokenizers.rae import (
     RAEDecoder,
     build_rae,
     extract_decoder_state,
-    rae_test_tiny,
+    tiny_rae,
 )
 from latentforge_tokenizers.stats import LatentStats, stats_path
 
@@ -41,7 +41,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)
-    return rae_test_tiny()
+    return tiny_rae()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def test_released_vitb_decoder_loads_strictly(tmp_path):
     d, depth, mlp, *_ = RELEASED["ViT-B"]
     sd = {k: torch.randn(s) for k, s in released_decoder_layout(d, depth, mlp).items()}
     dec = RAEDecoder(latent_dim=768, **RAE_DECODERS["ViT-B"])
-    tiny = rae_test_tiny()
+    tiny = tiny_rae()
     with pytest.raises(CheckpointError, match="shape mismatch"):
         tiny.load_decoder(sd)  # a ViT-B decoder is not the tiny one: named shapes, no silent partial load
     load_into(dec, sd)
@@ -183,7 +183,7 @@ def test_exact_per_element_stats(tiny, tmp_path):
         torch.testing.assert_close(tiny.decode(zn, normalize=True), tiny.decode(z.float()), atol=1e-5, rtol=0)
     path = tiny.save(tmp_path / "rae.safetensors")
     assert stats_path(path).is_file()
-    again = rae_test_tiny(pretrained_decoder=path)
+    again = tiny_rae(pretrained_decoder=path)
     torch.testing.assert_close(again.stats.var, stats.var)
     torch.testing.assert_close(again.decoder.decoder_pred.weight, tiny.decoder.decoder_pred.weight)
 
@@ -313,7 +313,7 @@ def test_dino_trunk_loads_dino_layout_and_zeroes_key_bias(tmp_path):
 @pytest.mark.slow
 def test_tiny_rae_decoder_learns_with_noise_augmentation():
     torch.manual_seed(0)
-    model = rae_test_tiny(noise_tau=0.8).train()
+    model = tiny_rae(noise_tau=0.8).train()
     disc = tiny_dino_disc()
     steps, gan_epoch, steps_per_epoch = 400, 3, 100
     loss_fn = RAELoss(

@@ -150,7 +150,7 @@ def test_released_key_layout_loads_strictly(full_model, tmp_path):
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)
-    return build_vavae("test-tiny")
+    return build_vavae("test-vavae-tiny")
 
 
 def test_encode_decode_and_stats_round_trip(tiny, tmp_path):
@@ -236,7 +236,7 @@ def test_vf_loss_enters_generator_loss(tiny):
 @pytest.mark.slow
 def test_tiny_vavae_learns_digits():
     torch.manual_seed(0)
-    model = build_vavae("test-tiny").train()
+    model = build_vavae("test-vavae-tiny").train()
     disc = PatchGANDiscriminator(ndf=16, n_layers=2)
     steps, gan_from = 300, 200
     loss_fn = VAVAELoss(

@@ -15,14 +15,14 @@ from latentforge_core.protocols import Tokenizer
 from latentforge_tokenizers.discriminators import PatchGANDiscriminator
 from latentforge_tokenizers.lpips import LPIPS
 from latentforge_tokenizers.vqgan import (
-    VQGAN_CONFIGS,
+    SIZES,
     ResnetBlock,
     VectorQuantizer,
     VQGANLoss,
     build_vqgan,
+    tiny_vqgan,
     train_step,
     vqgan_f16_1024,
-    vqgan_test_tiny,
 )
 
 
@@ -100,9 +100,9 @@ def random_state(shapes, seed=0):
     return {k: 0.05 * torch.randn(s, generator=gen) for k, s in shapes.items()}
 
 
-@pytest.mark.parametrize("name", sorted(VQGAN_CONFIGS))
+@pytest.mark.parametrize("name", sorted(SIZES))
 def test_mage_layout_loads_strictly(name, tmp_path):
-    shapes = mage_layout(**VQGAN_CONFIGS[name])
+    shapes = mage_layout(**SIZES[name])
     model = build_vqgan(name)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
     state = random_state(shapes)
@@ -117,8 +117,8 @@ def test_mage_layout_loads_strictly(name, tmp_path):
 
 
 def test_mage_layout_mismatches_are_named(tmp_path):
-    state = random_state(mage_layout(**VQGAN_CONFIGS["test-vqgan-tiny"]))
-    model = vqgan_test_tiny()
+    state = random_state(mage_layout(**SIZES["test-vqgan-tiny"]))
+    model = tiny_vqgan()
     missing = {k: v for k, v in state.items() if k != "decoder.conv_out.bias"}
     with pytest.raises(CheckpointError, match="decoder.conv_out.bias"):
         model.load_mage(missing)
@@ -155,7 +155,7 @@ def test_residual_shortcut_applies_to_the_block_output():
 # ------------------------------------------------------------------------------------------------
 def test_round_trip_shapes_and_protocol(tmp_path):
     with one_thread():
-        tiny = vqgan_test_tiny()
+        tiny = tiny_vqgan()
         assert isinstance(tiny, Tokenizer)
         images = torch.rand(2, 3, 16, 16)
         ids = tiny.encode(images)
@@ -172,7 +172,7 @@ def test_round_trip_shapes_and_protocol(tmp_path):
     path = tiny.save(tmp_path / "tiny.safetensors")
     state, config = load_checkpoint(path)
     assert config["n_embed"] == 64 and set(state) == set(tiny.state_dict())
-    again = vqgan_test_tiny(pretrained=path)
+    again = tiny_vqgan(pretrained=path)
     assert torch.equal(again.encode(images), tiny.encode(images))
 
 
@@ -214,7 +214,7 @@ def test_quantizer_nearest_code_straight_through_and_legacy_loss():
 def test_train_step_with_lpips_and_patchgan():
     torch.manual_seed(0)
     with one_thread():
-        model = vqgan_test_tiny()
+        model = tiny_vqgan()
         disc = PatchGANDiscriminator(ndf=8, n_layers=2)
         loss_fn = VQGANLoss(lpips=LPIPS(), discriminator=disc, disc_start=1)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -242,7 +242,7 @@ def test_tiny_vqgan_learns_digits():
     images = digits_16()
     train, test = images[:1500], images[1500:]
     with one_thread():
-        model = vqgan_test_tiny()
+        model = tiny_vqgan()
         loss_fn = VQGANLoss()  # L1 + codebook/commitment: LPIPS and the GAN are exercised above
         opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
         start = psnr(model, test)
@@ -260,7 +260,7 @@ def test_tiny_vqgan_learns_digits():
 # Bad input
 # ------------------------------------------------------------------------------------------------
 def test_bad_input_errors():
-    model = vqgan_test_tiny()
+    model = tiny_vqgan()
     with pytest.raises(ValueError, match=r"\[0, 64\)"):
         model.decode(torch.full((1, 4, 4), 64))
     with pytest.raises(ValueError, match=r"\[0, 64\)"):

@@ -1,4 +1,5 @@
-"""latentforge-core: registries, protocols, checkpoint I/O, attention and device helpers."""
+"""latentforge-core: registries, protocols, checkpoint I/O, attention, the transformer kit and device
+helpers."""
 
 from latentforge_core.attention import attention
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into, save_checkpoint
@@ -15,20 +16,38 @@ from latentforge_core.registry import (
     recipes,
     tokenizers,
 )
+from latentforge_core.transformer import (
+    Attention,
+    KVCache,
+    Mlp,
+    RMSNorm,
+    RoPE2D,
+    RotaryEmbedding,
+    SwiGLU,
+    sincos_pos_embed_1d,
+    sincos_pos_embed_2d,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REGISTRIES",
+    "Attention",
     "CheckpointError",
     "Encoder",
     "Generator",
+    "KVCache",
     "Metric",
+    "Mlp",
     "PluginLoadError",
     "Preprocessing",
+    "RMSNorm",
     "Recipe",
     "Registry",
     "RegistryError",
+    "RoPE2D",
+    "RotaryEmbedding",
+    "SwiGLU",
     "Tokenizer",
     "attention",
     "autocast",
@@ -41,5 +60,7 @@ __all__ = [
     "resolve_device",
     "save_checkpoint",
     "seed_everything",
+    "sincos_pos_embed_1d",
+    "sincos_pos_embed_2d",
     "tokenizers",
 ]

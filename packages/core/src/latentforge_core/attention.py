@@ -26,7 +26,14 @@ def xformers_available() -> bool:
     return True
 
 
-def _math_attention(q, k, v, attn_mask, is_causal, scale):
+def _math_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # B H N M
     if is_causal:
@@ -41,7 +48,14 @@ def _math_attention(q, k, v, attn_mask, is_causal, scale):
     return scores.softmax(dim=-1) @ v  # B H N D
 
 
-def _xformers_attention(q, k, v, attn_mask, is_causal, scale):
+def _xformers_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
     import xformers.ops as xops
 
     bias = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None = None):
+def autocast(
+    device: torch.device, dtype: torch.dtype | None = None
+) -> contextlib.AbstractContextManager[Any]:
     """A mixed-precision context for ``device``; a no-op when the dtype is fp32."""
     dtype = default_dtype(device) if dtype is None else dtype
     if dtype == torch.float32:
@@ -54,7 +57,12 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     """Every RNG state, so that a resumed run draws the same numbers as an uninterrupted one."""
     version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = np.random.get_state()
+    if isinstance(np_state, dict):  # NumPy's global RandomState was given another bit generator
+        raise RuntimeError(
+            f"rng_state saves NumPy's global MT19937 state, but it runs {np_state['bit_generator']}"
+        )
+    _, keys, pos, has_gauss, cached = np_state
     # Plain tensors, ints and floats only, so the state loads with torch.load(weights_only=True).
     state = {
         "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],

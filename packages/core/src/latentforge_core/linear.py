@@ -11,6 +11,8 @@ registered custom op, so ``torch.compile`` keeps it whole and fuses the elementw
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,23 +30,34 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 @_onednn_linear.register_fake
-def _(x, weight, bias):
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @register_flop_formula(torch.ops.latentforge_core.onednn_linear)
-def _onednn_linear_flops(x_shape, weight_shape, bias_shape=None, *, out_shape=None, **kwargs) -> int:
+def _onednn_linear_flops(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    bias_shape: Sequence[int] | None = None,
+    *,
+    out_shape: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> int:
     """For ``FlopCounterMode``: 2 FLOPs per multiply-add, as it counts ``F.linear``."""
     return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
 
 
-def _onednn_linear_setup(ctx, inputs, output):
+def _onednn_linear_setup(
+    ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], output: torch.Tensor
+) -> None:
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
 
 
-def _onednn_linear_backward(ctx, grad):
+def _onednn_linear_backward(
+    ctx: Any, grad: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Input gradient on oneDNN as well; the weight gradient on BLAS (as fast there)."""
     x, weight = ctx.saved_tensors
     grad_x = grad_w = grad_b = None

@@ -45,11 +45,22 @@ class Encoder(Protocol):
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Images → latents ``[B, C, H, W]`` (continuous) or token ids ``[B, H, W]`` (discrete)."""
+    """Images → latents ``[B, C, H, W]`` (continuous) or token ids ``[B, H, W]`` (discrete), and back.
+
+    ``can_decode`` is False for tokens that reach pixels only through another model (K-Means tokens,
+    decoded by DiGIT's stage 2); their ``decode`` raises.  ``stats`` are the latent normalisation
+    statistics (``None`` until set, and always for discrete tokens); a continuous tokenizer also offers
+    ``set_stats(stats)`` and ``compute_stats(batches)`` (its own convention), and its ``encode`` and
+    ``decode`` take ``normalize=True`` to work in normalised latents.
+    """
 
     preprocessing: Preprocessing
+    can_decode: bool
+    stats: Any
 
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...  # images in [0, 1] ``[B, 3, H, W]``
 
     @property
     def latent_shape(self) -> tuple[int, ...]: ...

@@ -1,6 +1,6 @@
 """Entry-point registries: one per component kind, a third party's plugin on equal terms with ours.
 
-Rules (DESIGN.md): listing reads metadata only; ``get`` imports once and caches; a plugin that fails
+Rules (docs/design.md): listing reads metadata only; ``get`` imports once and caches; a plugin that fails
 to import never breaks listing and ``get`` names its distribution; identical duplicates are dropped;
 first-party names are reserved; two third parties claiming a name make it ambiguous (``dist/name``
 picks one); unknown names get close matches; ``LATENTFORGE_DISABLE_PLUGIN_AUTOLOAD=1`` hides every
@@ -228,7 +228,9 @@ class Registry:
         return failures
 
     # -------------------------------------------------------------------------------- in-process
-    def register(self, name: str, obj: Callable[..., Any] | None = None, *, replace: bool = False):
+    def register(
+        self, name: str, obj: Callable[..., Any] | None = None, *, replace: bool = False
+    ) -> Callable[..., Any]:
         """Register ``obj`` as ``name`` in this process; usable as a decorator."""
 
         def add(target: Callable[..., Any]) -> Callable[..., Any]:

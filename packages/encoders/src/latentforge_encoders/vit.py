@@ -6,13 +6,13 @@ epsilon, and how learned position embeddings are resized to another token grid (
 official code offsets the scale by 0.1 without antialiasing, Hugging Face's registers model and timm
 antialias).  Parameter names follow the official DINOv2/timm layout (``patch_embed.proj``,
 ``blocks.i.attn.qkv``, ``blocks.i.ls1.gamma``, ``norm`` …), so those checkpoints load almost as-is.
+Attention and the feed-forwards are core's transformer kit (``latentforge_core.transformer``).
 
 Token order in every block: ``[CLS?, registers…, patches…]``; registers carry no position embedding.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -20,21 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from latentforge_core.attention import attention, split_heads
-from latentforge_core.linear import Linear, linear
-
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
-# In-place twins, used when no gradient is recorded: a frozen ViT's hidden activations are the
-# largest tensors of its forward, and writing over them spares a fresh allocation per block.
-ACTIVATIONS_ = {
-    "gelu": torch.ops.aten.gelu_,
-    "gelu_tanh": functools.partial(torch.ops.aten.gelu_, approximate="tanh"),
-}
+from latentforge_core.attention import attention
+from latentforge_core.transformer import ACTIVATIONS, Attention, Mlp, SwiGLU, no_grad_needed
 
 
-def no_grad_needed(*tensors: torch.Tensor) -> bool:
-    """True when autograd records nothing for ``tensors`` (so they may be overwritten in place)."""
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The ViT's attention: core's ``attention``, looked up in this module at call time, so that
+    replacing ``latentforge_encoders.vit.attention`` (another backend) reaches every block."""
+    return attention(q, k, v, **kwargs)
 
 
 def swiglu_hidden_dim(dim: int, mlp_ratio: float) -> int:
@@ -60,57 +53,6 @@ class PatchEmbed(nn.Module):
         return rearrange(self.proj(x), "b c h w -> b (h w) c").contiguous()  # B, N, C
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection, through core's ``attention``."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
-
-    def forward(self, x):
-        # On CPU three [B, N, C] products: a fused [B, N, 3C] output is mapped fresh on every call.
-        if x.device.type == "cpu":
-            dim = self.proj.in_features
-            bias = self.qkv.bias.split(dim) if self.qkv.bias is not None else (None,) * 3
-            q, k, v = (
-                rearrange(linear(x, w, b), "b n (h d) -> b h n d", h=self.num_heads)
-                for w, b in zip(self.qkv.weight.split(dim), bias, strict=True)
-            )  # B, H, N, D each
-        else:
-            q, k, v = split_heads(self.qkv(x), self.num_heads)  # B, H, N, D each
-        out = attention(q, k, v)  # B, H, N, D
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # B, N, C
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu"):
-        super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
-        self.fc2 = Linear(hidden_dim, dim)
-        self.act, self.act_ = ACTIVATIONS[act], ACTIVATIONS_[act]
-
-    def forward(self, x):
-        h = self.fc1(x)  # B, T, hidden
-        return self.fc2(self.act_(h) if no_grad_needed(h) else self.act(h))  # B, T, C
-
-
-class SwiGLU(nn.Module):
-    """DINOv2-g's feed-forward: ``w3(silu(gate) * up)`` with gate and up fused in ``w12``."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w12 = Linear(dim, 2 * hidden_dim)
-        self.w3 = Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        gate, up = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * up)
-
-
 class LayerScale(nn.Module):
     """Per-channel scale of a residual branch, fused into the residual sum (one pass, not two)."""
 
@@ -124,12 +66,13 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, with optional LayerScale on both residual branches."""
+    """Pre-norm transformer block of core's kit parts, with optional LayerScale on both residual
+    branches; on CPU the attention computes q, k, v as three products (inference's fast path)."""
 
     def __init__(self, dim, num_heads, mlp_hidden_dim, *, ffn, act, qkv_bias, layerscale_init, norm_eps):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, split_qkv_on_cpu=True, attend=attend)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else None
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden_dim) if ffn == "swiglu" else Mlp(dim, mlp_hidden_dim, act)

@@ -26,23 +26,24 @@ DINOV2 = dict(image_size=518, patch_size=14, layerscale_init=1e-5, norm_eps=1e-6
 DINOV2_INPUT = Preprocessing(input_size=224, resize="bicubic", **IMAGENET)
 
 
-@attrs.frozen
-class EncoderEntry:
-    vit: dict[str, Any]
-    preprocessing: Preprocessing
-    hf_repo: str | None = None
-    seed: int | None = None  # fixed random init (test models), so every process builds the same weights
+#################################################################################
+#                                 Encoder sizes                                 #
+#################################################################################
+# Registry name -> the VisionTransformer keyword arguments of that encoder, plus its published
+# settings under three keys that are not the ViT's: ``preprocessing`` (its input handling),
+# ``hf_repo`` (the default hub repository of ``pretrained="hf"``; absent for test models) and
+# ``seed`` (a fixed random init for test models, so every process builds the same weights).
+SETTINGS = ("preprocessing", "hf_repo", "seed")
 
 
-def _dinov2(dim: int, depth: int, heads: int, size: str, registers: bool, **extra) -> EncoderEntry:
+def _dinov2(dim: int, depth: int, heads: int, size: str, registers: bool, **extra) -> dict:
     # Hugging Face's registers model resizes position embeddings with antialiasing, its plain one without.
-    vit = dict(DINOV2, embed_dim=dim, depth=depth, num_heads=heads, num_registers=4 if registers else 0,
-               pos_antialias=registers, **extra)  # fmt: skip
     repo = f"facebook/dinov2-with-registers-{size}" if registers else f"facebook/dinov2-{size}"
-    return EncoderEntry(vit, DINOV2_INPUT, repo)
+    return dict(DINOV2, embed_dim=dim, depth=depth, num_heads=heads, num_registers=4 if registers else 0,
+                pos_antialias=registers, **extra, preprocessing=DINOV2_INPUT, hf_repo=repo)  # fmt: skip
 
 
-ENCODERS: dict[str, EncoderEntry] = {
+SIZES: dict[str, dict] = {
     "dinov2-vits14": _dinov2(384, 12, 6, "small", False),
     "dinov2-vits14-reg": _dinov2(384, 12, 6, "small", True),
     "dinov2-vitb14": _dinov2(768, 12, 12, "base", False),
@@ -51,21 +52,22 @@ ENCODERS: dict[str, EncoderEntry] = {
     "dinov2-vitl14-reg": _dinov2(1024, 24, 16, "large", True),
     "dinov2-vitg14": _dinov2(1536, 40, 24, "giant", False, ffn="swiglu"),
     "dinov2-vitg14-reg": _dinov2(1536, 40, 24, "giant", True, ffn="swiglu"),
-    "siglip2-vitb16-256": EncoderEntry(
-        dict(image_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=12, class_token=False,
-             act="gelu_tanh", norm_eps=1e-6),
-        Preprocessing(input_size=256, resize="bilinear", **HALF),
-        "google/siglip2-base-patch16-256",
+    "siglip2-vitb16-256": dict(
+        image_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=12, class_token=False,
+        act="gelu_tanh", norm_eps=1e-6,
+        preprocessing=Preprocessing(input_size=256, resize="bilinear", **HALF),
+        hf_repo="google/siglip2-base-patch16-256",
     ),
-    "mae-vitb16": EncoderEntry(
-        dict(image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, norm_eps=1e-12),
-        Preprocessing(input_size=224, resize="bicubic", **IMAGENET),
-        "facebook/vit-mae-base",
+    "mae-vitb16": dict(
+        image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, norm_eps=1e-12,
+        preprocessing=Preprocessing(input_size=224, resize="bicubic", **IMAGENET),
+        hf_repo="facebook/vit-mae-base",
     ),
-    "test-vit-tiny": EncoderEntry(
-        dict(image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_registers=4,
-             layerscale_init=1.0, norm_eps=1e-6),
-        Preprocessing(input_size=32, resize="bicubic", **IMAGENET),
+    # Tiny encoder for tests and CPU demos (random weights, seed 0).
+    "test-vit-tiny": dict(
+        image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_registers=4,
+        layerscale_init=1.0, norm_eps=1e-6,
+        preprocessing=Preprocessing(input_size=32, resize="bicubic", **IMAGENET),
         seed=0,
     ),
 }  # fmt: skip
@@ -81,16 +83,17 @@ def build_encoder(
     **vit_overrides: Any,
 ) -> FrozenEncoder:
     """Build the encoder ``name`` of the table (see the module docstring for the arguments)."""
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(ENCODERS)}")
-    entry = ENCODERS[name]
-    vit = VisionTransformer(**{**entry.vit, **vit_overrides})
-    if entry.seed is not None:
-        vit.initialize_weights(torch.Generator().manual_seed(entry.seed))
+    if name not in SIZES:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(SIZES)}")
+    arch = {k: v for k, v in SIZES[name].items() if k not in SETTINGS}
+    preprocessing, hf_repo, seed = (SIZES[name].get(k) for k in SETTINGS)
+    vit = VisionTransformer(**{**arch, **vit_overrides})
+    if seed is not None:
+        vit.initialize_weights(torch.Generator().manual_seed(seed))
     if pretrained is not None:
-        source = f"hf:{entry.hf_repo}" if pretrained == "hf" and entry.hf_repo else pretrained
+        source = f"hf:{hf_repo}" if pretrained == "hf" and hf_repo else pretrained
         load_weights(vit, source, what=name)
-    preprocessing = apply_preset(vit, entry.preprocessing, preset := resolve_preset(features))
+    preprocessing = apply_preset(vit, preprocessing, preset := resolve_preset(features))
     if image_size is not None:
         if image_size % vit.patch_size:
             raise ValueError(
@@ -145,6 +148,6 @@ def mae_vitb16(**kw) -> FrozenEncoder:
     return build_encoder("mae-vitb16", **kw)
 
 
-def tiny_vit_for_tests(**kw) -> FrozenEncoder:
+def tiny_vit(**kw) -> FrozenEncoder:
     """Random weights (seed 0): image 32, patch 4, dim 64, depth 4, heads 4, 4 registers."""
     return build_encoder("test-vit-tiny", **kw)

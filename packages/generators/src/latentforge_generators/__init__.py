@@ -2,12 +2,12 @@
 guidance."""
 
 from latentforge_generators.digit_stage2 import DiGITStage2
-from latentforge_generators.dit import DiT, DiT_models
-from latentforge_generators.ditdh import DiTDH, DiTDH_models
+from latentforge_generators.dit import DiT
+from latentforge_generators.ditdh import DiTDH
 from latentforge_generators.flow import FlowGenerator
 from latentforge_generators.gpt import GPT
 from latentforge_generators.guidance import CFG, AutoGuidance
-from latentforge_generators.lightningdit import LightningDiT, LightningDiT_models
+from latentforge_generators.lightningdit import LightningDiT
 from latentforge_generators.maskgit import MaskGIT
 from latentforge_generators.transport import Transport
 
@@ -20,11 +20,8 @@ __all__ = [
     "DiGITStage2",
     "DiT",
     "DiTDH",
-    "DiTDH_models",
-    "DiT_models",
     "FlowGenerator",
     "LightningDiT",
-    "LightningDiT_models",
     "MaskGIT",
     "Transport",
 ]

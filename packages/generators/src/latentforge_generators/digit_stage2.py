@@ -29,6 +29,7 @@ from latentforge_generators.token_transformer import (
     FAIRSEQ_SPECIALS,
     KVCache,
     Transformer,
+    build_or_load,
     check_fairseq_keys,
     convert_fairseq_layers,
     fairseq_depth,
@@ -260,7 +261,8 @@ def load_digit_stage2(state, mode: str = "ar", num_heads: int = 16, **overrides)
 #                                Stage-2 configs                                #
 #################################################################################
 
-Stage2_configs = {
+# Registry name -> the DiGITStage2 keyword arguments of that model; one builder per row below.
+SIZES: dict[str, dict] = {
     # DiGIT base stage 2: 16 x 1024 pre-LN over [256 K-Means tokens | </s> | 256 VQGAN codes].
     "digit-stage2-ar-base": dict(
         vocab_size=1024,
@@ -294,10 +296,10 @@ Stage2_configs = {
 
 
 def _build(name: str, pretrained=None, **kw) -> DiGITStage2:
-    defaults = Stage2_configs[name]
-    if pretrained is not None:
-        return load_digit_stage2(pretrained, kw.pop("mode", defaults["mode"]), kw.pop("num_heads", 16), **kw)
-    return DiGITStage2(**{**defaults, **kw})
+    # the head count of a checkpoint is the loader's default (16, DiGIT's) unless given
+    return build_or_load(
+        DiGITStage2, load_digit_stage2, SIZES[name], pretrained, load_defaults=("mode",), **kw
+    )
 
 
 def digit_stage2_ar_base(pretrained=None, **kw) -> DiGITStage2:

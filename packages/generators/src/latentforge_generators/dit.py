@@ -15,15 +15,13 @@ import torch.nn as nn
 
 from latentforge_generators.layers import (
     AdaLNBlock,
+    DiTBackbone,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     RoPE2D,
     TimestepEmbedder,
     check_inputs,
-    compile_blocks,
-    init_dit_weights,
-    sincos_pos_embed_2d,
     unpatchify,
 )
 
@@ -31,7 +29,7 @@ from latentforge_generators.layers import (
 #################################################################################
 #                                 Core DiT Model                                #
 #################################################################################
-class DiT(nn.Module):
+class DiT(DiTBackbone):
     """Diffusion transformer ``forward(x [B,C,H,W], t [B], y [B]) -> [B, C_out, H, W]``.
 
     With ``learn_sigma`` the output has ``2·in_channels`` channels (prediction, then DiT's variance
@@ -86,17 +84,7 @@ class DiT(nn.Module):
             for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size**2 * self.out_channels, rmsnorm=use_rmsnorm)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        init_dit_weights(self)
-        grid = self.input_size // self.patch_size
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, grid).unsqueeze(0))
-
-    def compile_blocks(self, **kwargs) -> DiT:
-        """Compile the blocks and final layer with ``torch.compile`` (kwargs passed on); returns self."""
-        compile_blocks(self, **kwargs)
-        return self
+        self.initialize_weights()  # DiT's init and sin-cos table (DiTBackbone); compile_blocks() too
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t, y = check_inputs(self, x, t, y)
@@ -109,81 +97,17 @@ class DiT(nn.Module):
 
 
 #################################################################################
-#                                   DiT Configs                                 #
+#                                   DiT sizes                                   #
 #################################################################################
-def DiT_XL_1(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=1, num_heads=16, **kwargs)
-
-
-def DiT_XL_2(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-
-
-def DiT_XL_4(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-
-
-def DiT_XL_8(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-
-
-def DiT_L_1(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=1, num_heads=16, **kwargs)
-
-
-def DiT_L_2(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-
-
-def DiT_L_4(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-
-
-def DiT_L_8(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-
-
-def DiT_B_1(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=1, num_heads=12, **kwargs)
-
-
-def DiT_B_2(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-
-def DiT_B_4(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-
-
-def DiT_B_8(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-
-
-def DiT_S_1(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=1, num_heads=6, **kwargs)
-
-
-def DiT_S_2(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-
-
-def DiT_S_4(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-
-
-def DiT_S_8(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-
-
-def DiT_T_2(**kwargs):
-    """Tiny size for tests and CPU demos (not a published size)."""
-    return DiT(depth=2, hidden_size=64, patch_size=2, num_heads=4, **kwargs)
-
-
-DiT_models = {
-    "DiT-XL/1": DiT_XL_1, "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/1": DiT_L_1, "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/1": DiT_B_1, "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/1": DiT_S_1, "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-    "DiT-T/2": DiT_T_2,
-}  # fmt: skip
+# Registry name -> the DiT keyword arguments of that size; ``latentforge_generators.zoo`` registers
+# one builder per row (``dit_xl_2`` for ``dit-xl-2``).  The data shape (``in_channels``,
+# ``input_size``, ``num_classes``) is the caller's.  The paper's other patch sizes are a row with
+# ``patch_size`` replaced: ``DiT(**{**SIZES["dit-xl-2"], "patch_size": 4})``.
+SIZES: dict[str, dict] = {
+    "dit-s-2": dict(depth=12, hidden_size=384, patch_size=2, num_heads=6),
+    "dit-b-2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
+    "dit-l-2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
+    "dit-xl-2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+    # Tiny size for tests and CPU demos (not a published size).
+    "test-dit": dict(depth=2, hidden_size=64, patch_size=2, num_heads=4),
+}

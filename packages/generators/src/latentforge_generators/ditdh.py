@@ -22,15 +22,13 @@ import torch.nn.functional as F
 from latentforge_core.linear import Linear
 from latentforge_generators.layers import (
     AdaLNBlock,
+    DiTBackbone,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     RoPE2D,
     TimestepEmbedder,
     check_inputs,
-    compile_blocks,
-    init_dit_weights,
-    sincos_pos_embed_2d,
     unpatchify,
 )
 
@@ -52,10 +50,11 @@ class FourierTimestepEmbedder(TimestepEmbedder):
 #################################################################################
 #                                 DiT-DH Model                                  #
 #################################################################################
-class DiTDH(nn.Module):
+class DiTDH(DiTBackbone):
     """``forward(x [B,C,H,W], t [B], y [B]) -> velocity [B, C, H, W]`` with t = 1 noise (RAE's)."""
 
     time_convention = "noise_at_1"
+    xavier_linears = False  # RAE keeps PyTorch's default init for the linears (its xavier pass is off)
 
     def __init__(
         self,
@@ -104,18 +103,7 @@ class DiTDH(nn.Module):
             + [AdaLNBlock(head_hidden_size, head_num_heads, **block) for _ in range(head_depth)]
         )
         self.final_layer = FinalLayer(head_hidden_size, patch_size**2 * in_channels, rmsnorm=True)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        # RAE keeps PyTorch's default init for the linears (its xavier pass is off by default).
-        init_dit_weights(self, xavier_linears=False)
-        grid = self.input_size // self.patch_size
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, grid).unsqueeze(0))
-
-    def compile_blocks(self, **kwargs) -> DiTDH:
-        """Compile the blocks and final layer with ``torch.compile`` (kwargs passed on); returns self."""
-        compile_blocks(self, **kwargs)
-        return self
+        self.initialize_weights()  # DiT's init and sin-cos table (DiTBackbone); compile_blocks() too
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t, y = check_inputs(self, x, t, y)
@@ -133,24 +121,19 @@ class DiTDH(nn.Module):
 
 
 #################################################################################
-#                                 DiT-DH Configs                                #
+#                                  DiT-DH sizes                                 #
 #################################################################################
-def DiTDH_XL(**kwargs):
-    """The RAE generator: backbone 1152×28 (16 heads) + head 2048×2 (16 heads), 839 M parameters."""
-    head = dict(head_hidden_size=2048, head_depth=2, head_num_heads=16)
-    return DiTDH(hidden_size=1152, depth=28, num_heads=16, **head, **kwargs)
-
-
-def DiTDH_S(**kwargs):
-    """RAE's weak model for autoguidance: backbone 384×12 (6 heads) + the same 2048×2 head."""
-    head = dict(head_hidden_size=2048, head_depth=2, head_num_heads=16)
-    return DiTDH(hidden_size=384, depth=12, num_heads=6, **head, **kwargs)
-
-
-def DiTDH_T(**kwargs):
-    """Tiny size for tests and CPU demos (not a published size)."""
-    head = dict(head_hidden_size=96, head_depth=1, head_num_heads=4)
-    return DiTDH(hidden_size=64, depth=2, num_heads=4, **head, **kwargs)
-
-
-DiTDH_models = {"DiTDH-XL": DiTDH_XL, "DiTDH-S": DiTDH_S, "DiTDH-T": DiTDH_T}
+# Registry name -> the DiTDH keyword arguments of that size; ``latentforge_generators.zoo`` registers
+# one builder per row (``ditdh_xl`` for ``ditdh-xl``).  The data shape is the caller's (the class
+# defaults are RAE's DINOv2-B latents, 768×16×16).
+SIZES: dict[str, dict] = {
+    # The RAE generator: backbone 1152×28 (16 heads) + head 2048×2 (16 heads), 839 M parameters.
+    "ditdh-xl": dict(hidden_size=1152, depth=28, num_heads=16, head_hidden_size=2048, head_depth=2,
+                     head_num_heads=16),
+    # RAE's weak model for autoguidance: backbone 384×12 (6 heads) + the same 2048×2 head.
+    "ditdh-s": dict(hidden_size=384, depth=12, num_heads=6, head_hidden_size=2048, head_depth=2,
+                    head_num_heads=16),
+    # Tiny size for tests and CPU demos (not a published size).
+    "test-ditdh": dict(hidden_size=64, depth=2, num_heads=4, head_hidden_size=96, head_depth=1,
+                       head_num_heads=4),
+}  # fmt: skip

@@ -17,7 +17,6 @@ from latentforge_core.checkpoint import load_into
 from latentforge_generators.token_sampling import (
     as_sequence,
     cfg_logits,
-    check_class_ids,
     check_sampling,
     sample_logits,
     smoothed_cross_entropy,
@@ -26,8 +25,10 @@ from latentforge_generators.token_transformer import (
     FAIRSEQ_EOS,
     FAIRSEQ_POS_OFFSET,
     FAIRSEQ_SPECIALS,
+    ClassConditioned,
     KVCache,
     Transformer,
+    build_or_load,
     check_fairseq_keys,
     convert_fairseq_layers,
     fairseq_depth,
@@ -41,7 +42,7 @@ from latentforge_generators.token_transformer import (
 #################################################################################
 
 
-class GPT(nn.Module):
+class GPT(ClassConditioned, nn.Module):
     """Autoregressive model over ``[B, h, w]`` token grids; the first input is the class or null token.
 
     Embedding rows: ``[0, V)`` tokens, ``[V, V + C)`` classes, ``V + C`` the null/start token
@@ -74,10 +75,9 @@ class GPT(nn.Module):
             raise ValueError(
                 f"max_positions {max_positions} < 1 + {self.seq_len} tokens of a {self.grid} grid"
             )
-        if not 0 <= class_dropout < 1:
-            raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
-        self.vocab_size, self.num_classes, self.dim, self.style = vocab_size, num_classes, dim, style
-        self.class_dropout, self.label_smoothing = class_dropout, label_smoothing
+        self.set_classes(num_classes, vocab_size, class_dropout)  # class rows follow the V tokens
+        self.vocab_size, self.dim, self.style = vocab_size, dim, style
+        self.label_smoothing = label_smoothing
         ffn_dim = ffn_dim or 4 * dim
 
         self.tok_embed = nn.Embedding(vocab_size + num_classes + 1, dim)
@@ -98,10 +98,6 @@ class GPT(nn.Module):
     def input_shape(self) -> tuple[int, int]:
         return self.grid
 
-    @property
-    def null_id(self) -> int:
-        return self.vocab_size + self.num_classes
-
     # ------------------------------------------------------------------ forward
     def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         self.transformer.check_length(start + ids.shape[1])
@@ -117,25 +113,13 @@ class GPT(nn.Module):
         x = self.embed(ids, 0 if cache is None else cache.length)
         return self.head(self.transformer(x, cache=cache))  # B N V
 
-    def start_ids(self, y: torch.Tensor | int | None, batch: int | None = None, device=None) -> torch.Tensor:
-        """The first input of each sequence: class ``y`` (or the null token for ``y=None``/a count)."""
-        if isinstance(y, torch.Tensor):
-            check_class_ids(y, self.num_classes)
-            return y.long().to(device) + self.vocab_size
-        n = y if isinstance(y, int) else batch
-        if n is None or n < 1:
-            raise ValueError(f"pass class labels [B] or a positive sample count, got {y!r}")
-        return torch.full((n,), self.null_id, dtype=torch.long, device=device)
-
     def forward(self, tokens: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: logits ``[B, h*w, V]`` predicting each token from those before it."""
         tokens = as_sequence(tokens, self.grid, self.vocab_size)
         start = self.start_ids(y, tokens.shape[0], tokens.device)
         if y is not None and len(start) != len(tokens):
             raise ValueError(f"{len(start)} class labels for {len(tokens)} token sequences")
-        if y is not None and self.training and self.class_dropout > 0:
-            drop = torch.rand(start.shape, device=start.device) < self.class_dropout
-            start = start.masked_fill(drop, self.null_id)
+        start = self.drop_classes(start, y)
         return self.forward_ids(torch.cat([start[:, None], tokens[:, :-1]], dim=1))
 
     def loss(self, tokens: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,10 +241,10 @@ def load_llama(state: Mapping[str, torch.Tensor], vocab_size: int, **kwargs) -> 
         a, b = f"transformer.blocks.{i}.", f"model.layers.{i}."
         ours[a + "attn.qkv.weight"] = torch.cat([state[b + f"self_attn.{x}_proj.weight"] for x in "qkv"])
         ours[a + "attn.proj.weight"] = state[b + "self_attn.o_proj.weight"]
-        ours[a + "mlp.fc1.weight"] = torch.cat(
+        ours[a + "mlp.w12.weight"] = torch.cat(  # the kit's SwiGLU: gate rows, then up rows
             [state[b + "mlp.gate_proj.weight"], state[b + "mlp.up_proj.weight"]]
         )
-        ours[a + "mlp.fc2.weight"] = state[b + "mlp.down_proj.weight"]
+        ours[a + "mlp.w3.weight"] = state[b + "mlp.down_proj.weight"]
         ours[a + "norm1.weight"] = state[b + "input_layernorm.weight"]
         ours[a + "norm2.weight"] = state[b + "post_attention_layernorm.weight"]
     num_classes = ours["tok_embed.weight"].shape[0] - vocab_size - 1
@@ -283,12 +267,11 @@ def load_llama(state: Mapping[str, torch.Tensor], vocab_size: int, **kwargs) -> 
 
 
 def _build(defaults: dict, pretrained=None, **kwargs) -> GPT:
-    if pretrained is not None:
-        return load_digit_stage1(pretrained, kwargs.pop("num_heads", defaults["num_heads"]), **kwargs)
-    return GPT(**{**defaults, **kwargs})
+    return build_or_load(GPT, load_digit_stage1, defaults, pretrained, load_defaults=("num_heads",), **kwargs)
 
 
-GPT_configs = {
+# Registry name -> the GPT keyword arguments of that model; one builder per row below.
+SIZES: dict[str, dict] = {
     # DiGIT base: 16 x 1024, 219M with the 8k vocabulary (8192 + 5 specials in fairseq).
     "gpt-digit-base": dict(
         vocab_size=8192,
@@ -340,20 +323,20 @@ GPT_configs = {
 
 
 def gpt_digit_base(pretrained=None, **kw) -> GPT:
-    return _build(GPT_configs["gpt-digit-base"], pretrained, **kw)
+    return _build(SIZES["gpt-digit-base"], pretrained, **kw)
 
 
 def gpt_digit_large(pretrained=None, **kw) -> GPT:
-    return _build(GPT_configs["gpt-digit-large"], pretrained, **kw)
+    return _build(SIZES["gpt-digit-large"], pretrained, **kw)
 
 
 def gpt_modern_base(**kw) -> GPT:
-    return GPT(**{**GPT_configs["gpt-modern-base"], **kw})
+    return GPT(**{**SIZES["gpt-modern-base"], **kw})
 
 
 def tiny_gpt(**kw) -> GPT:
-    return GPT(**{**GPT_configs["test-gpt"], **kw})
+    return GPT(**{**SIZES["test-gpt"], **kw})
 
 
 def tiny_gpt_modern(**kw) -> GPT:
-    return GPT(**{**GPT_configs["test-gpt-modern"], **kw})
+    return GPT(**{**SIZES["test-gpt-modern"], **kw})

@@ -4,71 +4,53 @@ Module and parameter names follow the released checkpoints (``x_embedder.proj``,
 ``mlp.fc1`` / ``mlp.w12``, ``adaLN_modulation.1``, ``feat_rope.freqs_cos`` …) so official state dicts
 load strictly.  The forward passes fuse what the references compute in separate steps (one qkv
 GEMM, ``addcmul`` for modulation and gated residuals, SDPA through core's ``attention``), and
-every linear runs its fp32 CPU GEMMs on oneDNN (``linear``).
+every linear runs its fp32 CPU GEMMs on oneDNN (``linear``).  Attention, feed-forwards, RMSNorm,
+2-D RoPE and the sin-cos table are core's transformer kit (``latentforge_core.transformer``),
+re-exported here under the names the DiT code uses.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 
-from latentforge_core.attention import attention, split_heads
 from latentforge_core.linear import Linear, linear
+from latentforge_core.transformer import (
+    Attention,
+    Mlp,
+    RMSNorm,
+    RoPE2D,
+    SwiGLU,
+    gelu_tanh,
+    sincos_pos_embed_2d,
+)
 
-
-#################################################################################
-#                          Position embeddings                                  #
-#################################################################################
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """MAE/DiT fixed 2-D sin-cos table ``[grid², dim]``, tokens row-major.
-
-    The first half of the channels encodes the column index and the second half the row index
-    (DiT builds its grid with ``meshgrid(w, h)``); each half is ``[sin, cos]`` of ``pos·ω_k`` with
-    ``ω_k = 10000^(-k / (dim/4))``.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    pos = torch.arange(grid, dtype=torch.float64)
-    row, col = torch.meshgrid(pos, pos, indexing="ij")
-
-    def axis(p):
-        angles = p.reshape(-1, 1) * omega  # T, dim/4
-        return torch.cat([angles.sin(), angles.cos()], dim=1)  # T, dim/2
-
-    return torch.cat([axis(col), axis(row)], dim=1).float()  # T, dim
-
-
-class RoPE2D(nn.Module):
-    """2-D rotary embedding of EVA-02 / LightningDiT over a ``grid × grid`` token map.
-
-    Half of each head's channels rotate with the row index, the other half with the column index;
-    inside each half, frequency ``10000^(-2k / (head_dim/2))`` turns the adjacent pair (2k, 2k+1).
-    The cos/sin tables are buffers because the released checkpoints store them.
-    """
-
-    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
-        super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
-        half = head_dim // 2
-        freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)  # half/2
-        angles = torch.arange(grid).float()[:, None] * freqs  # grid, half/2
-        angles = angles.repeat_interleave(2, dim=-1)  # grid, half
-        row = angles[:, None, :].expand(grid, grid, half)
-        col = angles[None, :, :].expand(grid, grid, half)
-        table = torch.cat([row, col], dim=-1).reshape(grid * grid, head_dim)  # T, head_dim
-        self.register_buffer("freqs_cos", table.cos())
-        self.register_buffer("freqs_sin", table.sin())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pairs = x.unflatten(-1, (-1, 2))
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (-x_odd, x_even)
-        return torch.addcmul(x * self.freqs_cos, rotated, self.freqs_sin)  # B, H, T, D
+__all__ = [  # the kit's parts as the DiT family names them, beside this module's own layers
+    "AdaLNBlock",
+    "Attention",
+    "DiTBackbone",
+    "FinalLayer",
+    "LabelEmbedder",
+    "Mlp",
+    "PatchEmbed",
+    "RMSNorm",
+    "RoPE2D",
+    "SwiGLU",
+    "TimestepEmbedder",
+    "affine_free_layernorm",
+    "check_inputs",
+    "compile_blocks",
+    "gelu_tanh",
+    "init_dit_weights",
+    "modulate",
+    "sincos_pos_embed_2d",
+    "timestep_features",
+    "unpatchify",
+]
 
 
 #################################################################################
@@ -137,85 +119,12 @@ class LabelEmbedder(nn.Module):
 
 
 #################################################################################
-#                      Norms, attention and feed-forward                        #
+#                        adaLN-Zero block and final layer                       #
 #################################################################################
-class RMSNorm(nn.Module):
-    """RMSNorm with a learnable scale, computed in fp32 like LightningDiT's (then cast back)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x)
-        return normed * self.weight
-
-
 def affine_free_layernorm(dim: int) -> nn.Module:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection, optional QK-RMSNorm and RoPE."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.qkv = Linear(dim, 3 * dim)
-        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.proj = Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, rope: RoPE2D | None = None) -> torch.Tensor:
-        q, k, v = split_heads(self.qkv(x), self.num_heads)  # B, H, N, Dh each
-        q, k = self.q_norm(q), self.k_norm(k)  # B, H, N, Dh
-        if rope is not None:
-            q, k = rope(q), rope(k)
-        out = attention(q.type_as(v), k.type_as(v), v)  # B, H, N, Dh (fp32 norm/RoPE back to v's dtype)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # B, N, D
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation.  Under ``torch.compile`` it is written as the same function
-    ``x·σ(2z)`` (as ``(1 + tanh z)/2 = σ(2z)``): inductor's CPU code then runs an exp where it would
-    run a slower vector tanh (fused forward + backward 15% faster); eager keeps PyTorch's one kernel."""
-    if torch.compiler.is_compiling():
-        return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2·sqrt(2/π)
-    return F.gelu(x, approximate="tanh")
-
-
-class Mlp(nn.Module):
-    """DiT's feed-forward: D → 4D → D with tanh-approximated GELU."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_tanh(self.fc1(x)))
-
-
-class SwiGLU(nn.Module):
-    """LightningDiT's SwiGLU: one fused ``w12`` (gate half first), SiLU(gate)·value, then ``w3``."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w12 = Linear(dim, 2 * hidden)
-        self.w3 = Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
-
-
-#################################################################################
-#                        adaLN-Zero block and final layer                       #
-#################################################################################
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift, x, 1 + scale)  # x·(1 + scale) + shift, one pass
 
@@ -248,7 +157,7 @@ class AdaLNBlock(nn.Module):
         self.attn = Attention(dim, num_heads, qk_norm=qk_norm)
         self.norm2 = norm(dim)
         hidden = int(dim * mlp_ratio)
-        self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
+        self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden, act="gelu_tanh")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RoPE2D | None = None) -> torch.Tensor:
@@ -278,7 +187,8 @@ class FinalLayer(nn.Module):
 #################################################################################
 def init_dit_weights(model: nn.Module, *, xavier_linears: bool = True) -> None:
     """DiT's initialisation: xavier linears (optional, off in DiT-DH), patch convs as flattened
-    linears, label table N(0, 0.02), t-MLP N(0, 0.02), every adaLN output and the final linear zero."""
+    linears, label table N(0, 0.02), t-MLP N(0, 0.02), every adaLN output and the final linear zero,
+    and the frozen ``pos_embed`` set to the sin-cos table of the token grid."""
     for module in model.modules():
         if xavier_linears and isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
@@ -298,6 +208,8 @@ def init_dit_weights(model: nn.Module, *, xavier_linears: bool = True) -> None:
         if isinstance(module, FinalLayer):
             nn.init.zeros_(module.linear.weight)
             nn.init.zeros_(module.linear.bias)
+    grid = model.input_size // model.patch_size
+    model.pos_embed.data.copy_(sincos_pos_embed_2d(model.hidden_size, grid).unsqueeze(0))
 
 
 def compile_blocks(model: nn.Module, **kwargs) -> None:
@@ -305,6 +217,25 @@ def compile_blocks(model: nn.Module, **kwargs) -> None:
     fuses norms, modulation, activations and gated residuals.  The first forward compiles."""
     for module in (*model.blocks, model.final_layer):
         module.compile(**kwargs)
+
+
+_Backbone = TypeVar("_Backbone", bound="DiTBackbone")
+
+
+class DiTBackbone(nn.Module):
+    """What DiT, LightningDiT and DiT-DH share around their blocks: DiT's initialisation (with the
+    sin-cos ``pos_embed``) and ``compile_blocks``.  A subclass sets ``blocks``, ``final_layer``,
+    ``pos_embed``, ``input_size``, ``patch_size`` and ``hidden_size``."""
+
+    xavier_linears = True  # DiT's xavier pass over the linears (RAE's DiT-DH keeps PyTorch's init)
+
+    def initialize_weights(self) -> None:
+        init_dit_weights(self, xavier_linears=self.xavier_linears)
+
+    def compile_blocks(self: _Backbone, **kwargs) -> _Backbone:
+        """Compile the blocks and final layer with ``torch.compile`` (kwargs passed on); returns self."""
+        compile_blocks(self, **kwargs)
+        return self
 
 
 def check_inputs(model: nn.Module, x: torch.Tensor, t, y) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,40 +40,16 @@ class LightningDiT(DiT):
 
 
 #################################################################################
-#                              LightningDiT Configs                             #
+#                               LightningDiT sizes                              #
 #################################################################################
-def LightningDiT_XL_1(**kwargs):
-    return LightningDiT(depth=28, hidden_size=1152, patch_size=1, num_heads=16, **kwargs)
-
-
-def LightningDiT_XL_2(**kwargs):
-    return LightningDiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-
-
-def LightningDiT_L_1(**kwargs):
-    return LightningDiT(depth=24, hidden_size=1024, patch_size=1, num_heads=16, **kwargs)
-
-
-def LightningDiT_L_2(**kwargs):
-    return LightningDiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-
-
-def LightningDiT_B_1(**kwargs):
-    return LightningDiT(depth=12, hidden_size=768, patch_size=1, num_heads=12, **kwargs)
-
-
-def LightningDiT_B_2(**kwargs):
-    return LightningDiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-
-def LightningDiT_T_1(**kwargs):
-    """Tiny size for tests and CPU demos (not a published size)."""
-    return LightningDiT(depth=2, hidden_size=64, patch_size=1, num_heads=4, **kwargs)
-
-
-LightningDiT_models = {
-    "LightningDiT-XL/1": LightningDiT_XL_1, "LightningDiT-XL/2": LightningDiT_XL_2,
-    "LightningDiT-L/1": LightningDiT_L_1, "LightningDiT-L/2": LightningDiT_L_2,
-    "LightningDiT-B/1": LightningDiT_B_1, "LightningDiT-B/2": LightningDiT_B_2,
-    "LightningDiT-T/1": LightningDiT_T_1,
-}  # fmt: skip
+# Registry name -> the LightningDiT keyword arguments of that size; ``latentforge_generators.zoo``
+# registers one builder per row (``lightningdit_xl_1`` for ``lightningdit-xl-1``).  The data shape
+# is the caller's (the class defaults are VA-VAE's 32×16×16 latents); patch size 2 is a row with
+# ``patch_size`` replaced.
+SIZES: dict[str, dict] = {
+    "lightningdit-b-1": dict(depth=12, hidden_size=768, patch_size=1, num_heads=12),
+    "lightningdit-l-1": dict(depth=24, hidden_size=1024, patch_size=1, num_heads=16),
+    "lightningdit-xl-1": dict(depth=28, hidden_size=1152, patch_size=1, num_heads=16),
+    # Tiny size for tests and CPU demos (not a published size).
+    "test-lightningdit": dict(depth=2, hidden_size=64, patch_size=1, num_heads=4),
+}

@@ -16,20 +16,19 @@ import torch.nn as nn
 from latentforge_generators.token_sampling import (
     as_sequence,
     cfg_logits,
-    check_class_ids,
     maskgit_decode,
     random_mask,
     smoothed_cross_entropy,
     training_mask_counts,
 )
-from latentforge_generators.token_transformer import Transformer, init_weights
+from latentforge_generators.token_transformer import ClassConditioned, Transformer, init_weights
 
 #################################################################################
 #                                 The MaskGIT model                             #
 #################################################################################
 
 
-class MaskGIT(nn.Module):
+class MaskGIT(ClassConditioned, nn.Module):
     """Embedding rows: ``[0, V)`` tokens, ``V`` [MASK], ``[V+1, V+1+C)`` classes, ``V+1+C`` null."""
 
     def __init__(
@@ -52,12 +51,10 @@ class MaskGIT(nn.Module):
         super().__init__()
         self.grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
         self.seq_len = self.grid[0] * self.grid[1]
-        if not 0 <= class_dropout < 1:
-            raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
-        self.vocab_size, self.num_classes, self.dim, self.style = vocab_size, num_classes, dim, style
-        self.class_dropout, self.label_smoothing = class_dropout, label_smoothing
+        self.set_classes(num_classes, vocab_size + 1, class_dropout)  # class rows follow [MASK]
+        self.vocab_size, self.dim, self.style = vocab_size, dim, style
+        self.label_smoothing = label_smoothing
         self.mask_id = vocab_size
-        self.null_id = vocab_size + 1 + num_classes
 
         self.tok_embed = nn.Embedding(vocab_size + num_classes + 2, dim)
         learned = style != "modern"
@@ -77,24 +74,13 @@ class MaskGIT(nn.Module):
     def input_shape(self) -> tuple[int, int]:
         return self.grid
 
-    def start_ids(self, y, batch: int | None = None, device=None) -> torch.Tensor:
-        if isinstance(y, torch.Tensor):
-            check_class_ids(y, self.num_classes)
-            return y.long().to(device) + self.vocab_size + 1
-        n = y if isinstance(y, int) else batch
-        if n is None or n < 1:
-            raise ValueError(f"pass class labels [B] or a positive sample count, got {y!r}")
-        return torch.full((n,), self.null_id, dtype=torch.long, device=device)
-
     def forward(self, tokens: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Grids with [MASK] (= ``vocab_size``) at unknown positions → logits ``[B, h*w, V]``."""
         tokens = as_sequence(tokens, self.grid, self.vocab_size + 1)
         start = self.start_ids(y, tokens.shape[0], tokens.device)
         if len(start) != len(tokens):
             raise ValueError(f"{len(start)} class labels for {len(tokens)} token grids")
-        if y is not None and self.training and self.class_dropout > 0:
-            drop = torch.rand(start.shape, device=start.device) < self.class_dropout
-            start = start.masked_fill(drop, self.null_id)
+        start = self.drop_classes(start, y)
         ids = torch.cat([start[:, None], tokens], dim=1)
         x = self.tok_embed(ids) * self.embed_scale  # B 1+N D
         if self.pos_embed is not None:
@@ -152,7 +138,8 @@ class MaskGIT(nn.Module):
 #                                 MaskGIT configs                               #
 #################################################################################
 
-MaskGIT_configs = {
+# Registry name -> the MaskGIT keyword arguments of that model; one builder per row below.
+SIZES: dict[str, dict] = {
     # MaskGIT's ImageNet-256 transformer: 24 x 768, 16 heads, over 16x16 VQGAN codes (1024).
     "maskgit-base": dict(
         vocab_size=1024,
@@ -192,12 +179,12 @@ MaskGIT_configs = {
 
 
 def maskgit_base(**kw) -> MaskGIT:
-    return MaskGIT(**{**MaskGIT_configs["maskgit-base"], **kw})
+    return MaskGIT(**{**SIZES["maskgit-base"], **kw})
 
 
 def maskgit_modern_base(**kw) -> MaskGIT:
-    return MaskGIT(**{**MaskGIT_configs["maskgit-modern-base"], **kw})
+    return MaskGIT(**{**SIZES["maskgit-modern-base"], **kw})
 
 
 def tiny_maskgit(**kw) -> MaskGIT:
-    return MaskGIT(**{**MaskGIT_configs["test-maskgit"], **kw})
+    return MaskGIT(**{**SIZES["test-maskgit"], **kw})

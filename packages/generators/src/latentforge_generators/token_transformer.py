@@ -1,117 +1,33 @@
-"""The transformer stack shared by GPT, MaskGIT and DiGIT's stage 2, and fairseq key mapping.
+"""The transformer stack shared by GPT, MaskGIT and DiGIT's stage 2, what those models share around
+it (start token, class dropout, named sizes), and fairseq key mapping.
 
 Three block styles: DiGIT's stage-1 fairseq decoder layer (post-LN, LayerNorm, GELU, biases), the
 pre-LN fairseq layer of DiGIT's stage 2, and a modern Llama-like one (RMSNorm, rotary positions,
-SwiGLU, no biases). Decoding continues a preallocated ``KVCache``.
+SwiGLU, no biases). Decoding continues a preallocated ``KVCache``.  Attention, feed-forwards, RMSNorm,
+rotary positions and the cache are core's transformer kit (``latentforge_core.transformer``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from functools import partial
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
-from latentforge_core.attention import attention
 from latentforge_core.checkpoint import CheckpointError, load_state_file
+from latentforge_core.transformer import Attention, KVCache, Mlp, RMSNorm, RotaryEmbedding, SwiGLU
+from latentforge_generators.token_sampling import check_class_ids
 
 STYLES = ("digit", "prenorm", "modern")  # post-LN fairseq | pre-LN fairseq | RMSNorm+RoPE+SwiGLU
 
-#################################################################################
-#                    Rotary positions and the key/value cache                   #
-#################################################################################
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables in the half-split layout that Llama's q/k weights in transformers use.
-
-    Rotating ``[x1, x2]`` gives ``x·cos + [-x2, x1]·sin = x·cos + roll(x, d/2)·[-sin, sin]``: the
-    sign lives in the table, so a rotation is a roll and two multiplies (q and k in one pass).
-    """
-
-    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0):
-        super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # P Dh/2
-        self.register_buffer("cos", torch.cat((angles, angles), dim=-1).cos(), persistent=False)
-        self.register_buffer("sin", torch.cat((-angles.sin(), angles.sin()), dim=-1), persistent=False)
-
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """``x [..., N, Dh]`` at positions ``start .. start + N``."""
-        n, half = x.shape[-2], x.shape[-1] // 2
-        cos, sin = self.cos[start : start + n].to(x.dtype), self.sin[start : start + n].to(x.dtype)
-        return torch.addcmul(x * cos, x.roll(half, dims=-1), sin)  # ... N Dh
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated and filled left to right while decoding."""
-
-    def __init__(self, depth, batch, heads, head_dim, max_len, device=None, dtype=torch.float32):
-        shape = (depth, batch, heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions already written by every layer
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; writing up to {end}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # B H end Dh
-
 
 #################################################################################
-#                        Attention, feed-forward, blocks                        #
+#                                     Blocks                                    #
 #################################################################################
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
-
-    def forward(self, x, *, rope=None, start=0, cache=None, layer=0, causal=True):
-        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        q, k, v = (*rope(qkv[:2], start), qkv[2]) if rope is not None else qkv  # q, k rotated at once
-        if cache is not None:
-            k, v = cache.update(layer, k, v, start)  # B H start+N Dh
-        out = attention(q, k, v, is_causal=causal and q.shape[2] > 1)  # B H N Dh
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SwiGLU(nn.Module):
-    """silu(gate) · up → down; ``fc1`` holds [gate; up] fused."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        gate, up = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(nn.functional.silu(gate) * up)
+def _norm(style: str, dim: int, eps: float) -> nn.Module:
+    return RMSNorm(dim, eps=eps) if style == "modern" else nn.LayerNorm(dim, eps=eps)
 
 
 class Block(nn.Module):
@@ -120,12 +36,11 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, ffn_dim, style="digit", dropout=0.0, norm_eps=1e-5):
         super().__init__()
         modern = style == "modern"
-        norm = partial(nn.RMSNorm if modern else nn.LayerNorm, dim, eps=norm_eps)
         self.post_norm = style == "digit"
-        self.norm1 = norm()
-        self.attn = Attention(dim, num_heads, bias=not modern)
-        self.norm2 = norm()
-        self.mlp = SwiGLU(dim, ffn_dim) if modern else Mlp(dim, ffn_dim)
+        self.norm1 = _norm(style, dim, norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=not modern, proj_bias=not modern)
+        self.norm2 = _norm(style, dim, norm_eps)
+        self.mlp = SwiGLU(dim, ffn_dim, bias=False) if modern else Mlp(dim, ffn_dim, act="gelu")
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, **attn_kw):
@@ -161,7 +76,7 @@ class Transformer(nn.Module):
         if style == "digit":
             self.norm = nn.Identity()  # post-LN: every block already ends in a LayerNorm
         else:
-            self.norm = (nn.RMSNorm if style == "modern" else nn.LayerNorm)(dim, eps=norm_eps)
+            self.norm = _norm(style, dim, norm_eps)
         self.rope = (
             RotaryEmbedding(dim // num_heads, max_positions, rope_theta) if style == "modern" else None
         )
@@ -221,6 +136,68 @@ def init_weights(module: nn.Module, style: str, dim: int) -> None:
     for name, p in module.named_parameters():
         if name.startswith("pos_") or name == "head.weight":
             nn.init.normal_(p, std=table_std)
+
+
+#################################################################################
+#                   Class-conditioned start token, named sizes                  #
+#################################################################################
+
+
+class ClassConditioned:
+    """The leading token of GPT and MaskGIT: a class row of the embedding table, or the null row
+    after the classes (no class: sampling unconditionally, and the other half of classifier-free
+    guidance).  The model sets ``num_classes``, ``class_offset`` (its first class row) and
+    ``class_dropout`` (:meth:`set_classes`)."""
+
+    num_classes: int
+    class_offset: int
+    class_dropout: float
+    training: bool
+
+    def set_classes(self, num_classes: int, class_offset: int, class_dropout: float) -> None:
+        if not 0 <= class_dropout < 1:
+            raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
+        self.num_classes, self.class_offset, self.class_dropout = num_classes, class_offset, class_dropout
+
+    @property
+    def null_id(self) -> int:
+        return self.class_offset + self.num_classes
+
+    def start_ids(self, y: torch.Tensor | int | None, batch: int | None = None, device=None) -> torch.Tensor:
+        """The first input of each sequence: class ``y`` (or the null token for ``y=None``/a count)."""
+        if isinstance(y, torch.Tensor):
+            check_class_ids(y, self.num_classes)
+            return y.long().to(device) + self.class_offset
+        n = y if isinstance(y, int) else batch
+        if n is None or n < 1:
+            raise ValueError(f"pass class labels [B] or a positive sample count, got {y!r}")
+        return torch.full((n,), self.null_id, dtype=torch.long, device=device)
+
+    def drop_classes(self, start: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """In training, class start tokens turn null at rate ``class_dropout`` (so that the model
+        also learns the unconditional distribution that classifier-free guidance needs)."""
+        if y is not None and self.training and self.class_dropout > 0:
+            drop = torch.rand(start.shape, device=start.device) < self.class_dropout
+            start = start.masked_fill(drop, self.null_id)
+        return start
+
+
+def build_or_load(
+    model_cls: Callable[..., nn.Module],
+    load: Callable[..., nn.Module],
+    defaults: Mapping,
+    pretrained=None,
+    *,
+    load_defaults: tuple[str, ...] = (),
+    **kwargs,
+):
+    """A named size: ``model_cls`` with random weights (``defaults`` updated by ``kwargs``), or, given
+    ``pretrained`` (path or state dict), ``load(pretrained, **kwargs)``: a DiGIT checkpoint whose
+    shapes come from the file; ``load_defaults`` names the loader arguments that the file cannot tell
+    (the head count, stage 2's mode) and that default to the size's."""
+    if pretrained is None:
+        return model_cls(**{**defaults, **kwargs})
+    return load(pretrained, **{**{k: defaults[k] for k in load_defaults}, **kwargs})
 
 
 #################################################################################

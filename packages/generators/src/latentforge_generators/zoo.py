@@ -1,21 +1,24 @@
 """Registered diffusion generators: a named backbone size wrapped in a ``FlowGenerator``.
 
-Every factory takes the backbone's keyword arguments (``in_channels``, ``input_size``,
-``num_classes``, ``class_dropout_prob``, ``learn_sigma``, …) and ``transport=dict(...)``, which
-overrides the family's published transport settings below key by key.
+Each family's size table is ``SIZES`` in its model file (``dit.py``, ``lightningdit.py``,
+``ditdh.py``), keyed by the registry name; here are one builder per row (``dit_xl_2`` for
+``dit-xl-2``) and each family's published transport.  Every builder takes the backbone's keyword
+arguments (``in_channels``, ``input_size``, ``num_classes``, ``class_dropout_prob``,
+``learn_sigma``, …; not the row's, which fix the size) and ``transport=dict(...)``, which overrides
+the family's published transport settings below key by key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from latentforge_generators.dit import DiT_models
-from latentforge_generators.ditdh import DiTDH_models
+from latentforge_generators import dit, ditdh, lightningdit
+from latentforge_generators.dit import DiT
+from latentforge_generators.ditdh import DiTDH
 from latentforge_generators.flow import FlowGenerator
-from latentforge_generators.lightningdit import LightningDiT_models
+from latentforge_generators.lightningdit import LightningDiT
 from latentforge_generators.transport import Transport
 
 #################################################################################
@@ -35,7 +38,8 @@ TINY = {"in_channels": 4, "input_size": 8, "num_classes": 10}
 
 
 def _flow(
-    builder: Callable[..., nn.Module],
+    model: type[nn.Module],
+    size: dict[str, Any],
     family: dict[str, Any],
     transport: dict[str, Any] | Transport | None,
     defaults: dict[str, Any],
@@ -43,62 +47,62 @@ def _flow(
 ) -> FlowGenerator:
     if not isinstance(transport, Transport):
         transport = Transport.from_dict({**family, **(transport or {})})
-    return FlowGenerator(builder(**{**defaults, **kwargs}), transport)
+    return FlowGenerator(model(**size, **{**defaults, **kwargs}), transport)
 
 
 #################################################################################
 #                                     DiT                                       #
 #################################################################################
 def dit_s_2(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(DiT_models["DiT-S/2"], SIT, transport, {}, kwargs)
+    return _flow(DiT, dit.SIZES["dit-s-2"], SIT, transport, {}, kwargs)
 
 
 def dit_b_2(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(DiT_models["DiT-B/2"], SIT, transport, {}, kwargs)
+    return _flow(DiT, dit.SIZES["dit-b-2"], SIT, transport, {}, kwargs)
 
 
 def dit_l_2(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(DiT_models["DiT-L/2"], SIT, transport, {}, kwargs)
+    return _flow(DiT, dit.SIZES["dit-l-2"], SIT, transport, {}, kwargs)
 
 
 def dit_xl_2(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(DiT_models["DiT-XL/2"], SIT, transport, {}, kwargs)
+    return _flow(DiT, dit.SIZES["dit-xl-2"], SIT, transport, {}, kwargs)
 
 
 def tiny_dit(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(DiT_models["DiT-T/2"], SIT, transport, {**TINY, "learn_sigma": False}, kwargs)
+    return _flow(DiT, dit.SIZES["test-dit"], SIT, transport, {**TINY, "learn_sigma": False}, kwargs)
 
 
 #################################################################################
 #                                LightningDiT                                   #
 #################################################################################
 def lightningdit_b_1(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(LightningDiT_models["LightningDiT-B/1"], LIGHTNINGDIT, transport, {}, kwargs)
+    return _flow(LightningDiT, lightningdit.SIZES["lightningdit-b-1"], LIGHTNINGDIT, transport, {}, kwargs)
 
 
 def lightningdit_l_1(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(LightningDiT_models["LightningDiT-L/1"], LIGHTNINGDIT, transport, {}, kwargs)
+    return _flow(LightningDiT, lightningdit.SIZES["lightningdit-l-1"], LIGHTNINGDIT, transport, {}, kwargs)
 
 
 def lightningdit_xl_1(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(LightningDiT_models["LightningDiT-XL/1"], LIGHTNINGDIT, transport, {}, kwargs)
+    return _flow(LightningDiT, lightningdit.SIZES["lightningdit-xl-1"], LIGHTNINGDIT, transport, {}, kwargs)
 
 
 def tiny_lightningdit(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(LightningDiT_models["LightningDiT-T/1"], LIGHTNINGDIT, transport, TINY, kwargs)
+    return _flow(LightningDiT, lightningdit.SIZES["test-lightningdit"], LIGHTNINGDIT, transport, TINY, kwargs)
 
 
 #################################################################################
 #                                   DiT-DH                                      #
 #################################################################################
 def ditdh_xl(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(DiTDH_models["DiTDH-XL"], RAE, transport, {}, kwargs)
+    return _flow(DiTDH, ditdh.SIZES["ditdh-xl"], RAE, transport, {}, kwargs)
 
 
 def ditdh_s(*, transport=None, **kwargs) -> FlowGenerator:
     """RAE's weak model for autoguidance of ``ditdh-xl``."""
-    return _flow(DiTDH_models["DiTDH-S"], RAE, transport, {}, kwargs)
+    return _flow(DiTDH, ditdh.SIZES["ditdh-s"], RAE, transport, {}, kwargs)
 
 
 def tiny_ditdh(*, transport=None, **kwargs) -> FlowGenerator:
-    return _flow(DiTDH_models["DiTDH-T"], RAE, transport, TINY, kwargs)
+    return _flow(DiTDH, ditdh.SIZES["test-ditdh"], RAE, transport, TINY, kwargs)

@@ -62,6 +62,12 @@ class Component(Settings):
         return registry.REGISTRIES[kind].build(self.name, **{**self.params, **injected})
 
 
+def accepts(factory: Any, name: str) -> bool:
+    """Whether a builder (a function or a class) takes the keyword ``name``: what a recipe injects."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    return name in inspect.signature(target).parameters
+
+
 def to_plain(value: Any) -> Any:
     """Settings → nested dicts/lists of YAML scalars."""
     if attrs.has(type(value)):

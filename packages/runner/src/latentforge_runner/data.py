@@ -16,11 +16,14 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from latentforge_metrics.npz import iter_npz_images
+from latentforge_runner.config import ConfigError, Settings, settings
 
 CROPS = ("center", "random")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".JPEG")
@@ -28,6 +31,38 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 
 class DataError(ValueError):
     """A data set that cannot serve a run (empty folder, wrong layout, bad arguments)."""
+
+
+@settings
+class DataSettings(Settings):
+    """The ``data`` block of every recipe that reads a data set."""
+
+    name: Literal["digits", "folder", "latents"] = "folder"
+    root: str | None = None  # ImageNet layout root/<class>/*.JPEG; for latents, a cache-latents folder
+    image_size: int = 256
+    num_classes: int = 1000
+    crop: Literal["center", "random"] = "center"  # ADM center crop, or short side → resize, random crop
+    resize: int | None = None  # random crop: the short side first goes to this (None: image_size)
+    flip: bool = False  # random horizontal flip (RAE stage 2, LightningDiT, DiGIT)
+
+
+def build_training_data(d: DataSettings, tokenizer: str, seed: int):
+    """Images (``digits``, ``folder``, augmented by ``seed``) or the latent shards of ``tokenizer``."""
+    if d.name != "latents":
+        return build_dataset(
+            d.name, image_size=d.image_size, root=d.root, crop=d.crop, resize=d.resize, flip=d.flip, seed=seed
+        )
+    from latentforge_runner.latents import LatentShards  # it reads shards with DataError from here
+
+    if not d.root:
+        raise DataError("data.name 'latents' needs data.root: a folder written by cache-latents")
+    shards = LatentShards(d.root, flip=None)
+    if shards.tokenizer != tokenizer:
+        raise DataError(
+            f"the shards in {d.root} hold latents of tokenizer {shards.tokenizer!r}, but this run's "
+            f"tokenizer is {tokenizer!r}; cache them with the same tokenizer"
+        )
+    return shards
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,3 +322,33 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 def epochs_for(steps: int, batches_per_epoch: int) -> int:
     return math.ceil(steps / max(batches_per_epoch, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Image sources for evaluation: an .npz of samples or a folder
+# ------------------------------------------------------------------------------------------------
+class ImageSource:
+    """``arr_0`` of an ``.npz``, or a folder read with the ADM crop (unreadable files skipped, counted)."""
+
+    def __init__(self, path: str | os.PathLike, image_size: int | None, what: str):
+        self.path, self.image_size, self.skipped = Path(path), image_size, []
+        if self.path.is_dir():
+            if image_size is None:
+                raise ConfigError(
+                    f"{what} {self.path} is an image folder: set image_size for its center crop"
+                )
+            self.folder = ImageFolder(self.path, image_size)
+        elif self.path.is_file():
+            self.folder = None
+        else:
+            raise DataError(f"{what} not found: {self.path} (expected an .npz with arr_0 or an image folder)")
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        if self.folder is None:
+            yield from iter_npz_images(self.path, batch_size)
+            return
+        loader = torch.utils.data.DataLoader(self.folder, batch_size=batch_size, collate_fn=collate)
+        for batch in loader:
+            self.skipped += batch["skipped"]
+            if batch["image"] is not None:
+                yield batch["image"].mul(255).round().to(torch.uint8)  # [B, 3, H, W]

@@ -58,6 +58,49 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def wrap(module: torch.nn.Module, info: DistInfo, method: str = "forward", compile: bool = False):
+    """What a training step calls: ``module.<method>`` as the forward (so DDP's gradient hooks see a
+    loss that is not ``forward``), inside DDP when there are several processes, compiled when asked."""
+    entry = module if method == "forward" else _Method(module, method)
+    if info.enabled:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        entry = torch.nn.parallel.DistributedDataParallel(entry, device_ids=ids)
+    return torch.compile(entry) if compile else entry
+
+
+class _Method(torch.nn.Module):
+    """Calls ``module.<method>`` as its forward."""
+
+    def __init__(self, module: torch.nn.Module, method: str):
+        super().__init__()
+        if not callable(getattr(module, method, None)):
+            raise AttributeError(f"{type(module).__name__} has no method {method!r} to train through")
+        self.module, self.method = module, method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.module, self.method)(*args, **kwargs)
+
+
+def wrap_closure(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """A module whose forward ``(fn, *args)`` runs ``fn(*args)``, holding ``module``'s parameters: a
+    loss that calls the bare ``module`` several times (a discriminator on reals and fakes) is then one
+    forward of its DDP wrapper."""
+    entry: torch.nn.Module = _Closure(module)
+    if info.enabled:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        entry = torch.nn.parallel.DistributedDataParallel(entry, device_ids=ids)
+    return entry
+
+
+class _Closure(torch.nn.Module):
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -398,9 +398,18 @@ class KMeansTokenizer(nn.Module):
         self.n_clusters = centroids.shape[0]
 
     # ---------------------------------------------------------------------------- protocol
+    can_decode = False  # K-Means tokens reach pixels through a second stage (DiGIT's), not here
+    stats = None  # discrete tokens are not normalised
+
     @property
     def vocab_size(self) -> int:
         return self.n_clusters
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(
+            "K-Means tokens have no pixel decoder: DiGIT decodes them through its stage 2 (train-stage2, "
+            "then sample with stage2_run=...)"
+        )
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -468,7 +477,7 @@ class KMeansTokenizer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Registered builders
 # ------------------------------------------------------------------------------------------------
-def kmeans(
+def build_kmeans(
     *,
     encoder: str | None = None,
     centroids: str | os.PathLike | torch.Tensor | None = None,
@@ -496,9 +505,18 @@ def kmeans(
     return KMeansTokenizer(module, centroids, n_clusters=n_clusters, config=config)
 
 
-def kmeans_tiny(**kwargs: Any) -> KMeansTokenizer:
-    """Random ``test-vit-tiny`` features (32 px, 8×8 grid) and 64 clusters: for tests and demos."""
-    kwargs.setdefault("encoder", "test-vit-tiny")
-    kwargs.setdefault("image_size", 32)
-    kwargs.setdefault("n_clusters", 64)
-    return kmeans(**kwargs)
+# Registry name -> the ``build_kmeans`` keyword arguments of that tokenizer; one builder per row below.
+SIZES: dict[str, dict] = {
+    # Everything from the centroid file, else DiGIT's K-Means 8k over DINOv2-B/14-reg (build_kmeans).
+    "kmeans": dict(),
+    # Random ``test-vit-tiny`` features (32 px, 8×8 grid) and 64 clusters: for tests and demos.
+    "test-kmeans-tiny": dict(encoder="test-vit-tiny", image_size=32, n_clusters=64),
+}
+
+
+def kmeans(**kwargs: Any) -> KMeansTokenizer:
+    return build_kmeans(**{**SIZES["kmeans"], **kwargs})
+
+
+def tiny_kmeans(**kwargs: Any) -> KMeansTokenizer:
+    return build_kmeans(**{**SIZES["test-kmeans-tiny"], **kwargs})

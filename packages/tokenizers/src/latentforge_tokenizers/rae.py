@@ -29,28 +29,12 @@ from latentforge_core.checkpoint import (
     save_checkpoint,
 )
 from latentforge_core.protocols import Preprocessing
+from latentforge_core.transformer import sincos_pos_embed_2d
+from latentforge_encoders.encoder import FeatureSpec
 from latentforge_tokenizers.stats import LatentStats, compute_latent_stats, stats_path
 from latentforge_tokenizers.vavae import check_images
 
 NOISE_LAWS = ("code", "paper")  # σ ~ τ·U(0, 1) (released code) | σ ~ |N(0, τ²)| (paper text)
-
-
-def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos table ``[1 + grid², dim]`` (zero row for the CLS slot): the first half
-    of the channels encodes the column, the second the row; each half is [sin, cos] at 10000^(−i/(dim/4))."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
-    )
-
-    def one_axis(pos):
-        angles = pos.flatten()[:, None] * omega[None]  # N, dim/4
-        return torch.cat([angles.sin(), angles.cos()], dim=1)  # N, dim/2
-
-    table = torch.cat([one_axis(cols), one_axis(rows)], dim=1)  # N, dim
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
 
 
 #################################################################################
@@ -59,6 +43,9 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 
 class _SelfAttention(nn.Module):
+    """Holds HF ViT-MAE's separate ``query``/``key``/``value`` (no forward): the released decoders'
+    key layout, which the kit's fused-``qkv`` Attention would change; ``DecoderLayer`` attends."""
+
     def __init__(self, dim: int):
         super().__init__()
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -118,7 +105,8 @@ class RAEDecoder(nn.Module):
         self.patch_size, self.num_patches, self.latent_dim = patch_size, num_patches, latent_dim
         self.decoder_embed = nn.Linear(latent_dim, hidden_size)
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(hidden_size, self.grid)[None])  # 1, 1+N, D
+        table = sincos_pos_embed_2d(hidden_size, self.grid, extra_tokens=1)  # MAE's; zero row for CLS
+        self.register_buffer("decoder_pos_embed", table[None])  # 1, 1+N, D
         self.decoder_layers = nn.ModuleList(
             DecoderLayer(hidden_size, num_heads, mlp_dim, eps) for _ in range(depth)
         )
@@ -208,6 +196,8 @@ class RAE(nn.Module):
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.decoder.latent_dim, self.decoder.grid, self.decoder.grid)
+
+    can_decode = True
 
     @property
     def vocab_size(self) -> None:
@@ -388,20 +378,24 @@ def build_rae(
     return model.eval()
 
 
+# Registry name -> the ``build_rae`` keyword arguments of that model (its decoder a key of
+# ``RAE_DECODERS``); one builder per row below.
+SIZES: dict[str, dict] = {
+    # DINOv2-B with registers (224 px) → 768×16×16 → ViT-XL decoder → 256 px, as released.
+    "rae": dict(encoder="dinov2-vitb14-reg", decoder="ViT-XL", image_size=256, features="rae"),
+    # test-vit-tiny at 32 px (8×8 tokens of width 64, LayerNorm without affine) + a 2-layer decoder.
+    "test-rae-tiny": dict(
+        encoder="test-vit-tiny",
+        decoder="test-tiny",
+        image_size=32,
+        features=FeatureSpec((-1,), "no_affine", "map"),
+    ),
+}
+
+
 def rae(**kw) -> RAE:
-    """DINOv2-B with registers (224 px) → 768×16×16 → ViT-XL decoder → 256 px, as released."""
-    return build_rae(**kw)
+    return build_rae(**{**SIZES["rae"], **kw})
 
 
-def rae_test_tiny(**kw) -> RAE:
-    """test-vit-tiny at 32 px (8×8 tokens of width 64, LayerNorm without affine) + a 2-layer decoder."""
-    from latentforge_encoders.encoder import FeatureSpec
-
-    kw = {
-        "encoder": "test-vit-tiny",
-        "decoder": "test-tiny",
-        "image_size": 32,
-        "features": FeatureSpec((-1,), "no_affine", "map"),
-        **kw,
-    }
-    return build_rae(**kw)
+def tiny_rae(**kw) -> RAE:
+    return build_rae(**{**SIZES["test-rae-tiny"], **kw})

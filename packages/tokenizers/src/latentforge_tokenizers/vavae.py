@@ -272,6 +272,8 @@ class VAVAE(nn.Module):
         side = self.preprocessing.input_size // self.downsample
         return (self.z_channels, side, side)
 
+    can_decode = True
+
     @property
     def vocab_size(self) -> None:
         return None
@@ -380,8 +382,9 @@ class VAVAE(nn.Module):
 #                                  Named sizes                                  #
 #################################################################################
 
-VAVAE_CONFIGS = {
-    "f16d32": dict(
+# Registry name -> the VAVAE keyword arguments of that model; one builder per row below.
+SIZES: dict[str, dict] = {
+    "vavae-f16d32": dict(
         ch=128,
         ch_mult=(1, 1, 2, 2, 4),
         num_res_blocks=2,
@@ -390,7 +393,8 @@ VAVAE_CONFIGS = {
         z_channels=32,
         vf_dim=1024,
     ),
-    "test-tiny": dict(
+    # Tiny model for tests and CPU demos.
+    "test-vavae-tiny": dict(
         ch=16,
         ch_mult=(1, 2, 2),
         num_res_blocks=1,
@@ -403,17 +407,17 @@ VAVAE_CONFIGS = {
 
 
 def build_vavae(
-    size: str,
+    name: str,
     pretrained: str | os.PathLike | None = None,
     stats: str | os.PathLike | None = None,
     **overrides,
 ) -> VAVAE:
-    """A named size; ``pretrained`` is our checkpoint or the released ``.pt``; ``stats`` a stats file
-    (default: the artifact beside our checkpoint)."""
+    """The model ``name`` of ``SIZES``; ``pretrained`` is our checkpoint or the released ``.pt``;
+    ``stats`` a stats file (default: the artifact beside our checkpoint)."""
     if pretrained is not None and str(pretrained).endswith(".safetensors") and not overrides:
         model = VAVAE.from_checkpoint(pretrained)
     else:
-        model = VAVAE(**{**VAVAE_CONFIGS[size], **overrides})
+        model = VAVAE(**{**SIZES[name], **overrides})
         if pretrained is not None:
             model.load_released(pretrained)
     if stats is not None:
@@ -422,8 +426,8 @@ def build_vavae(
 
 
 def vavae_f16d32(**kw) -> VAVAE:
-    return build_vavae("f16d32", **kw)
+    return build_vavae("vavae-f16d32", **kw)
 
 
-def vavae_test_tiny(**kw) -> VAVAE:
-    return build_vavae("test-tiny", **kw)
+def tiny_vavae(**kw) -> VAVAE:
+    return build_vavae("test-vavae-tiny", **kw)

@@ -228,6 +228,9 @@ class VQGAN(nn.Module):
         nn.init.uniform_(self.quantize.embedding.weight, -1.0 / n, 1.0 / n)
 
     # ---------------------------------------------------------------------------- tokenizer protocol
+    can_decode = True
+    stats = None  # discrete codes are not normalised
+
     @property
     def vocab_size(self) -> int:
         return self.quantize.embedding.num_embeddings
@@ -364,11 +367,12 @@ def train_step(
 
 
 #################################################################################
-#                                  VQGAN configs                                #
+#                                  VQGAN sizes                                  #
 #################################################################################
 
 
-VQGAN_CONFIGS: dict[str, dict[str, Any]] = {
+# Registry name -> the VQGAN keyword arguments of that model; one builder per row below.
+SIZES: dict[str, dict] = {
     "vqgan-f16-1024": dict(
         ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, n_embed=1024, image_size=256
     ),
@@ -379,9 +383,9 @@ VQGAN_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def build_vqgan(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> VQGAN:
-    if name not in VQGAN_CONFIGS:
-        raise ValueError(f"unknown VQGAN {name!r}; expected one of {sorted(VQGAN_CONFIGS)}")
-    model = VQGAN(**{**VQGAN_CONFIGS[name], **overrides})
+    if name not in SIZES:
+        raise ValueError(f"unknown VQGAN {name!r}; expected one of {sorted(SIZES)}")
+    model = VQGAN(**{**SIZES[name], **overrides})
     return model.load_mage(pretrained) if pretrained is not None else model
 
 
@@ -390,6 +394,6 @@ def vqgan_f16_1024(**kw: Any) -> VQGAN:
     return build_vqgan("vqgan-f16-1024", **kw)
 
 
-def vqgan_test_tiny(**kw: Any) -> VQGAN:
+def tiny_vqgan(**kw: Any) -> VQGAN:
     """16 px images → 4×4 codes of a 64-entry codebook: for tests and demos."""
     return build_vqgan("test-vqgan-tiny", **kw)

@@ -8,7 +8,8 @@ Each shard ``shard-r<rank>-<k>.safetensors`` holds ``latents`` ``[n, C, h, w]`` 
 raw: normalisation happens at training time) or ``tokens`` ``[n, h, w]`` (discrete ones), with
 ``flip=true`` the same of the horizontally flipped images under ``latents_flip``/``tokens_flip``
 (LightningDiT's extraction), plus ``labels`` and the data set ``indices``.  Rank r of w encodes items
-r, r+w, r+2w, …  :class:`LatentShards` reads a folder of shards as a training data set.
+r, r+w, r+2w, …  ``latentforge_runner.latents.LatentShards`` reads a folder of shards back as a
+training data set.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
-from latentforge_core.checkpoint import load_checkpoint, save_checkpoint
+from latentforge_core.checkpoint import save_checkpoint
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
-from latentforge_runner.data import DataError, build_dataset
-from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.recipes.train_generator import DataSettings
+from latentforge_runner.data import DataError, DataSettings, build_dataset
+from latentforge_runner.run_folder import RunSettings, open_run
 
 log = logging.getLogger("latentforge")
 
@@ -118,61 +118,3 @@ class CacheLatentsRecipe:
     def cleanup(self) -> None:
         self.logger.close()
         distributed.cleanup()
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading the shards back
-# ------------------------------------------------------------------------------------------------
-class LatentShards(torch.utils.data.Dataset):
-    """Every shard of a folder in memory; items ``0…N−1`` are the images, ``N…2N−1`` (with ``flip``)
-    their flipped copies, so the training sampler's shuffle — not a coin in ``__getitem__`` — picks
-    the flip, and a resumed run sees the same items."""
-
-    def __init__(self, folder: str | Path, flip: bool | None = True):
-        """``flip=None``: include the flipped copies when the shards hold them."""
-        paths = sorted(Path(folder).glob("shard-r*-*.safetensors"))
-        if not paths:
-            raise DataError(
-                f"no latent shards (shard-r*-*.safetensors) found in {folder}; run cache-latents first"
-            )
-        parts: dict[str, list[torch.Tensor]] = {}
-        keys = set()
-        for path in paths:
-            tensors, config = load_checkpoint(path)
-            if config.get("kind") != "latent_cache":
-                raise DataError(f"{path} is not a cache-latents shard (its metadata says {config})")
-            keys.add(config["key"])
-            self.tokenizer = config.get("tokenizer")
-            for k, v in tensors.items():
-                parts.setdefault(k, []).append(v)
-        if len(keys) != 1:
-            raise DataError(
-                f"the shards in {folder} mix {sorted(keys)}; keep one tokenizer's cache per folder"
-            )
-        self.key = keys.pop()
-        if flip is None:
-            flip = f"{self.key}_flip" in parts
-        if flip and f"{self.key}_flip" not in parts:
-            raise DataError(
-                f"the shards in {folder} hold no flipped copies; cache with flip=true or read with flip=False"
-            )
-        data = {k: torch.cat(v) for k, v in parts.items()}
-        order = data["indices"].argsort()  # data set order, whatever the ranks and shards
-        self.values = data[self.key][order]
-        self.flipped = data[f"{self.key}_flip"][order] if flip else None
-        self.labels, self.indices = data["labels"][order], data["indices"][order]
-
-    def __len__(self) -> int:
-        return len(self.labels) * (2 if self.flipped is not None else 1)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self.labels)
-        source = self.values if index < n else self.flipped
-        return {self.key: source[index % n], "label": int(self.labels[index % n]), "index": index}
-
-    def batch(self, indices) -> dict[str, Any]:
-        """Gather a batch without a DataLoader (the shards live in memory)."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        n = len(self.labels)
-        both = self.values if self.flipped is None else torch.cat([self.values, self.flipped])
-        return {self.key: both[idx], "label": self.labels[idx % n], "index": idx, "skipped": []}

@@ -3,7 +3,7 @@
     latentforge run demo                       # default config, nothing downloaded
     latentforge run demo generator_training.steps=6000 run.output_dir=runs/demo-long
 
-Stages (each a Trainer run with its own checkpoints, so an interrupted demo resumes):
+Stages (each a training loop with its own checkpoints, so an interrupted demo resumes):
   1. evaluator  — a small CNN trained on the digits; it only *measures* (never trains the pipeline);
   2. encoder    — a tiny ViT (latentforge_encoders) trained briefly as a digit classifier, then frozen:
                   the representation encoder no one can download here;
@@ -35,8 +35,8 @@ from latentforge_core.device import autocast
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
 from latentforge_runner.data import Digits
-from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.training import Trainer, TrainingSettings
+from latentforge_runner.run_folder import RunSettings, open_run
+from latentforge_runner.training import StepLog, TrainingSettings, TrainState, backward, micro_batches
 
 log = logging.getLogger("latentforge")
 
@@ -166,21 +166,39 @@ class DemoRecipe:
         self.report: dict[str, Any] = {}
 
     # -------------------------------------------------------------------------------- stages
-    def _fit(self, stage: str, model: nn.Module, t: TrainingSettings, fetch, loss_fn, **kw) -> Trainer:
-        trainer = Trainer(
+    def _fit(self, stage: str, model: nn.Module, t: TrainingSettings, fetch, loss_fn, **kw) -> TrainState:
+        """Train ``model`` on ``loss_fn(model, batch)`` for ``t.steps``; the run of one stage lives in
+        ``<run>/<stage>/``.  ``kw``: ``params`` (what to optimise) and ``method`` (``loss``)."""
+        model.to(self.device)
+        entry = distributed.wrap(model, self.dist, method=kw.get("method", "forward"), compile=t.compile)
+        state = TrainState(
             model,
             t,
-            run_dir=self.run_dir / stage,
+            data=fetch,
             num_items=len(self.train),
             dist=self.dist,
-            logger=self.logger,
-            model_config={"name": f"demo-{stage}"},
-            **kw,
+            run_dir=self.run_dir / stage,
+            config={"name": f"demo-{stage}"},
+            params=kw.get("params"),
         )
         if self.cfg.run.resume:
-            trainer.resume()
-        trainer.fit(fetch, loss_fn, desc=stage)
-        return trainer
+            state.resume()
+        progress = StepLog(t, self.logger, state.step, stage, show=self.dist.is_main)
+        model.train()
+        for batch in state.batches:
+            logs = {"loss": 0.0}
+            for part, sync in micro_batches(batch, t.grad_accum, entry, self.dist):
+                with sync:
+                    with autocast(self.device, t.dtype):
+                        loss = loss_fn(entry, part)
+                    logs["loss"] += backward(loss, t.grad_accum, state.step)
+            logs |= state.update()
+            state.step += 1
+            progress.update(state.step, logs, state.optim.lr)
+            if t.checkpoint_due(state.step):
+                state.save()
+        progress.close()
+        return state
 
     def _images(self, indices) -> dict[str, torch.Tensor]:
         batch = self.train.batch(indices)
@@ -194,8 +212,7 @@ class DemoRecipe:
             shifted = torch.roll(b["image"], shifts=tuple(torch.randint(-1, 2, (2,)).tolist()), dims=(2, 3))
             return F.cross_entropy(m(shifted), b["label"])
 
-        trainer = self._fit("evaluator", model, self.cfg.evaluator.training, self._images, loss_fn)
-        model = trainer.model.eval()
+        model = self._fit("evaluator", model, self.cfg.evaluator.training, self._images, loss_fn).model.eval()
         self.report["evaluator_accuracy_heldout"] = _accuracy(
             model, self.test.images, self.test.labels, self.device
         )
@@ -205,14 +222,14 @@ class DemoRecipe:
         torch.manual_seed(self.cfg.run.seed)
         encoder = self.cfg.encoder.build("encoders", frozen=False)
         classifier = Classifier(encoder)
-        trainer = self._fit(
+        state = self._fit(
             "encoder",
             classifier,
             self.cfg.encoder_training,
             self._images,
             lambda m, b: F.cross_entropy(m(b["image"]), b["label"]),
         )
-        classifier = trainer.model.eval()
+        classifier = state.model.eval()
         self.report["encoder_accuracy_heldout"] = _accuracy(
             classifier, self.test.images, self.test.labels, self.device
         )
@@ -232,7 +249,7 @@ class DemoRecipe:
             **RAE_DECODERS[self.cfg.decoder.size],
         )
         rae = RAE(encoder, decoder, noise_tau=self.cfg.decoder.noise_tau)
-        trainer = self._fit(
+        state = self._fit(
             "decoder",
             rae,
             self.cfg.decoder.training,
@@ -240,7 +257,7 @@ class DemoRecipe:
             lambda m, b: F.mse_loss(m(b["image"]), b["image"]),
             params=decoder.parameters(),
         )
-        rae = trainer.model.eval()
+        rae = state.model.eval()
         with torch.no_grad():
             recon = torch.cat(
                 [rae.decode(rae.encode(x.to(self.device))).cpu() for x in self.test.images.split(256)]
@@ -263,16 +280,16 @@ class DemoRecipe:
             nn.init.normal_(
                 generator.backbone.y_embedder.embedding_table.weight, std=self.cfg.class_embedding_std
             )
-        trainer = self._fit(
+        state = self._fit(
             "generator",
             generator,
             self.cfg.generator_training,
             lambda idx: {"x": z[idx], "y": labels[idx]},
             lambda m, b: m(b["x"], b["y"]),
-            forward="loss",
+            method="loss",
         )
         rae.stats.save(self.run_dir / "generator" / "latent_stats.safetensors")
-        return trainer.eval_model()
+        return state.eval_model()
 
     # -------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:

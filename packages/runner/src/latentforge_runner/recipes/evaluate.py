@@ -18,8 +18,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,11 @@ from tqdm.auto import tqdm
 from latentforge_core import registry
 from latentforge_metrics.generative import FID, InceptionScore, PrecisionRecall
 from latentforge_metrics.inception import fid_inception_v3
-from latentforge_metrics.npz import ReferenceFileError, iter_npz_images, load_reference
+from latentforge_metrics.npz import ReferenceFileError, load_reference
 from latentforge_runner import distributed
-from latentforge_runner.config import ConfigError, Settings, settings
-from latentforge_runner.data import DataError, ImageFolder, collate
-from latentforge_runner.recipes import RunSettings, open_run
+from latentforge_runner.config import ConfigError, Settings, accepts, settings
+from latentforge_runner.data import DataError, ImageSource
+from latentforge_runner.run_folder import RunSettings, open_run
 
 log = logging.getLogger("latentforge")
 
@@ -68,38 +66,6 @@ class EvaluateSettings(Settings):
 # ------------------------------------------------------------------------------------------------
 # Image sources: an .npz or a folder, as uint8 [B, 3, H, W] batches
 # ------------------------------------------------------------------------------------------------
-class ImageSource:
-    """``arr_0`` of an ``.npz``, or a folder read with the ADM crop (unreadable files skipped, counted)."""
-
-    def __init__(self, path: str | os.PathLike, image_size: int | None, what: str):
-        self.path, self.image_size, self.skipped = Path(path), image_size, []
-        if self.path.is_dir():
-            if image_size is None:
-                raise ConfigError(
-                    f"{what} {self.path} is an image folder: set image_size for its center crop"
-                )
-            self.folder = ImageFolder(self.path, image_size)
-        elif self.path.is_file():
-            self.folder = None
-        else:
-            raise DataError(f"{what} not found: {self.path} (expected an .npz with arr_0 or an image folder)")
-
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        if self.folder is None:
-            yield from iter_npz_images(self.path, batch_size)
-            return
-        loader = torch.utils.data.DataLoader(self.folder, batch_size=batch_size, collate_fn=collate)
-        for batch in loader:
-            self.skipped += batch["skipped"]
-            if batch["image"] is not None:
-                yield batch["image"].mul(255).round().to(torch.uint8)  # [B, 3, H, W]
-
-
-def _accepts(factory: Any, name: str) -> bool:
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    return name in inspect.signature(target).parameters
-
-
 def _inception_output(metric: Any) -> str | None:
     """The Inception output a metric's ``update_features`` takes, when it can share the forward pass."""
     if isinstance(metric, FID):
@@ -130,7 +96,7 @@ class EvaluateRecipe:
                 self.ref_stats = None
         factories = {name: registry.metrics.get(name) for name in cfg.metrics}
         shared = None
-        if any(_accepts(f, "inception") for f in factories.values()):
+        if any(accepts(f, "inception") for f in factories.values()):
             try:
                 shared = fid_inception_v3(cfg.weights, cfg.protocol, self.dist.device)
             except FileNotFoundError as err:
@@ -138,7 +104,7 @@ class EvaluateRecipe:
         self.metrics, self.mode = {}, {}
         for name, factory in factories.items():
             injected = {"protocol": cfg.protocol, "inception": shared, "device": self.dist.device}
-            kwargs = {k: v for k, v in injected.items() if _accepts(factory, k)} | cfg.params.get(name, {})
+            kwargs = {k: v for k, v in injected.items() if accepts(factory, k)} | cfg.params.get(name, {})
             metric = registry.metrics.build(name, **kwargs)
             params = inspect.signature(metric.update).parameters
             if "target" in params:

@@ -18,9 +18,8 @@ from tqdm.auto import tqdm
 
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
-from latentforge_runner.data import build_dataset
-from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.recipes.train_generator import DataSettings
+from latentforge_runner.data import DataSettings, build_dataset
+from latentforge_runner.run_folder import RunSettings, open_run
 
 log = logging.getLogger("latentforge")
 

@@ -24,9 +24,8 @@ from tqdm.auto import tqdm
 from latentforge_core.device import seed_everything
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
-from latentforge_runner.data import build_dataset
-from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.recipes.train_generator import DataSettings
+from latentforge_runner.data import DataSettings, build_dataset
+from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_tokenizers.stats import stats_path
 
 log = logging.getLogger("latentforge")
@@ -60,7 +59,7 @@ class LatentStatsRecipe:
         self.dataset = build_dataset(cfg.data.name, image_size=cfg.data.image_size, root=cfg.data.root)
         seed_everything(cfg.run.seed)  # random-weight parts (the tiny test tokenizers) equal on every rank
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.dist.device).eval()
-        if self.tokenizer.vocab_size is not None or not hasattr(self.tokenizer, "compute_stats"):
+        if self.tokenizer.vocab_size is not None:
             raise ValueError(
                 f"tokenizer {cfg.tokenizer.name!r} has no continuous latents to take statistics of; "
                 "latent-stats needs a continuous tokenizer (RAE, VA-VAE)"

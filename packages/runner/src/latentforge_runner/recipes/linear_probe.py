@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 from latentforge_metrics.probe import LinearProbe
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
-from latentforge_runner.data import DataError, build_dataset
-from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.recipes.train_generator import DataSettings
+from latentforge_runner.data import DataError, DataSettings, build_dataset
+from latentforge_runner.run_folder import RunSettings, open_run
 
 log = logging.getLogger("latentforge")
 

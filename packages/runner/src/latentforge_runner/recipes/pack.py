@@ -26,7 +26,7 @@ from latentforge_metrics.npz import SampleWriter
 from latentforge_runner import distributed
 from latentforge_runner.config import ConfigError, Settings, settings
 from latentforge_runner.data import DataError, ImageFolder, collate
-from latentforge_runner.recipes import RunSettings, open_run
+from latentforge_runner.run_folder import RunSettings, open_run
 
 log = logging.getLogger("latentforge")
 

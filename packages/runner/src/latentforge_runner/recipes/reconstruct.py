@@ -27,7 +27,7 @@ from latentforge_metrics.reconstruction import psnr, ssim
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
 from latentforge_runner.data import IMAGE_SUFFIXES, DataError, ImageFolder, center_crop_arr, to_tensor
-from latentforge_runner.recipes import RunSettings, open_run
+from latentforge_runner.run_folder import RunSettings, open_run
 
 log = logging.getLogger("latentforge")
 
@@ -63,7 +63,7 @@ class ReconstructRecipe:
         else:
             raise DataError(f"input not found: {source} (expected an image file or a folder of images)")
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.dist.device).eval()
-        if not hasattr(self.tokenizer, "decode"):
+        if not self.tokenizer.can_decode:
             raise ValueError(
                 f"tokenizer {cfg.tokenizer.name!r} has no decode; reconstruct needs one that maps back to "
                 "pixels (RAE, VA-VAE, VQGAN)"

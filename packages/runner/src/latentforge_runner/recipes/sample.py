@@ -25,41 +25,30 @@ DiGIT samples in two stages: ``generator_run`` (the GPT over K-Means tokens) giv
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from einops import rearrange
 from PIL import Image
 from tqdm.auto import tqdm
 
-from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into
 from latentforge_core.device import seed_everything
 from latentforge_metrics.inception import to_uint8
 from latentforge_metrics.npz import SampleWriter
 from latentforge_runner import distributed
-from latentforge_runner.config import (
-    Component,
-    ConfigError,
-    Settings,
-    component,
-    load_yaml,
-    settings,
-    to_plain,
-)
-from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.recipes.train_generator import (
-    STATS_FILE,
-    TrainGeneratorSettings,
+from latentforge_runner.config import Component, ConfigError, Settings, component, settings
+from latentforge_runner.data import build_training_data
+from latentforge_runner.generation import (
+    GENERATOR_RECIPES,
     autoguidance,
-    build_training_data,
-    fit_latent_stats,
+    frozen_tokenizer,
     generator_shapes,
+    image_grid,
+    load_generator,
 )
-from latentforge_runner.training import list_checkpoints
-from latentforge_tokenizers.stats import LatentStats
+from latentforge_runner.latents import STATS_FILE, restore_latent_stats
+from latentforge_runner.run_folder import RunSettings, open_run, read_run
 
 log = logging.getLogger("latentforge")
 
@@ -113,25 +102,6 @@ def class_labels(mode: str, n: int, num_classes: int, seed: int = 0) -> torch.Te
     raise ConfigError(f"labels must be one of {', '.join(map(repr, LABEL_MODES))}, got {mode!r}")
 
 
-def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
-    """``[N, 3, H, W]`` in [0, 1] → one PIL image, ``columns`` wide (the last row padded with black)."""
-    rows = math.ceil(images.shape[0] / columns)
-    pad = rows * columns - images.shape[0]
-    images = torch.cat([images, images.new_zeros(pad, *images.shape[1:])])
-    grid = rearrange(images.clamp(0, 1), "(r c) ch h w -> (r h) (c w) ch", c=columns)
-    return Image.fromarray((grid * 255).round().byte().numpy())
-
-
-def read_run(run: Path, what: str) -> TrainGeneratorSettings:
-    """The settings of a train-generator run folder."""
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{what} {run} holds no config.yaml: expected the folder of a train-generator run")
-    data = load_yaml(run / "config.yaml")
-    if data.pop("recipe", "train-generator") != "train-generator":
-        raise ConfigError(f"{run} is not a train-generator run (its config.yaml names another recipe)")
-    return TrainGeneratorSettings.from_dict(data, where=str(run / "config.yaml"))
-
-
 class SampleRecipe:
     Settings = SampleSettings
 
@@ -143,17 +113,16 @@ class SampleRecipe:
         self.run_dir, self.dist, self.logger = open_run("sample", cfg)
         self.device = self.dist.device
         run = Path(cfg.generator_run)
-        self.train = read_run(run, "generator_run")
+        _, self.train = read_run(run, "generator_run", ("train-generator", "train-tokens"))
         k = self.train.data.num_classes
-        # A tokenizer with random weights (the tiny test ones) comes out as train-generator built it.
-        seed_everything(self.train.run.seed)
+        # A tokenizer with random weights (the tiny test ones) comes out as the training run built it.
         block = cfg.tokenizer or self.train.tokenizer
-        self.tokenizer = block.build("tokenizers").to(self.device).eval().requires_grad_(False)
+        self.tokenizer = frozen_tokenizer(block, self.train.run.seed, self.device)
         self.discrete = self.tokenizer.vocab_size is not None
         self.stage2 = None
         if cfg.stage2_run is not None:
             self._setup_stage2(Path(cfg.stage2_run))
-        elif not hasattr(self.tokenizer, "decode"):
+        elif not self.tokenizer.can_decode:
             raise ConfigError(
                 f"tokenizer {block.name!r} has no pixel decoder; sample a generator whose tokens decode "
                 "to images, or name a DiGIT stage-2 run (stage2_run=...) that turns them into VQGAN codes"
@@ -174,64 +143,32 @@ class SampleRecipe:
 
     def _setup_stage2(self, run: Path) -> None:
         """DiGIT: stage 1's tokens condition the stage-2 generator, whose tokenizer (the VQGAN) decodes."""
-        self.train2 = read_run(run, "stage2_run")
-        if self.train2.condition_tokenizer is None:
-            raise ConfigError(f"stage2_run {run} is not a stage-2 run: its config has no condition_tokenizer")
+        recipe, self.train2 = read_run(run, "stage2_run", GENERATOR_RECIPES)
+        if recipe != "train-stage2":
+            raise ConfigError(f"stage2_run {run} is not a stage-2 run: {recipe} wrote it, not train-stage2")
         if not self.discrete:
             raise ConfigError(
                 f"stage2_run continues a token generator; generator_run {self.cfg.generator_run} makes "
                 "continuous latents"
             )
-        seed_everything(self.train2.run.seed)
-        self.decoder = self.train2.tokenizer.build("tokenizers").to(self.device).eval().requires_grad_(False)
+        self.decoder = frozen_tokenizer(self.train2.tokenizer, self.train2.run.seed, self.device)
         shape = generator_shapes(self.decoder, self.train2.data.num_classes, condition=self.tokenizer)
         self.stage2 = self._load_generator(run, self.train2, None, shape)
 
     def _latent_stats(self, run: Path) -> None:
-        """The statistics train-generator saved in its run folder; recomputed (the same images, the
-        same reduction) only for a run that has none and a tokenizer that brings none."""
-        path = run / STATS_FILE
-        if path.is_file():
-            self.tokenizer.set_stats(LatentStats.load(path))
-            return
-        if getattr(self.tokenizer, "stats", None) is not None:
-            return
+        """The statistics the training run saved in its folder; recomputed (the same images, the same
+        reduction) only for a run that has none and a tokenizer that brings none."""
         d, e = self.train.data, self.train.eval
-        log.info("%s holds no %s: recomputing the latent statistics as train-generator did", run, STATS_FILE)
-        dataset = build_training_data(d, self.train.tokenizer.name, self.train.training.seed)
-        fit_latent_stats(self.tokenizer, dataset, e.stats_batches, e.stats_reduce, self.device)
-
-    def _load_generator(
-        self, run: Path, train: TrainGeneratorSettings, checkpoint: str | None, shape: dict[str, Any]
-    ) -> torch.nn.Module:
-        if checkpoint is not None:
-            folder = Path(checkpoint)
-        else:
-            found = list_checkpoints(run / "checkpoints")
-            if not found:
-                raise CheckpointError(f"{run / 'checkpoints'} holds no whole checkpoint to sample from")
-            folder = found[-1]
-        weights = self.cfg.weights
-        if weights == "ema" and train.training.ema_decay is None:
-            weights = "model"  # a run without EMA (DiGIT's recipe)
-        try:
-            sd, config = load_checkpoint(folder / f"{weights}.safetensors")
-        except FileNotFoundError as err:
-            raise CheckpointError(f"{err}: expected a checkpoint folder written by train-generator") from err
-        name = train.generator.name
-        if config.get("name") not in (None, name):
-            raise CheckpointError(
-                f"{folder} is a checkpoint of {config.get('name')!r}, the run trains {name!r}"
+        if not (run / STATS_FILE).is_file() and self.tokenizer.stats is None:
+            log.info(
+                "%s holds no %s: recomputing the latent statistics as its training run did", run, STATS_FILE
             )
-        for key, value in shape.items():  # e.g. stage 1's tokens against what stage 2 was trained on
-            saved = config.get(key)
-            if saved is not None and to_plain(saved) != to_plain(value):
-                raise CheckpointError(
-                    f"{folder} was trained with {key}={saved}, but the tokenizers here give {key}={value}"
-                )
-        generator = train.generator.build("generators", **shape)
-        load_into(generator, sd)
-        log.info("sampling %s from %s (%s weights, step %s)", name, folder, weights, config.get("step"))
+        dataset = lambda: build_training_data(d, self.train.tokenizer.name, self.train.training.seed)  # noqa: E731
+        how = restore_latent_stats(self.tokenizer, run, dataset, e.stats_batches, e.stats_reduce, self.device)
+        log.info("latent statistics: %s", how)
+
+    def _load_generator(self, run: Path, train: Any, checkpoint: str | None, shape: dict[str, Any]):
+        generator = load_generator(run, train, checkpoint, self.cfg.weights, shape)
         return generator.to(self.device).eval()
 
     def _images(self, y: torch.Tensor, sampler: dict[str, Any], sampler2: dict[str, Any]) -> torch.Tensor:

@@ -8,8 +8,8 @@
 KL + VF loss against a frozen foundation model + adaptive-weight PatchGAN), ``rae`` (``RAELoss``:
 frozen encoder, decoder trained with L1 + LPIPS + DINO-discriminator GAN; the latent noise is the
 tokenizer's ``noise_tau``) or ``vqgan`` (``VQGANLoss``: codebook + commitment + L1/LPIPS/GAN).  Each
-step updates the autoencoder, then the discriminator (both through the runner's Trainer: DDP,
-accumulation, exact resume).  VA-VAE and VQGAN gates count steps, RAE's count epochs, as in their
+step updates the autoencoder, then the discriminator (the loop below; DDP, accumulation and exact
+resume through the training kit).  VA-VAE and VQGAN gates count steps, RAE's count epochs, as in their
 code.  Every ``eval.every`` steps the EMA (or live) weights reconstruct a held-out set: PSNR, SSIM and
 rFID go to TensorBoard, a grid (originals over reconstructions) to ``eval/``, the numbers to
 ``eval.json``; the trained tokenizer is written to ``tokenizer.safetensors`` in its own format.
@@ -29,13 +29,20 @@ from einops import rearrange
 from PIL import Image
 
 from latentforge_core.checkpoint import load_checkpoint, load_into
-from latentforge_core.device import rng_state, set_rng_state
+from latentforge_core.device import autocast, rng_state, set_rng_state
 from latentforge_metrics.reconstruction import PSNR, SSIM
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, settings
 from latentforge_runner.data import Digits, build_dataset
-from latentforge_runner.recipes import RunSettings, open_run
-from latentforge_runner.training import Trainer, TrainingSettings
+from latentforge_runner.run_folder import RunSettings, open_run
+from latentforge_runner.training import (
+    StepLog,
+    TrainingSettings,
+    TrainState,
+    backward,
+    split_batch,
+    sync_contexts,
+)
 from latentforge_tokenizers import losses
 from latentforge_tokenizers.discriminators import DiffAug, DinoDiscriminator, dino_trunk
 from latentforge_tokenizers.losses import gate
@@ -148,22 +155,26 @@ class TrainTokenizerRecipe:
         self.tokenizer = cfg.tokenizer.build("tokenizers")
         self._check_tokenizer()
         self.loss = self._build_loss().to(self.device)
-        disc = self.loss.discriminator
-        self.trainer = Trainer(
+        self.tokenizer.to(self.device)
+        self.model = distributed.wrap(self.tokenizer, self.dist, compile=cfg.training.compile)
+        self.state = TrainState(
             self.tokenizer,
             cfg.training,
-            run_dir=self.run_dir,
+            data=self.train_data,
             num_items=num_items,
             dist=self.dist,
-            logger=self.logger,
-            model_config={"name": cfg.tokenizer.name, **cfg.tokenizer.params},
-            discriminator=disc,
+            run_dir=self.run_dir,
+            config={"name": cfg.tokenizer.name, **cfg.tokenizer.params},
         )
+        self.disc = self.loss.discriminator
+        if self.disc is not None:  # its own AdamW and schedule, advanced on its updates only (as RAE's)
+            self.disc_optim = self.state.add("discriminator", self.disc, key="disc")
+            self.disc_model = distributed.wrap_closure(self.disc, self.dist)
         self.rfid = None if cfg.eval.rfid is None else cfg.eval.rfid.build("metrics", device=self.device)
         encode_args = inspect.signature(self.tokenizer.encode).parameters
         self.encode_kwargs = {"sample": False} if "sample" in encode_args else {}  # VA-VAE: the mean
         self.history: list[dict[str, float]] = []
-        if cfg.run.resume and self.trainer.resume():
+        if cfg.run.resume and self.state.resume():
             self._load_history()
 
     # ---------------------------------------------------------------------------- building
@@ -240,73 +251,108 @@ class TrainTokenizerRecipe:
             load_into(disc, load_checkpoint(d.weights)[0])
         return disc
 
+    # ---------------------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        t, state = self.cfg.training, self.state
+        gen_loss, disc_loss = self._losses()
+        progress = StepLog(t, self.logger, state.step, self.cfg.loss.name, show=self.dist.is_main)
+        if self.cfg.eval.every and state.step == 0:
+            self.evaluate(0)  # the starting point of the curves
+        self.tokenizer.train()
+        for batch in state.batches:  # the rest of the run, from where a resumed run stopped
+            parts = split_batch(batch, t.grad_accum)  # the generator pass leaves its fakes in them
+            logs: dict[str, float] = {}
+            self._discriminator_trainable(False)  # the GAN term reaches only the autoencoder
+            for part, sync in zip(parts, sync_contexts(self.model, self.dist, len(parts)), strict=True):
+                with sync:
+                    with autocast(self.device, t.dtype):
+                        loss, extra = _with_logs(gen_loss(part))
+                    _accumulate(logs, "", loss, extra, len(parts), backward(loss, len(parts), state.step))
+            logs |= state.update()  # optimiser step, LR schedule, EMA
+            self._discriminator_trainable(True)
+            if self.disc is not None:
+                logs |= self._discriminator_step(parts, disc_loss)
+            state.step += 1
+            progress.update(state.step, logs, state.optim.lr)
+            if self.cfg.eval.every and state.step % self.cfg.eval.every == 0:
+                self.evaluate(state.step)
+            if t.checkpoint_due(state.step):
+                state.save()  # checkpoints/<step>/: weights, discriminator, optimisers, data position, RNG
+        return progress.close()
+
+    def _discriminator_step(self, parts: list[dict[str, Any]], disc_loss) -> dict[str, float]:
+        """One discriminator update on the step's micro-batches (none while its gate is closed)."""
+        t, logs = self.cfg.training, {}
+        for part, sync in zip(parts, sync_contexts(self.disc_model, self.dist, len(parts)), strict=True):
+            with sync:
+                with autocast(self.device, t.dtype):
+                    out = self.disc_model(disc_loss, part)
+                if out is None:
+                    return {}
+                loss, extra = _with_logs(out)
+                share = backward(loss, len(parts), self.state.step, what="discriminator loss")
+                _accumulate(logs, "d_", loss, extra, len(parts), share)
+        return logs | {f"d_{k}": v for k, v in self.disc_optim.step().items()}
+
+    def _discriminator_trainable(self, flag: bool) -> None:
+        for p in self.disc_optim.params if self.disc is not None else ():
+            p.requires_grad_(flag)
+
     # ---------------------------------------------------------------------------- losses per family
     def _losses(self):
-        """(generator loss, discriminator loss) for the Trainer; fakes travel in the micro-batch."""
-        name, lf, trainer = self.cfg.loss.name, self.loss, self.trainer
+        """(autoencoder loss, discriminator loss) of a micro-batch, each ``(loss, logs)``; the
+        discriminator's returns None while its gate is closed.  Fakes travel in the micro-batch."""
+        name, lf, state, ae = self.cfg.loss.name, self.loss, self.state, self.tokenizer
 
         if name == "vavae":
 
-            def gen(model, batch):
+            def gen(batch):
                 x = batch["image"] * 2 - 1  # B 3 H W in [-1, 1]
-                out = model(x)
+                out = self.model(x)
                 batch["fake"] = out["recon"].detach()
-                return lf.generator_loss(x, out, trainer.model, trainer.step)
+                return lf.generator_loss(x, out, ae, state.step)
 
             def disc(batch):
-                if not gate(trainer.step, lf.disc_start):
+                if not gate(state.step, lf.disc_start):
                     return None
-                return lf.discriminator_loss(batch["image"] * 2 - 1, batch["fake"], trainer.step)
+                return lf.discriminator_loss(batch["image"] * 2 - 1, batch["fake"], state.step)
 
         elif name == "rae":
 
-            def gen(model, batch):
-                recon = model(batch["image"])  # noised latents in train mode
-                last = trainer.model.decoder.decoder_pred.weight
-                return lf.generator_loss(batch["image"], recon, last, trainer.sampler.epoch)
+            def gen(batch):
+                recon = self.model(batch["image"])  # noised latents in train mode
+                last = ae.decoder.decoder_pred.weight
+                return lf.generator_loss(batch["image"], recon, last, state.batches.epoch)
 
             def disc(batch):
-                epoch = trainer.sampler.epoch
+                epoch = state.batches.epoch
                 if lf.discriminator is None or not gate(epoch, lf.disc_update_start):
                     return None
                 with torch.no_grad():  # RAE regenerates the fakes in eval mode: no latent noise
-                    fake = trainer.model.eval()(batch["image"])
-                trainer.model.train()
+                    fake = ae.eval()(batch["image"])
+                ae.train()
                 return lf.discriminator_loss(batch["image"], fake, epoch)
 
         else:
 
-            def gen(model, batch):
-                recon, qloss, _ = model(batch["image"])
+            def gen(batch):
+                recon, qloss, _ = self.model(batch["image"])
                 batch["fake"] = recon.detach()
-                return lf.generator_loss(batch["image"], recon, qloss, trainer.model, trainer.step)
+                return lf.generator_loss(batch["image"], recon, qloss, ae, state.step)
 
             def disc(batch):
-                if lf.discriminator is None or not gate(trainer.step, lf.disc_start):
+                if lf.discriminator is None or not gate(state.step, lf.disc_start):
                     return None
-                return lf.discriminator_loss(batch["image"], batch["fake"], trainer.step)
+                return lf.discriminator_loss(batch["image"], batch["fake"], state.step)
 
-        return gen, (disc if lf.discriminator is not None else None)
-
-    def run(self) -> dict[str, Any]:
-        gen, disc = self._losses()
-
-        def on_step(trainer: Trainer) -> None:
-            if self.cfg.eval.every and trainer.step % self.cfg.eval.every == 0:
-                self.evaluate(trainer.step)
-
-        if self.cfg.eval.every and self.trainer.step == 0:
-            self.evaluate(0)  # the starting point of the curves
-        return self.trainer.fit(
-            self.train_data, gen, disc_loss_fn=disc, on_step=on_step, desc=self.cfg.loss.name
-        )
+        return gen, disc
 
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         """PSNR/SSIM on the 8-bit reconstructions of the held-out set (and rFID), logged and saved."""
         state = rng_state()  # evaluation must not move the training RNG
-        model = self.trainer.eval_model()
+        model = self.state.eval_model()
         psnr, ssim = PSNR(), SSIM()
         if self.rfid is not None:
             self.rfid.reset()  # a frozen reference (the held-out features) is kept
@@ -335,7 +381,7 @@ class TrainTokenizerRecipe:
                 self.rfid.set_reference((real.mu, real.sigma))
             result["rfid"] = float(self.rfid.compute())
         set_rng_state(state)
-        self.trainer.model.train()
+        self.tokenizer.train()
         self._record(result, first)
         return result
 
@@ -365,17 +411,30 @@ class TrainTokenizerRecipe:
         path = self.run_dir / "eval.json"
         if path.is_file():
             steps = json.loads(path.read_text())["history"]
-            self.history = [h for h in steps if h["step"] <= self.trainer.step]
+            self.history = [h for h in steps if h["step"] <= self.state.step]
 
     # ---------------------------------------------------------------------------- protocol
     def save(self) -> None:
-        if not self.history or self.history[-1]["step"] != self.trainer.step:
-            self.evaluate(self.trainer.step)
+        if not self.history or self.history[-1]["step"] != self.state.step:
+            self.evaluate(self.state.step)
         if self.dist.is_main:
-            self.trainer.eval_model().save(self.run_dir / "tokenizer.safetensors")
-        self.trainer.model.train()
+            self.state.eval_model().save(self.run_dir / "tokenizer.safetensors")
+        self.tokenizer.train()
         distributed.barrier()
 
     def cleanup(self) -> None:
         self.logger.close()
         distributed.cleanup()
+
+
+def _accumulate(logs: dict[str, float], prefix: str, loss, extra, parts: int, share: float) -> None:
+    """Add one micro-batch's loss share and its extra scalars (each / ``parts``) to the step's logs."""
+    logs[f"{prefix}loss"] = logs.get(f"{prefix}loss", 0.0) + share
+    for k, v in extra.items():
+        value = float(v.detach() if isinstance(v, torch.Tensor) else v) / parts
+        logs[f"{prefix}{k}"] = logs.get(f"{prefix}{k}", 0.0) + value
+
+
+def _with_logs(out) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A loss function's ``loss`` or ``(loss, logs)`` as ``(loss, logs)``."""
+    return out if isinstance(out, tuple) else (out, {})

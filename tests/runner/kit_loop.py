@@ -1,0 +1,58 @@
+"""The smallest recipe loop over the training kit: what the kit's tests (resume, DDP, data) drive.
+
+A recipe writes this loop itself (see ``recipes/train_generator.py``); the tests share this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from latentforge_core.device import autocast
+from latentforge_runner import distributed
+from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
+
+
+def build(
+    model, t: TrainingSettings, data, num_items: int, run_dir, *, dist=None, name=None, method="forward"
+):
+    """A run's state (not resumed yet) and the module its step calls."""
+    dist = dist or distributed.DistInfo()
+    model.to(dist.device)
+    state = TrainState(
+        model,
+        t,
+        data=data,
+        num_items=num_items,
+        dist=dist,
+        run_dir=run_dir,
+        config={"name": name} if name else {},
+    )
+    return state, distributed.wrap(model, dist, method=method, compile=t.compile)
+
+
+def fit(state: TrainState, entry, loss_fn: Callable, on_step: Callable | None = None) -> dict[str, float]:
+    """Train until ``steps`` on ``loss_fn(entry, micro_batch)``; ``on_step(state)`` after each step."""
+    t, dist = state.t, state.dist
+    state.model.train()
+    last = {}
+    for batch in state.batches:
+        logs = {"loss": 0.0}
+        for part, sync in micro_batches(batch, t.grad_accum, entry, dist):
+            with sync:
+                with autocast(dist.device, t.dtype):
+                    loss = loss_fn(entry, part)
+                logs["loss"] += backward(loss, t.grad_accum, state.step)
+        logs |= state.update()
+        state.step += 1
+        last = logs
+        if on_step is not None:
+            on_step(state)
+        if t.checkpoint_due(state.step):
+            state.save()
+    return last
+
+
+def cross_entropy(model, batch) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
