@@ -21,11 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save_bytes
 
+from latentforge_core.errors import LatentforgeError
+
 FORMAT = "latentforge"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LatentforgeError, ValueError):
     """A checkpoint that cannot be read, or that does not fit the module it is loaded into."""
 
 

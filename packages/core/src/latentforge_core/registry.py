@@ -22,17 +22,18 @@ from typing import Any
 import attrs
 
 from latentforge_core import protocols
+from latentforge_core.errors import LatentforgeError
 
 DISABLE_AUTOLOAD_ENV = "LATENTFORGE_DISABLE_PLUGIN_AUTOLOAD"
 FIRST_PARTY_PREFIX = "latentforge-"
 IN_PROCESS = "<in-process>"
 
 
-class RegistryError(LookupError):
+class RegistryError(LatentforgeError, LookupError):
     """A name that cannot be resolved: unknown, ambiguous, or reserved."""
 
 
-class PluginLoadError(ImportError):
+class PluginLoadError(LatentforgeError, ImportError):
     """An entry point whose target could not be imported or built."""
 
 

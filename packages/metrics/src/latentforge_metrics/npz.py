@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from latentforge_core.checkpoint import atomic_path
+from latentforge_core.errors import LatentforgeError
 from latentforge_metrics.inception import check_images, to_uint8
 from latentforge_metrics.stats import GaussianStats
 
 
-class ReferenceFileError(ValueError):
+class ReferenceFileError(LatentforgeError, ValueError):
     """An ``.npz`` that is missing, truncated, corrupted or lacks the arrays a metric needs."""
 
 

@@ -22,9 +22,10 @@ import attrs
 import yaml
 
 from latentforge_core import registry
+from latentforge_core.errors import LatentforgeError
 
 
-class ConfigError(ValueError):
+class ConfigError(LatentforgeError, ValueError):
     """A config that does not fit its recipe's settings: says which key and what was expected."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from latentforge_core.errors import LatentforgeError
 from latentforge_metrics.npz import iter_npz_images
 from latentforge_runner.config import ConfigError, Settings, settings
 
@@ -29,7 +30,7 @@ CROPS = ("center", "random")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".JPEG")
 
 
-class DataError(ValueError):
+class DataError(LatentforgeError, ValueError):
     """A data set that cannot serve a run (empty folder, wrong layout, bad arguments)."""
 
 
