@@ -136,6 +136,64 @@ def test_official_layout_into_registered_encoder(tmp_path):
     torch.testing.assert_close(encoder(img), expected, **TOL)
 
 
+def timm_dinov2(name, seed=0, **kwargs):
+    """timm's own DINOv2 ViT ``name`` at a tiny size, every parameter random (the peer)."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.2 * noise if "norm" in key and key.endswith("weight") else 0.3 * noise)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "name", ["vit_small_patch14_dinov2", "vit_base_patch14_reg4_dinov2", "vit_giant_patch14_reg4_dinov2"]
+)
+def test_timm_layout_matches_timm(tmp_path, name):
+    """timm's names: ``reg_token``, a ``pos_embed`` without the CLS slot (``no_embed_class``: the CLS
+    token gets no position), the giant's packed SwiGLU ``mlp.fc1``/``fc2``; CLS, registers and patch
+    tokens equal timm's at the native grid and, resized as timm's ``dynamic_img_size`` does, at another."""
+    size = dict(embed_dim=128, depth=2, num_heads=2, img_size=56)  # head dim 64, as DINOv2's
+    peer = timm_dinov2(name, **size)
+    path = tmp_path / f"{name}.pth"
+    torch.save(peer.state_dict(), path)
+    encoder = load_encoder(path)
+    registers = 4 if "reg4" in name else 0
+    assert (encoder.vit.num_registers, encoder.vit.num_prefix_tokens) == (registers, 1 + registers)
+    assert encoder.vit.config["ffn"] == ("swiglu" if "giant" in name else "mlp")
+    assert encoder.vit.pos_antialias == bool(registers)  # timm's own names say how it resizes
+    # timm's non-register models use the official names, so the file cannot say it is timm's: the
+    # resize is then the caller's choice (a preset's ``pos_antialias``), set to timm's here.
+    encoder.vit.pos_antialias = True
+    resizing = timm_dinov2(name, dynamic_img_size=True, **size)
+    resizing.load_state_dict(peer.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    for model, side in ((peer, 56), (resizing, 84)):
+        x = torch.randn(2, 3, side, side, generator=gen)
+        with torch.no_grad():
+            expected, got = model.forward_features(x), encoder.vit(x)
+        assert got.shape == expected.shape == (2, 1 + registers + (side // 14) ** 2, 128)
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got[:, 0], expected[:, 0], rtol=1e-5, atol=1e-5 * scale)  # CLS
+        torch.testing.assert_close(got[:, 1 + registers :], expected[:, 1 + registers :], rtol=1e-5,
+                                   atol=1e-5 * scale)  # fmt: skip
+
+
+def test_timm_layout_into_registered_encoder(tmp_path):
+    peer = timm_dinov2("vit_base_patch14_reg4_dinov2", embed_dim=64, depth=4, num_heads=4, patch_size=4,
+                       img_size=32)  # fmt: skip
+    path = tmp_path / "timm_reg4.pth"
+    torch.save(peer.state_dict(), path)
+    encoder = registry.encoders.build("test-vit-tiny", pretrained=str(path))
+    img = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = peer.forward_features((img - encoder.mean) / encoder.std)
+    expected = expected[:, 5:].transpose(1, 2).reshape(2, 64, 8, 8)
+    torch.testing.assert_close(encoder(img), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_hf_folder_into_registered_encoder(hf_folder, hf_run):
     folder, model = hf_folder(
         "dinov2_reg", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from latentforge_core import registry
 from latentforge_core.checkpoint import CheckpointError
 from latentforge_generators.convert import (
     dit_to_diffusers_state_dict,
@@ -65,6 +66,51 @@ def test_matches_diffusers_on_same_weights(patch, learn_sigma):
     assert got.shape == expected.shape == (4, ours.out_channels, 8, 8)
     assert expected.abs().max() > 0.1  # a real signal, not adaLN-Zero's zeros
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def diffusers_dit(norm_eps: float, differing_blocks=(), depth: int = 3):
+    """A ``DiTTransformer2DModel`` with random weights, built by diffusers itself; every block's
+    embedder copy equals block 0's except those of ``differing_blocks`` (a fine-tune's drift)."""
+    from diffusers import DiTTransformer2DModel
+
+    theirs = DiTTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=depth,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=norm_eps,
+    )  # fmt: skip
+    randomize(theirs)
+    first = theirs.transformer_blocks[0].norm1.emb.state_dict()
+    for i, block in enumerate(theirs.transformer_blocks):
+        if i and i not in differing_blocks:
+            block.norm1.emb.load_state_dict(first)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("norm_eps", [1e-6, 1e-5, 1e-3])
+def test_from_diffusers_is_exact_for_its_norm_eps(norm_eps):
+    """diffusers' second LayerNorm of each block uses ``config.norm_eps``; ours takes it as
+    ``norm_eps`` and writes it back (1e-3 is there because 1e-5 against 1e-6 moves the output by
+    less than the tolerance)."""
+    theirs = diffusers_dit(norm_eps)
+    ours = from_diffusers(theirs).eval()
+    assert ours.norm_eps == norm_eps and all(b.norm2.eps == norm_eps for b in ours.blocks)
+    x, t, y = inputs(ours)
+    with torch.no_grad():
+        expected = theirs(x, t * 999, y).sample
+        got = ours(x, t * 999, y)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    back = to_diffusers(ours).eval()
+    assert back.config.norm_eps == norm_eps
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t * 999, y).sample, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_from_diffusers_refuses_per_block_embedders_that_differ():
+    """A fine-tune's per-block embedder copies drift apart; our DiT has one embedder, so the
+    conversion is refused, naming the blocks, instead of silently keeping block 0's."""
+    with pytest.raises(CheckpointError, match=r"transformer_blocks 1, 3 differ from block 0") as err:
+        from_diffusers(diffusers_dit(1e-6, differing_blocks=(1, 3), depth=4))
+    assert "block 2" not in str(err.value) and "timestep_embedder" in str(err.value)
 
 
 def test_dit_frequencies_match_diffusers_with_its_shift_removed():
@@ -270,3 +316,19 @@ def test_compiled_blocks_match_eager(builder, options):
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_every_flow_builder_loads_released_weights_by_path(tmp_path):
+    """``pretrained=`` takes an official training checkpoint ({"ema", "model"}: EMA first) or our own
+    FlowGenerator weights, so a released model needs no Python to load."""
+    from latentforge_core.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    trained = registry.generators.build("test-lightningdit")
+    other = {k: torch.randn_like(v) for k, v in trained.backbone.state_dict().items()}
+    torch.save({"model": other, "ema": trained.backbone.state_dict()}, tmp_path / "official.pt")
+    save_checkpoint(trained.state_dict(), tmp_path / "ours.safetensors", {})
+    for source in (tmp_path / "official.pt", tmp_path / "ours.safetensors"):
+        loaded = registry.generators.build("test-lightningdit", pretrained=str(source))
+        for (k, a), b in zip(trained.state_dict().items(), loaded.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k

@@ -11,9 +11,10 @@ from transformers import LlamaConfig
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
+from latentforge_core.checkpoint import CheckpointError
 from latentforge_generators.convert import load_official, to_diffusers
 from latentforge_generators.layers import RMSNorm, RoPE2D, SwiGLU
-from latentforge_generators.lightningdit import SIZES, LightningDiT
+from latentforge_generators.lightningdit import SIZES, LightningDiT, RAELightningDiT
 
 TINY = dict(input_size=4, in_channels=8, num_classes=10)
 
@@ -151,6 +152,55 @@ def test_released_state_dict_loads_strictly(tmp_path, qk_norm):
     x, t, y = inputs(model)
     with torch.no_grad():
         assert torch.isfinite(model.eval()(x, t, y)).all()
+
+
+# RAE's own LightningDiT (bytetriper/RAE src/stage2/models/lightningDiT.py, from the reference notes):
+# hustvl's layout, except that time enters through Gaussian-Fourier features, t_embedder.W [256],
+# and a 512-wide first t-MLP layer; t = 1 is noise, fed raw.
+def rae_lightningdit_layout(depth, d, heads, c_in, patch, grid, num_classes=1000):
+    layout = official_lightningdit_layout(depth, d, heads, c_in, patch, grid, num_classes=num_classes)
+    return layout | {"t_embedder.W": (256,), "t_embedder.mlp.0.weight": (d, 512)}
+
+
+def test_rae_lightningdit_xl_layout_and_size():
+    with torch.device("meta"):
+        model = RAELightningDiT(**SIZES["lightningdit-xl-1"])
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == rae_lightningdit_layout(28, 1152, 16, 768, 1, 16)
+    # The RAE paper's DiT-XL on DINOv2-B latents: "676 M" parameters (676.95 M trainable).
+    assert int(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6) == 676
+    assert RAELightningDiT.time_convention == "noise_at_1" and not model.learn_sigma
+
+
+def test_rae_lightningdit_state_dict_loads_and_embeds_time_as_rae_does(tmp_path):
+    layout = rae_lightningdit_layout(2, 64, 4, 8, 1, 4, num_classes=10)
+    gen = torch.Generator().manual_seed(0)
+    official = {k: torch.randn(s, generator=gen) * 0.1 for k, s in layout.items()}
+    path = tmp_path / "ep-0000080.pt"  # RAE's train.py: {"step", "epoch", "model", "ema", …}; ema used
+    torch.save({"step": 1, "model": {k: v + 1 for k, v in official.items()}, "ema": official}, path)
+    model = load_official(RAELightningDiT(**SIZES["test-lightningdit"], **TINY), path).eval()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in official.items())
+    # RAE's forward written out: c = mlp([sin 2πtW, cos 2πtW]) + label row (no SiLU on the sum),
+    # then the LightningDiT blocks and final layer on c.
+    x, _, y = inputs(model)
+    t = torch.tensor([0.0, 0.43, 1.0])
+    args = 2 * math.pi * t[:, None] * official["t_embedder.W"][None]
+    feats = torch.cat([args.sin(), args.cos()], dim=-1)
+    w0, b0, w2, b2 = (official[f"t_embedder.mlp.{i}.{k}"] for i in (0, 2) for k in ("weight", "bias"))
+    c = torch.nn.functional.silu(feats @ w0.T + b0) @ w2.T + b2
+    c = c + official["y_embedder.embedding_table.weight"][y]
+    with torch.no_grad():
+        h = model.x_embedder(x) + official["pos_embed"]
+        for block in model.blocks:
+            h = block(h, c, model.feat_rope)
+        expected = model.final_layer(h, c).transpose(1, 2).reshape(x.shape)  # patch 1: tokens → grid
+        torch.testing.assert_close(model(x, t, y), expected, atol=1e-5, rtol=1e-5)
+    # A hustvl LightningDiT cannot hold it (and says why); the Fourier frequencies must be in the file.
+    with pytest.raises(CheckpointError, match=r"t_embedder\.W"):
+        load_official(LightningDiT(**SIZES["test-lightningdit"], **TINY), official)
+    del official["t_embedder.W"]
+    with pytest.raises(CheckpointError, match=r"t_embedder\.W"):
+        load_official(RAELightningDiT(**SIZES["test-lightningdit"], **TINY), official)
 
 
 def test_rope_tables_equal_the_released_formula():

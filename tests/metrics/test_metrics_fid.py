@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from latentforge_core import registry
+from latentforge_core.errors import StateError
 from latentforge_core.protocols import Metric
 from latentforge_metrics import (
     FID,
@@ -84,7 +85,7 @@ def test_frechet_metric_against_fixed_and_streamed_references(tmp_path):
     with pytest.raises(ValueError, match="fixed reference"):
         fixed.update_features(real, real=True)
     fixed.reset()
-    with pytest.raises(ValueError, match="no generated images"):
+    with pytest.raises(StateError, match="no generated images"):
         fixed.compute()
     with pytest.raises(ValueError, match="no reference"):
         half.compute()

@@ -10,6 +10,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from latentforge_core import registry
+from latentforge_core.errors import StateError
 from latentforge_core.protocols import Metric
 from latentforge_metrics import (
     PSNR,
@@ -146,7 +147,7 @@ def test_reconstruction_metrics_reject_bad_input(image_pairs):
         psnr(preds[:, :, :10], target)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         ssim(preds * 2 - 1, target)
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(StateError, match="no images"):  # a call before any update
         SSIM().compute()
     with pytest.raises(TypeError, match="cannot merge"):
         SSIM().merge(PSNR())

@@ -32,12 +32,16 @@ def build(
     return state, distributed.wrap(model, dist, method=method, compile=t.compile)
 
 
-def fit(state: TrainState, entry, loss_fn: Callable, on_step: Callable | None = None) -> dict[str, float]:
-    """Train until ``steps`` on ``loss_fn(entry, micro_batch)``; ``on_step(state)`` after each step."""
+def fit(
+    state: TrainState, entry, loss_fn: Callable, on_step: Callable | None = None, logger=None
+) -> dict[str, float]:
+    """Train until ``steps`` on ``loss_fn(entry, micro_batch)``; ``on_step(state)`` after each step;
+    with a ``logger`` (a RunLogger), the step's scalars go to it through the state's step log."""
     t, dist = state.t, state.dist
+    progress = state.step_log(logger, "kit") if logger is not None else None
     state.model.train()
     last = {}
-    for batch in state.batches:
+    for batch in state.steps():
         logs = {"loss": 0.0}
         for part, sync in micro_batches(batch, t.grad_accum, entry, dist):
             with sync:
@@ -47,6 +51,8 @@ def fit(state: TrainState, entry, loss_fn: Callable, on_step: Callable | None = 
         logs |= state.update()
         state.step += 1
         last = logs
+        if progress is not None:
+            progress.update(state.step, logs, state.optim.lr)
         if on_step is not None:
             on_step(state)
         if t.checkpoint_due(state.step):

@@ -41,7 +41,7 @@ def test_tiny_tokenizer_learns_on_digits(tmp_path, config):
     assert [h["step"] for h in report["history"]] == [0, 20, 40] and final["step"] == 40
     assert final["psnr"] > first["psnr"] + margin, report["history"]
     assert final["ssim"] > first["ssim"] + 0.2, report["history"]
-    assert final["rfid"] < first["rfid"] / 4, report["history"]
+    assert final["fd-dinov2"] < first["fd-dinov2"] / 4, report["history"]  # the metric under its own name
     # The run folder: config, whole checkpoints with the discriminator, scalars, grids, the tokenizer.
     assert (tmp_path / "config.yaml").is_file()
     for ckpt in list_checkpoints(tmp_path / "checkpoints"):
@@ -87,7 +87,7 @@ def test_inception_rfid_equals_the_metric_on_the_exported_tokenizer(tmp_path):
         recon = (tok.decode(tok.encode(images)).clamp(0, 1) * 255).round() / 255
     direct = RFID(weights=weights)
     direct.update(recon, (images * 255).round() / 255)
-    assert report["final"]["rfid"] == pytest.approx(direct.compute(), rel=1e-4)
+    assert report["final"]["fd-dinov2"] == pytest.approx(direct.compute(), rel=1e-4)
 
 
 def _checkpoint_tensors(folder):

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from latentforge_core import registry
 from latentforge_core.checkpoint import CheckpointError, load_into
+from latentforge_core.errors import StateError
 from latentforge_encoders.vit import VisionTransformer
 from latentforge_tokenizers.discriminators import DiffAug, DinoDiscriminator, dino_trunk
 from latentforge_tokenizers.losses import RAELoss
@@ -243,7 +244,7 @@ def test_bad_inputs(tiny):
         tiny.encode(torch.full((1, 3, 32, 32), 255.0))
     with pytest.raises(ValueError, match=r"latents \[B, 64, 8, 8\]"):
         tiny.decode(torch.randn(1, 64, 4, 4))
-    with pytest.raises(ValueError, match="no latent statistics"):
+    with pytest.raises(StateError, match="no latent statistics"):  # a call before its statistics
         tiny.decode(torch.randn(1, 64, 8, 8), normalize=True)
     with pytest.raises(ValueError, match="unknown RAE decoder"):
         build_rae("test-vit-tiny", "ViT-H")

@@ -1,12 +1,15 @@
 """VA-VAE: conformance with diffusers' AutoencoderKL (via diffusers' own LDM key converter), the released
 key layout, latent statistics, bad input, and a tiny model learning on scikit-learn's digits."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from latentforge_core import registry
 from latentforge_core.checkpoint import CheckpointError
+from latentforge_core.errors import StateError
 from latentforge_tokenizers.losses import PatchGANDiscriminator, VAVAELoss
 from latentforge_tokenizers.lpips import LPIPS
 from latentforge_tokenizers.stats import LatentStats, StatsAccumulator, stats_path
@@ -144,6 +147,25 @@ def test_released_key_layout_loads_strictly(full_model, tmp_path):
     assert z.shape == (1, 32, 4, 4)
 
 
+def test_released_file_without_linear_proj_loads(full_model, tmp_path, caplog):
+    """An inference release may lack ``linear_proj`` (the VF loss's projection, training only): it
+    loads, the projection stays as it was and a log line says so; any other missing key still errors."""
+    sd = {k: torch.randn(s) for k, s in released_f16d32_layout().items() if not k.startswith("linear_proj.")}
+    path = tmp_path / "vavae-f16d32-infer.pt"
+    torch.save({"state_dict": sd}, path)
+    before = full_model.linear_proj.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="latentforge"):
+        full_model.load_released(path)
+    assert "linear_proj" in caplog.text and "initialisation" in caplog.text
+    assert torch.equal(full_model.linear_proj.weight, before)
+    torch.testing.assert_close(full_model.encoder.conv_in.weight, sd["encoder.conv_in.weight"])
+    bad = dict(sd)
+    bad.pop("quant_conv.weight")
+    with pytest.raises(CheckpointError, match=r"quant_conv\.weight") as err:
+        full_model.load_released(bad)
+    assert "linear_proj" not in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------------
 # Tokenizer API, statistics, bad input
 # ------------------------------------------------------------------------------------------------
@@ -197,7 +219,7 @@ def test_bad_inputs(tiny):
         tiny.encode(torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError, match=r"latents \[B, 8, h, w\]"):
         tiny.decode(torch.randn(1, 4, 8, 8))
-    with pytest.raises(ValueError, match="no latent statistics"):
+    with pytest.raises(StateError, match="no latent statistics"):
         tiny.encode(torch.rand(1, 3, 32, 32), normalize=True)
     with pytest.raises(ValueError, match="do not fit"):
         tiny.set_stats(LatentStats(torch.ones(4, 1, 1)))

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from latentforge_core.errors import InputError, StateError
+
 Backend = Literal["auto", "sdpa", "xformers", "math"]
 BACKENDS = ("auto", "sdpa", "xformers", "math")
 
@@ -85,11 +87,11 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
 def resolve_backend(backend: Backend, device: torch.device) -> str:
     """The backend that ``attention`` will actually run for tensors on ``device``."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+        raise InputError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
     if backend == "xformers" and not (device.type == "cuda" and xformers_available()):
-        raise RuntimeError(
+        raise StateError(
             "attention backend 'xformers' needs the xformers package and CUDA tensors "
             f"(xformers installed: {xformers_available()}, device: {device}); "
             "install the 'xformers' extra or use backend='sdpa'"
@@ -113,12 +115,12 @@ def attention(
     ``is_causal`` with ``N < M`` aligns the mask to the end (the KV-cache convention).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
+        raise InputError(
             f"attention expects 4-D [B, H, N, D] tensors, got q{tuple(q.shape)} "
             f"k{tuple(k.shape)} v{tuple(v.shape)}"
         )
     if is_causal and attn_mask is not None:
-        raise ValueError("pass either attn_mask or is_causal=True, not both")
+        raise InputError("pass either attn_mask or is_causal=True, not both")
     chosen = resolve_backend(backend, q.device)
     if chosen == "xformers":
         return _xformers_attention(q, k, v, attn_mask, is_causal, scale)

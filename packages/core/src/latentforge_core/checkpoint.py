@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save_bytes
 
-from latentforge_core.errors import LatentforgeError
+from latentforge_core.errors import InputTypeError, LatentforgeError, MissingFileError
 
 FORMAT = "latentforge"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -70,6 +70,11 @@ def save_checkpoint(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, config: Mapping[str, Any] | None = None
 ) -> Path:
     """Write ``state_dict`` (+ ``config`` as JSON metadata) to a safetensors file, atomically."""
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise InputTypeError(
+                f"state_dict[{key!r}] must be a tensor to be saved in {path}, got {type(value).__name__}"
+            )
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     metadata = {"format": FORMAT, "config": json.dumps(dict(config or {}), sort_keys=True)}
     data = st_save_bytes(tensors, metadata=metadata)
@@ -135,9 +140,19 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _existing(path: str | os.PathLike) -> Path:
+    """``path`` as a local file: a hub id (``hf:<org>/<repo>/<file>``) resolves through the hub cache."""
+    if isinstance(path, str) and path.startswith("hf:"):
+        from latentforge_core.hub import resolve  # the hub module builds on this one
+
+        path = resolve(path)
     path = Path(path)
+    if path.is_dir():
+        raise MissingFileError(
+            f"checkpoint {path} is a folder, not a file: expected a weights file (in a checkpoint folder, "
+            "its model.safetensors or ema.safetensors)"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     return path
 
 
@@ -159,18 +174,37 @@ def check_state_dict(
         for k in expected
         if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
     ]
+    shared = [k for k in expected if k in given and tuple(given[k].shape) == tuple(expected[k].shape)]
+    kinds = [
+        f"{k}: checkpoint {given[k].dtype} vs model {expected[k].dtype}"
+        for k in shared
+        if given[k].is_floating_point() != expected[k].is_floating_point()
+    ]
+    non_finite = [k for k in shared if _newly_non_finite(given[k], expected[k])]
     problems = []
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): " + _listing(mismatched))
+    if kinds:
+        problems.append(
+            f"{len(kinds)} dtype mismatch(es) (expected floating weights as floats): " + _listing(kinds)
+        )
+    if non_finite:
+        problems.append(
+            f"{len(non_finite)} tensor(s) holding NaN or infinite values (expected finite weights; was the "
+            "run diverging when this was saved?): " + _listing(non_finite)
+        )
     if strict and missing:
         problems.append(f"{len(missing)} missing key(s): " + _listing(missing))
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): " + _listing(unexpected))
     if problems:
-        raise CheckpointError(
-            f"the checkpoint does not fit this {what} (is it a checkpoint of another model or size?); "
-            + "; ".join(problems)
+        layout = mismatched or (strict and (missing or unexpected))
+        head = (
+            f"the checkpoint does not fit this {what} (is it a checkpoint of another model or size?)"
+            if layout
+            else f"the checkpoint's weights cannot be loaded into this {what}"
         )
+        raise CheckpointError(f"{head}; " + "; ".join(problems))
 
 
 def load_into(
@@ -179,6 +213,13 @@ def load_into(
     """``module.load_state_dict`` with an error that names every offending key and shape."""
     check_state_dict(module.state_dict(), state_dict, strict=strict, what=type(module).__name__)
     module.load_state_dict(state_dict, strict=strict)
+
+
+def _newly_non_finite(given: torch.Tensor, model: torch.Tensor) -> bool:
+    """A floating tensor with NaN/inf where the model's own (a finite buffer or parameter) has none."""
+    if not given.is_floating_point() or given.is_meta or bool(torch.isfinite(given).all()):
+        return False
+    return model.is_meta or not model.is_floating_point() or bool(torch.isfinite(model).all())
 
 
 def _listing(items: list[str], limit: int = 12) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentforge_core.errors import InputError, InputTypeError, StateError
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -23,9 +25,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"`` pick CUDA when present; anything else is validated."""
     if device is None or device == "auto":
         return default_device()
-    device = torch.device(device)
+    if not isinstance(device, (str, torch.device)):
+        raise InputTypeError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(
+            f"device {device!r} is not a device torch knows: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} was requested but CUDA is not available on this machine")
+        raise StateError(
+            f"device {device} was requested but CUDA is not available on this machine "
+            "(expected 'auto' or 'cpu' here)"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise StateError(
+            f"device {device} was requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return device
 
 
@@ -47,7 +63,7 @@ def autocast(
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device)."""
     if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        raise InputError(f"seed must be in [0, 2**32), got {seed}")
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -59,7 +75,7 @@ def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
     if isinstance(np_state, dict):  # NumPy's global RandomState was given another bit generator
-        raise RuntimeError(
+        raise StateError(
             f"rng_state saves NumPy's global MT19937 state, but it runs {np_state['bit_generator']}"
         )
     _, keys, pos, has_gauss, cached = np_state

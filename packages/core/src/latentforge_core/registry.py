@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 
 from latentforge_core import protocols
-from latentforge_core.errors import LatentforgeError
+from latentforge_core.errors import InputTypeError, LatentforgeError
 
 DISABLE_AUTOLOAD_ENV = "LATENTFORGE_DISABLE_PLUGIN_AUTOLOAD"
 FIRST_PARTY_PREFIX = "latentforge-"
@@ -121,6 +121,28 @@ class Registry:
             found = [e for e in found if fnmatch.fnmatch(e.name, pattern)]
         return sorted(found, key=lambda e: (e.name, not e.first_party, e.dist))
 
+    def clashes(self) -> list[str]:
+        """One line per name that several distributions claim: a third party's entry that a first-party
+        name shadows, or two third parties making a name ambiguous (``dist/name`` picks one)."""
+        lines = []
+        with warnings.catch_warnings():  # the same news, told here instead
+            warnings.simplefilter("ignore")
+            index = self._discover()
+        for name, entries in sorted(index.items()):
+            if len({_normalize(e.dist) for e in entries}) < 2:
+                continue
+            claims = ", ".join(f"{e.dist} {e.version}" for e in entries)
+            ours = [e for e in entries if e.first_party]
+            if ours:
+                lines.append(
+                    f"{self.kind} name {name!r} is claimed by {claims}: {ours[0].dist}'s is used (the name "
+                    f"is reserved); reach the others as 'dist/{name}'"
+                )
+            else:
+                choices = " or ".join(repr(e.qualified) for e in entries)
+                lines.append(f"{self.kind} name {name!r} is ambiguous, claimed by {claims}: use {choices}")
+        return lines
+
     def names(self, pattern: str | None = None) -> list[str]:
         """The names a user can pass to ``get``; imports nothing."""
         return sorted({e.name for e in self.entries(pattern)})
@@ -202,7 +224,18 @@ class Registry:
         factory = self.get(name)
         if not callable(factory):
             raise PluginLoadError(f"{self.kind} {name!r} resolves to a non-callable {type(factory).__name__}")
-        component = factory(**kwargs)
+        try:
+            component = factory(**kwargs)
+        except LatentforgeError:
+            raise
+        except Exception as err:  # a third party's builder failing its own way: say whose it is
+            entry = self.info(name)
+            if entry.first_party:
+                raise
+            raise PluginLoadError(
+                f"{self.kind} {name!r} ({entry.value}) from distribution {entry.dist} {entry.version} "
+                f"failed to build: {type(err).__name__}: {err}"
+            ) from err
         self.check(component, name)
         return component
 
@@ -211,7 +244,7 @@ class Registry:
         if self.protocol is None or isinstance(component, self.protocol):
             return
         required = [m for m in _protocol_members(self.protocol) if not hasattr(component, m)]
-        raise TypeError(
+        raise InputTypeError(
             f"{self.kind} {name!r} built a {type(component).__name__} that does not fulfil the "
             f"{self.protocol.__name__} protocol: missing {', '.join(required)}"
         )

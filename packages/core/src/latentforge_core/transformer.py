@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentforge_core.attention import attention, split_heads
+from latentforge_core.errors import InputError
 from latentforge_core.linear import Linear, linear
 
 __all__ = [
@@ -77,7 +78,7 @@ def _sincos(dim: int, pos: torch.Tensor) -> torch.Tensor:
 def sincos_pos_embed_1d(dim: int, positions: int | torch.Tensor) -> torch.Tensor:
     """MAE's fixed 1-D sin-cos table ``[P, dim]`` for positions ``0 … P-1`` (or the given ones)."""
     if dim % 2:
-        raise ValueError(f"sin-cos position embedding needs an even width, got {dim}")
+        raise InputError(f"sin-cos position embedding needs an even width, got {dim}")
     if isinstance(positions, int):
         positions = torch.arange(positions)
     return _sincos(dim, positions.to(torch.float64)).float()
@@ -90,7 +91,7 @@ def sincos_pos_embed_2d(dim: int, grid: int, extra_tokens: int = 0) -> torch.Ten
     references build their grid with ``meshgrid(w, h)``); ``extra_tokens`` zero rows lead (MAE's CLS).
     """
     if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+        raise InputError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     pos = torch.arange(grid, dtype=torch.float64)
     row, col = torch.meshgrid(pos, pos, indexing="ij")
     table = torch.cat([_sincos(dim // 2, col), _sincos(dim // 2, row)], dim=1)  # T, dim
@@ -138,7 +139,7 @@ class RoPE2D(nn.Module):
     def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
         super().__init__()
         if head_dim % 4:
-            raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
+            raise InputError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
         half = head_dim // 2
         freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)  # half/2
         angles = torch.arange(grid).float()[:, None] * freqs  # grid, half/2
@@ -152,7 +153,7 @@ class RoPE2D(nn.Module):
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``x [B, H, T, Dh]`` over the whole grid (``start`` is the attention's hook argument: 0)."""
         if start:
-            raise ValueError(f"2-D RoPE covers a fixed token grid; it has no offset (got start={start})")
+            raise InputError(f"2-D RoPE covers a fixed token grid; it has no offset (got start={start})")
         pairs = x.unflatten(-1, (-1, 2))
         rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (-x_odd, x_even)
         return torch.addcmul(x * self.freqs_cos, rotated, self.freqs_sin)  # B, H, T, Dh
@@ -203,7 +204,7 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; writing up to {end}")
+            raise InputError(f"the KV cache holds {self.max_len} positions; writing up to {end}")
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # B, H, end, Dh
@@ -236,7 +237,7 @@ class Attention(nn.Module):
     ):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"width {dim} must be divisible by num_heads {num_heads}")
+            raise InputError(f"width {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qk_norm = qk_norm
         self.split_qkv_on_cpu = split_qkv_on_cpu
@@ -301,7 +302,7 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str = "gelu", bias: bool = True):
         super().__init__()
         if act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+            raise InputError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
         self.fc1 = Linear(dim, hidden, bias=bias)
         self.fc2 = Linear(hidden, dim, bias=bias)
         self.act, self.act_ = ACTIVATIONS[act], _ACTIVATIONS_[act]

@@ -1,9 +1,16 @@
 """Weights for the ViT family from the layouts they are published in.
 
 * **ours**: a safetensors file written by ``save_encoder`` (config in the metadata);
-* **official DINOv2** ``.pth`` (``dinov2_vitb14_reg4_pretrain.pth`` …; also timm/DINO v1): the same
+* **official DINOv2** ``.pth`` (``dinov2_vitb14_reg4_pretrain.pth`` …; also DINO v1): the same
   parameter names as ours, plus ``mask_token`` (dropped) and, for ``block_chunks > 0``, chunked
   ``blocks.<chunk>.<i>.`` keys (unchunked);
+* **timm**'s DINOv2 ViTs (``vit_{small,base,large,giant}_patch14[_reg4]_dinov2``): the official names
+  but ``reg_token`` for the registers, a ``pos_embed`` without the CLS slot in the register models
+  (``no_embed_class``: the CLS token gets no position; a zero slot is added) and the giant's packed
+  SwiGLU as ``mlp.fc1``/``mlp.fc2`` (``fc1`` twice as wide as ``fc2``'s input); a classifier
+  ``head`` is dropped.  A file with timm's own names resizes its position grid as timm does
+  (bicubic, antialiased); timm's non-register models share the official names, so theirs is the
+  official layout's default;
 * **Hugging Face** model folders (``config.json`` + safetensors or ``pytorch_model.bin``) of
   ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``SiglipVisionModel`` / ``SiglipModel`` (SigLIP2 at
   fixed resolution) and ``ViTMAEModel`` / ``ViTMAEForPreTraining``, in the layout on the hub and in
@@ -17,6 +24,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +41,7 @@ from latentforge_core.checkpoint import (
     load_state_file,
     save_checkpoint,
 )
+from latentforge_core.errors import MissingFileError
 from latentforge_core.protocols import Preprocessing
 from latentforge_encoders.encoder import FeatureSpec, FrozenEncoder, Preset, apply_preset, resolve_preset
 from latentforge_encoders.vit import VisionTransformer
@@ -115,12 +124,27 @@ def _fuse(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def from_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The official DINOv2 (or timm/DINO) layout → ours: drop ``mask_token``, unchunk blocks."""
+    """The official DINOv2 (or timm / DINO v1) layout → ours: drop ``mask_token`` and a classifier
+    ``head``, unchunk blocks; timm's ``reg_token``, packed SwiGLU and CLS-less ``pos_embed`` (see the
+    module notes) become ours."""
     out = {}
     for key, value in state_dict.items():
-        if key == "mask_token":
+        if key == "mask_token" or key.startswith("head."):
             continue
+        key = "register_tokens" if key == "reg_token" else key
         out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)] = value
+    for key in [k for k in out if k.endswith(".mlp.fc1.weight")]:
+        base = key.removesuffix(".fc1.weight")
+        fc2 = out.get(base + ".fc2.weight")
+        if fc2 is not None and out[key].shape[0] == 2 * fc2.shape[1]:  # timm's SwiGLUPacked
+            for old, new in (("fc1", "w12"), ("fc2", "w3")):
+                for kind in ("weight", "bias"):
+                    if f"{base}.{old}.{kind}" in out:
+                        out[f"{base}.{new}.{kind}"] = out.pop(f"{base}.{old}.{kind}")
+    pos = out.get("pos_embed")
+    if pos is not None and "cls_token" in out and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        # timm's no_embed_class: the grid only (1 + side² is never a square); the CLS slot is zero
+        out["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
     return out
 
 
@@ -199,7 +223,7 @@ class Source:
     """A checkpoint read from disk: our state dict plus what its files say about it."""
 
     state_dict: dict[str, torch.Tensor]
-    layout: str  # "ours" | "official" | "hf"
+    layout: str  # "ours" | "official" | "timm" | "hf"
     vit_config: dict[str, Any] | None  # None when only the shapes tell
     preprocessing: Preprocessing | None
     description: str
@@ -216,7 +240,7 @@ def read_source(source: str | os.PathLike) -> Source:
     if path.is_dir():
         return _read_hf_folder(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"encoder checkpoint not found: {path} (expected a file, a folder, or 'hf:<repo>')"
         )
     if path.suffix == ".safetensors":
@@ -238,6 +262,11 @@ def read_source(source: str | os.PathLike) -> Source:
     ours = to_ours(sd)
     layout = "official" if "patch_embed.proj.weight" in sd else "hf"
     config = vit_config_from_state_dict(ours) if "patch_embed.proj.weight" in ours else None
+    cls_less = "pos_embed" in sd and ours["pos_embed"].shape != sd["pos_embed"].shape
+    if layout == "official" and ("reg_token" in sd or cls_less):
+        layout = "timm"
+        if config is not None:
+            config["pos_antialias"] = True  # timm's resample_abs_pos_embed: bicubic, antialiased
     return Source(ours, layout, config, None, f"{path} ({layout} layout)")
 
 

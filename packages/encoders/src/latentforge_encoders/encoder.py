@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from latentforge_core.errors import InputError, InputTypeError
 from latentforge_core.protocols import Preprocessing
 from latentforge_encoders.vit import VisionTransformer
 
@@ -44,7 +45,7 @@ def _layers(value: int | Sequence[int]) -> tuple[int, ...]:
 def _one_of(choices):
     def check(instance, attribute, value):
         if value not in choices:
-            raise ValueError(f"FeatureSpec.{attribute.name} must be one of {choices}, got {value!r}")
+            raise InputError(f"FeatureSpec.{attribute.name} must be one of {choices}, got {value!r}")
 
     return check
 
@@ -66,7 +67,7 @@ class FeatureSpec:
     @layers.validator
     def _check_layers(self, attribute, value):
         if not value or not all(isinstance(i, int) for i in value):
-            raise ValueError(f"FeatureSpec.layers must be a non-empty sequence of ints, got {value!r}")
+            raise InputError(f"FeatureSpec.layers must be a non-empty sequence of ints, got {value!r}")
 
     def to_dict(self) -> dict:
         return {"layers": list(self.layers), "norm": self.norm, "output": self.output}
@@ -102,7 +103,7 @@ def resolve_preset(features: str | FeatureSpec | Preset | None) -> Preset:
         return Preset(features)
     if isinstance(features, str) and features in PRESETS:
         return PRESETS[features]
-    raise ValueError(f"features must be a FeatureSpec or one of {sorted(PRESETS)}, got {features!r}")
+    raise InputError(f"features must be a FeatureSpec or one of {sorted(PRESETS)}, got {features!r}")
 
 
 def apply_preset(vit: VisionTransformer, preprocessing: Preprocessing, preset: Preset) -> Preprocessing:
@@ -195,13 +196,15 @@ class FrozenEncoder(nn.Module):
         """[0, 1] images ``[B, 3, H, W]`` → the ViT's input (resized, normalised)."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(
+            raise InputError(
                 f"{self.name} expects RGB images in [0, 1] as a [B, 3, H, W] tensor, got {shape}"
             )
         if not images.is_floating_point():
-            raise TypeError(f"{self.name} expects floating-point images in [0, 1], got dtype {images.dtype}")
+            raise InputTypeError(
+                f"{self.name} expects floating-point images in [0, 1], got dtype {images.dtype}"
+            )
         if self.check_finite and not bool(torch.isfinite(images).all()):
-            raise ValueError(
+            raise InputError(
                 f"{self.name} was given images containing NaN or inf; expected finite values in [0, 1]"
             )
         size, mode = self.preprocessing.input_size, self.preprocessing.resize
@@ -232,7 +235,7 @@ class FrozenEncoder(nn.Module):
             self.spec.output if output is None else output,
         )
         if spec.output == "cls" and self.vit.cls_token is None:
-            raise ValueError(
+            raise InputError(
                 f"{self.name} has no CLS token; ask for output='pooled' (mean of the patch tokens)"
             )
         x = self.preprocess(images)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from latentforge_core.attention import attention
+from latentforge_core.errors import InputError, check_divisible, check_int, check_ints, check_number
 from latentforge_core.transformer import ACTIVATIONS, Attention, Mlp, SwiGLU, no_grad_needed
 
 
@@ -122,12 +123,21 @@ class VisionTransformer(nn.Module):
         pos_offset: float = 0.0,
     ):
         super().__init__()
+        owner = "VisionTransformer"
+        check_ints(owner, image_size=image_size, patch_size=patch_size, in_chans=in_chans, depth=depth)
+        check_ints(owner, embed_dim=embed_dim, num_heads=num_heads)
+        check_int(num_registers, "num_registers", minimum=0, owner=owner)
+        if mlp_hidden_dim is not None:
+            check_int(mlp_hidden_dim, "mlp_hidden_dim", owner=owner)
+        check_number(mlp_ratio, "mlp_ratio", low=0, low_open=True, owner=owner)
+        check_number(norm_eps, "norm_eps", low=0, low_open=True, owner=owner)
+        check_divisible(embed_dim, "embed_dim", num_heads, "num_heads", owner=owner)
         if ffn not in ("mlp", "swiglu"):
-            raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}")
+            raise InputError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}")
         if act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+            raise InputError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
         if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+            raise InputError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         if mlp_hidden_dim is None:
             mlp_hidden_dim = (
                 swiglu_hidden_dim(embed_dim, mlp_ratio) if ffn == "swiglu" else int(embed_dim * mlp_ratio)
@@ -213,15 +223,15 @@ class VisionTransformer(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected images as a 4-D tensor [B, {self.in_chans}, H, W], got {shape}")
+            raise InputError(f"expected images as a 4-D tensor [B, {self.in_chans}, H, W], got {shape}")
         if x.shape[1] != self.in_chans:
-            raise ValueError(
+            raise InputError(
                 f"expected {self.in_chans} input channels ([B, {self.in_chans}, H, W]), got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)})"
             )
         height, width = x.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
+            raise InputError(
                 f"input size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
                 f"resize it first (a FrozenEncoder resizes to its preprocessing input size)"
             )
@@ -231,10 +241,10 @@ class VisionTransformer(nn.Module):
         """Block indices as non-negative ints (``-1`` = last block), validated."""
         layers = (layers,) if isinstance(layers, int) else tuple(layers)
         if not layers:
-            raise ValueError("layers must name at least one block")
+            raise InputError("layers must name at least one block")
         bad = [i for i in layers if not isinstance(i, int) or not -self.depth <= i < self.depth]
         if bad:
-            raise ValueError(f"block indices {bad} out of range for a ViT of depth {self.depth} "
+            raise InputError(f"block indices {bad} out of range for a ViT of depth {self.depth} "
                              f"(expected integers in [-{self.depth}, {self.depth - 1}])")  # fmt: skip
         return tuple(i % self.depth for i in layers)
 
@@ -258,7 +268,7 @@ class VisionTransformer(nn.Module):
             return F.layer_norm(tokens, (self.embed_dim,), eps=self.norm_eps)
         if mode == "none":
             return tokens
-        raise ValueError(f"norm must be 'affine', 'no_affine' or 'none', got {mode!r}")
+        raise InputError(f"norm must be 'affine', 'no_affine' or 'none', got {mode!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens of the last block after the final norm, ``[B, 1+R+N, C]``."""

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import torch
 
+from latentforge_core.errors import InputError
 from latentforge_core.protocols import Preprocessing
 from latentforge_encoders.convert import load_weights
 from latentforge_encoders.encoder import FeatureSpec, FrozenEncoder, Preset, apply_preset, resolve_preset
@@ -84,7 +85,7 @@ def build_encoder(
 ) -> FrozenEncoder:
     """Build the encoder ``name`` of the table (see the module docstring for the arguments)."""
     if name not in SIZES:
-        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(SIZES)}")
+        raise InputError(f"unknown encoder {name!r}; expected one of {sorted(SIZES)}")
     arch = {k: v for k, v in SIZES[name].items() if k not in SETTINGS}
     preprocessing, hf_repo, seed = (SIZES[name].get(k) for k in SETTINGS)
     vit = VisionTransformer(**{**arch, **vit_overrides})
@@ -96,7 +97,7 @@ def build_encoder(
     preprocessing = apply_preset(vit, preprocessing, preset := resolve_preset(features))
     if image_size is not None:
         if image_size % vit.patch_size:
-            raise ValueError(
+            raise InputError(
                 f"image_size {image_size} is not a multiple of {name}'s patch size {vit.patch_size}"
             )
         preprocessing = attrs.evolve(preprocessing, input_size=image_size)

@@ -7,9 +7,13 @@ prefixes (``module.``, ``_orig_mod.``) before a strict load.
 
 diffusers' ``DiTTransformer2DModel`` stores the same weights differently: q, k, v as three linears,
 and a copy of the time/label embedders inside every block (block 0's copy also feeds the final
-layer).  Two details of that port differ from the DiT code: its sinusoidal frequencies divide by
-``half − 1`` (``time_freq_shift=1`` here reproduces it) and its second LayerNorm uses
-``config.norm_eps`` (DiT's is 1e-6).  diffusers is not a dependency: it is imported only when asked.
+layer).  Our DiT shares one embedder, so a diffusers model converts only while every block's copy
+equals block 0's (true of any conversion of an official DiT file); a fine-tune whose copies drifted
+apart is refused with the blocks that differ, since dropping them would change its outputs.  Two
+details of that port differ from the DiT code: its sinusoidal frequencies divide by ``half − 1``
+(``time_freq_shift=1`` here reproduces it) and each block's second LayerNorm uses
+``config.norm_eps`` (DiT's is 1e-6), which becomes our DiT's ``norm_eps`` and is written back.
+diffusers is not a dependency: it is imported only when asked.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import torch
 import torch.nn as nn
 
 from latentforge_core.checkpoint import CheckpointError, load_into, load_state_file
+from latentforge_core.errors import InputError
 from latentforge_generators.dit import DiT
 from latentforge_generators.layers import Mlp, sincos_pos_embed_2d
 
-_PREFIXES = ("module.", "_orig_mod.")
+_PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, our FlowGenerator
 
 
 #################################################################################
@@ -94,10 +99,12 @@ def dit_from_diffusers_state_dict(state: Mapping[str, torch.Tensor], input_size:
     """``DiTTransformer2DModel`` state dict → ours (block 0's embedder copies become the shared ones).
 
     ``pos_embed`` is a non-persistent buffer in diffusers, so the sin-cos table is rebuilt here.
+    Raises ``CheckpointError`` naming the blocks whose embedder copies differ from block 0's.
     """
     patch = state["pos_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks."))
     emb = "transformer_blocks.0.norm1.emb."
+    _check_shared_embedders(state, depth)
     out = {
         "x_embedder.proj.weight": state["pos_embed.proj.weight"],
         "x_embedder.proj.bias": state["pos_embed.proj.bias"],
@@ -123,16 +130,37 @@ def dit_from_diffusers_state_dict(state: Mapping[str, torch.Tensor], input_size:
     return out
 
 
+def _check_shared_embedders(state: Mapping[str, torch.Tensor], depth: int) -> None:
+    """Every block's time/label embedder copy must equal block 0's: our DiT has one embedder."""
+    emb = ".norm1.emb."
+    names = sorted(k.split(emb, 1)[1] for k in state if k.startswith("transformer_blocks.0" + emb))
+    differ: dict[int, list[str]] = {}
+    for i in range(1, depth):
+        for name in names:
+            theirs = state.get(f"transformer_blocks.{i}{emb}{name}")
+            if theirs is None or not torch.equal(theirs, state[f"transformer_blocks.0{emb}{name}"]):
+                parts = differ.setdefault(i, [])
+                parts += [] if name.split(".")[0] in parts else [name.split(".")[0]]
+    if differ:
+        listing = "; ".join(f"block {i}: {', '.join(n)}" for i, n in differ.items())
+        raise CheckpointError(
+            f"diffusers DiT: the time/label embedders of transformer_blocks {', '.join(map(str, differ))} "
+            f"differ from block 0's ({listing}). Our DiT shares one embedder across blocks, so dropping "
+            "these copies would change the outputs; expected every block's copy equal to block 0's (as in "
+            "a conversion of an official DiT checkpoint). Run this model with diffusers itself."
+        )
+
+
 def diffusers_config(model: DiT) -> dict:
     """Constructor arguments of the ``DiTTransformer2DModel`` equivalent to ``model``."""
     plain = all(isinstance(b.norm1, nn.LayerNorm) and isinstance(b.mlp, Mlp) for b in model.blocks)
     if not isinstance(model, DiT) or not plain or model.feat_rope is not None:
-        raise ValueError("only a plain DiT (LayerNorm, GELU MLP, no RoPE) has a diffusers equivalent")
+        raise InputError("only a plain DiT (LayerNorm, GELU MLP, no RoPE) has a diffusers equivalent")
     return dict(
         num_attention_heads=model.num_heads, attention_head_dim=model.hidden_size // model.num_heads,
         in_channels=model.in_channels, out_channels=model.out_channels, num_layers=model.depth,
         sample_size=model.input_size, patch_size=model.patch_size, num_embeds_ada_norm=model.num_classes,
-        norm_eps=1e-6,
+        norm_eps=model.norm_eps,
     )  # fmt: skip
 
 
@@ -147,17 +175,20 @@ def to_diffusers(model: DiT):
 
 def from_diffusers(theirs, **kwargs) -> DiT:
     """Our DiT holding a ``DiTTransformer2DModel``'s weights, set to reproduce its outputs exactly
-    (``time_freq_shift=1``; pass ``time_freq_shift=0`` for the DiT paper's frequencies)."""
+    (``time_freq_shift=1``; pass ``time_freq_shift=0`` for the DiT paper's frequencies; ``norm_eps``
+    is the model's ``config.norm_eps``).  A model whose per-block embedder copies differ from block 0's
+    is refused (``CheckpointError`` naming the blocks): our DiT shares one embedder."""
     cfg = theirs.config
     in_channels = cfg.in_channels
     out_channels = cfg.out_channels or in_channels
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(f"out_channels {out_channels} must be in_channels ({in_channels}) or twice that")
+        raise InputError(f"out_channels {out_channels} must be in_channels ({in_channels}) or twice that")
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
     model = DiT(
         input_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=in_channels, hidden_size=hidden,
         depth=cfg.num_layers, num_heads=cfg.num_attention_heads, num_classes=cfg.num_embeds_ada_norm,
-        learn_sigma=out_channels == 2 * in_channels, **{"time_freq_shift": 1, **kwargs},
+        learn_sigma=out_channels == 2 * in_channels,
+        **{"time_freq_shift": 1, "norm_eps": cfg.norm_eps, **kwargs},
     )  # fmt: skip
     state = dit_from_diffusers_state_dict(theirs.state_dict(), cfg.sample_size, hidden)
     load_into(model, state, strict=True)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from latentforge_core.checkpoint import load_into
+from latentforge_core.errors import InputError, check_ints
 from latentforge_generators.token_sampling import (
     as_sequence,
     check_sampling,
@@ -31,6 +32,8 @@ from latentforge_generators.token_transformer import (
     Transformer,
     build_or_load,
     check_fairseq_keys,
+    check_grid,
+    check_sizes,
     convert_fairseq_layers,
     fairseq_depth,
     fairseq_layer_map,
@@ -68,14 +71,21 @@ class DiGITStage2(nn.Module):
     ):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"unknown stage-2 mode {mode!r}; expected one of {MODES}")
-        pair = lambda g: (g, g) if isinstance(g, int) else tuple(g)
-        self.grid = pair(grid_size)
-        self.cond_grid = pair(cond_grid_size if cond_grid_size is not None else grid_size)
+            raise InputError(f"unknown stage-2 mode {mode!r}; expected one of {MODES}")
+        owner = "DiGITStage2"
+        check_ints(owner, vocab_size=vocab_size, cond_vocab_size=cond_vocab_size)
+        check_sizes(
+            owner, dim=dim, depth=depth, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
+            label_smoothing=label_smoothing, norm_eps=norm_eps,
+        )  # fmt: skip
+        self.grid = check_grid(grid_size, "grid_size", owner)
+        self.cond_grid = check_grid(
+            cond_grid_size if cond_grid_size is not None else grid_size, "cond_grid_size", owner
+        )
         self.seq_len, self.cond_len = self.grid[0] * self.grid[1], self.cond_grid[0] * self.cond_grid[1]
         max_positions = max(self.seq_len + 1, self.cond_len) if max_positions is None else max_positions
         if max_positions < max(self.seq_len + 1, self.cond_len):
-            raise ValueError(
+            raise InputError(
                 f"max_positions {max_positions} cannot hold {self.cond_len} cond tokens "
                 f"or 1 + {self.seq_len} codes"
             )
@@ -121,7 +131,7 @@ class DiGITStage2(nn.Module):
     def prefix(self, y: torch.Tensor) -> torch.Tensor:
         """K-Means tokens ``[B, hc, wc]`` → ids of [cond | sep] ``[B, hc*wc + 1]``."""
         if not isinstance(y, torch.Tensor):
-            raise ValueError(
+            raise InputError(
                 f"stage 2 is conditioned on first-stage token grids [B, {self.cond_grid[0]}, "
                 f"{self.cond_grid[1]}], got {type(y).__name__}"
             )
@@ -143,7 +153,7 @@ class DiGITStage2(nn.Module):
         """Smoothed cross-entropy on every code (AR) or on the masked codes (MaskGIT)."""
         tokens = as_sequence(tokens, self.grid, self.vocab_size)
         if len(self.prefix(y)) != len(tokens):
-            raise ValueError(f"{len(y)} conditioning grids for {len(tokens)} code grids")
+            raise InputError(f"{len(y)} conditioning grids for {len(tokens)} code grids")
         if self.mode == "ar":
             return smoothed_cross_entropy(self(tokens, y), tokens, self.label_smoothing)
         masked = random_mask(training_mask_counts(len(tokens), self.seq_len, tokens.device), self.seq_len)

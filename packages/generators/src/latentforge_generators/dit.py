@@ -13,10 +13,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from latentforge_core.errors import (
+    InputError,
+    check_bool,
+    check_divisible,
+    check_int,
+    check_ints,
+    check_number,
+)
 from latentforge_generators.layers import (
     AdaLNBlock,
     DiTBackbone,
     FinalLayer,
+    FourierTimestepEmbedder,
     LabelEmbedder,
     PatchEmbed,
     RoPE2D,
@@ -34,6 +43,10 @@ class DiT(DiTBackbone):
 
     With ``learn_sigma`` the output has ``2·in_channels`` channels (prediction, then DiT's variance
     interpolation); flow matching uses the first ``in_channels`` and ignores the rest, as SiT does.
+    ``norm_eps`` is the epsilon of each block's second norm (before the MLP): DiT's code uses 1e-6,
+    diffusers' port its ``config.norm_eps`` (1e-5 by default), which ``from_diffusers`` passes here.
+    ``time_embedding="fourier"`` swaps DiT's sinusoid for RAE's Gaussian-Fourier features (RAE's
+    LightningDiT, ``lightningdit.RAELightningDiT``).
     """
 
     time_convention = "noise_at_0"
@@ -56,10 +69,34 @@ class DiT(DiTBackbone):
         use_rope: bool = False,
         use_qknorm: bool = False,
         time_freq_shift: int = 0,
+        norm_eps: float = 1e-6,
+        time_embedding: str = "sinusoidal",
     ):
         super().__init__()
+        owner = type(self).__name__
+        check_ints(owner, input_size=input_size, patch_size=patch_size, in_channels=in_channels)
+        check_ints(owner, hidden_size=hidden_size, depth=depth, num_heads=num_heads)
+        check_int(num_classes, "num_classes", minimum=0, owner=owner)
+        check_int(time_freq_shift, "time_freq_shift", minimum=None, owner=owner)
+        check_number(mlp_ratio, "mlp_ratio", low=0, low_open=True, owner=owner)
+        check_number(class_dropout_prob, "class_dropout_prob", low=0, high=1, owner=owner)
+        check_number(norm_eps, "norm_eps", low=0, low_open=True, owner=owner)
+        if time_embedding not in ("sinusoidal", "fourier"):
+            raise InputError(
+                f"{owner}: time_embedding must be 'sinusoidal' (DiT's) or 'fourier' (RAE's "
+                f"Gaussian-Fourier features, key t_embedder.W), got {time_embedding!r}"
+            )
+        for flag, value in dict(
+            learn_sigma=learn_sigma, use_rmsnorm=use_rmsnorm, use_swiglu=use_swiglu, use_rope=use_rope,
+            use_qknorm=use_qknorm,
+        ).items():  # fmt: skip
+            check_bool(value, flag, owner=owner)
+        check_divisible(hidden_size, "hidden_size", num_heads, "num_heads", owner=owner)
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise InputError(
+                f"{owner}: input_size {input_size} is not divisible by patch_size {patch_size} "
+                "(the latent grid is cut into patch_size × patch_size patches)"
+            )
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -69,19 +106,22 @@ class DiT(DiTBackbone):
         self.hidden_size = hidden_size
         self.depth = depth
         self.num_heads = num_heads
+        self.norm_eps = norm_eps
         grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
+        self.t_embedder = (
+            FourierTimestepEmbedder(hidden_size)
+            if time_embedding == "fourier"
+            else TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
+        )
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Frozen sin-cos table, kept as a parameter because the official checkpoints store it.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
         self.feat_rope = RoPE2D(hidden_size // num_heads, grid) if use_rope else None
+        block = dict(rmsnorm=use_rmsnorm, swiglu=use_swiglu, qk_norm=use_qknorm, norm_eps=norm_eps)
         self.blocks = nn.ModuleList(
-            AdaLNBlock(
-                hidden_size, num_heads, mlp_ratio, rmsnorm=use_rmsnorm, swiglu=use_swiglu, qk_norm=use_qknorm
-            )
-            for _ in range(depth)
+            AdaLNBlock(hidden_size, num_heads, mlp_ratio, **block) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size**2 * self.out_channels, rmsnorm=use_rmsnorm)
         self.initialize_weights()  # DiT's init and sin-cos table (DiTBackbone); compile_blocks() too

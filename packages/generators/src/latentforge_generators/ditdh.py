@@ -13,38 +13,30 @@ checkpoint as ``t_embedder.W``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentforge_core.errors import (
+    InputError,
+    check_bool,
+    check_divisible,
+    check_int,
+    check_ints,
+    check_number,
+)
 from latentforge_core.linear import Linear
 from latentforge_generators.layers import (
     AdaLNBlock,
     DiTBackbone,
     FinalLayer,
+    FourierTimestepEmbedder,
     LabelEmbedder,
     PatchEmbed,
     RoPE2D,
-    TimestepEmbedder,
     check_inputs,
     unpatchify,
 )
-
-
-class FourierTimestepEmbedder(TimestepEmbedder):
-    """Time → vector through ``[sin, cos](2π·t·W)`` with a frozen W ~ N(0, 1) of 256 entries, then
-    the same SiLU MLP as DiT (input 512)."""
-
-    def __init__(self, hidden_size: int, num_frequencies: int = 256):
-        super().__init__(hidden_size, frequency_size=2 * num_frequencies)
-        self.W = nn.Parameter(torch.randn(num_frequencies), requires_grad=False)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = 2 * math.pi * t.float()[:, None] * self.W[None].float()  # B, 256
-        feats = torch.cat([args.sin(), args.cos()], dim=-1)  # B, 512
-        return self.mlp(feats.to(self.mlp[0].weight.dtype))  # B, D
 
 
 #################################################################################
@@ -74,8 +66,23 @@ class DiTDH(DiTBackbone):
         use_qknorm: bool = False,
     ):
         super().__init__()
+        owner = type(self).__name__
+        check_ints(owner, input_size=input_size, patch_size=patch_size, in_channels=in_channels)
+        check_ints(owner, hidden_size=hidden_size, depth=depth, num_heads=num_heads)
+        check_ints(
+            owner, head_hidden_size=head_hidden_size, head_depth=head_depth, head_num_heads=head_num_heads
+        )
+        check_int(num_classes, "num_classes", minimum=0, owner=owner)
+        check_number(mlp_ratio, "mlp_ratio", low=0, low_open=True, owner=owner)
+        check_number(class_dropout_prob, "class_dropout_prob", low=0, high=1, owner=owner)
+        check_bool(use_qknorm, "use_qknorm", owner=owner)
+        check_divisible(hidden_size, "hidden_size", num_heads, "num_heads", owner=owner)
+        check_divisible(head_hidden_size, "head_hidden_size", head_num_heads, "head_num_heads", owner=owner)
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise InputError(
+                f"{owner}: input_size {input_size} is not divisible by patch_size {patch_size} "
+                "(the latent grid is cut into patch_size × patch_size patches)"
+            )
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = self.out_channels = in_channels

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from latentforge_core.device import autocast
+from latentforge_core.errors import InputError, InputTypeError
 from latentforge_generators.guidance import CFG, AutoGuidance
-from latentforge_generators.samplers import SAMPLERS, solve
+from latentforge_generators.samplers import SAMPLERS, check_sample_options, solve
 from latentforge_generators.transport import (
     Transport,
     check_convention,
@@ -46,12 +47,12 @@ class FlowGenerator(nn.Module):
         super().__init__()
         for attr in ("in_channels", "input_size", "num_classes", "time_convention"):
             if not hasattr(backbone, attr):
-                raise TypeError(
+                raise InputTypeError(
                     f"backbone {type(backbone).__name__} lacks the attribute {attr!r} FlowGenerator needs"
                 )
         check_convention(backbone.time_convention)
         if class_dropout is not None and not 0.0 <= class_dropout < 1.0:
-            raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
+            raise InputError(f"class_dropout must lie in [0, 1), got {class_dropout}")
         self.backbone = backbone
         transport = transport if isinstance(transport, Transport) else Transport.from_dict(transport)
         self.transport = transport.resolve(self.input_shape)
@@ -83,32 +84,32 @@ class FlowGenerator(nn.Module):
     def _check_latents(self, x: Tensor, name: str = "x") -> None:
         expected = "[B, " + ", ".join(map(str, self.input_shape)) + "]"
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(
+            raise InputTypeError(
                 f"{name} must be a floating-point tensor of shape {expected}, got {type(x).__name__} "
                 f"{getattr(x, 'dtype', '')}"
             )
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
+            raise InputError(
                 f"{name} must have shape {expected} (channels, height, width of this generator), "
                 f"got {list(x.shape)}"
             )
         if not torch.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
+            raise InputError(f"{name} contains NaN or infinite values")
 
     def _check_labels(self, y: Tensor, batch: int, allow_null: bool) -> Tensor:
         if not torch.is_tensor(y) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(
+            raise InputTypeError(
                 f"class labels must be an integer tensor of shape [{batch}], got {type(y).__name__} "
                 f"{getattr(y, 'dtype', '')}"
             )
         if y.shape != (batch,):
-            raise ValueError(f"class labels must have shape [{batch}] (one per latent), got {list(y.shape)}")
+            raise InputError(f"class labels must have shape [{batch}] (one per latent), got {list(y.shape)}")
         high = self.num_classes + (1 if allow_null and self.null_class is not None else 0)
         if y.numel() and (y.min() < 0 or y.max() >= high):
             null = (
                 f" or the null label {self.null_class}" if allow_null and self.null_class is not None else ""
             )
-            raise ValueError(
+            raise InputError(
                 f"class labels must lie in [0, {self.num_classes}){null}, got values in "
                 f"[{int(y.min())}, {int(y.max())}]"
             )
@@ -116,7 +117,7 @@ class FlowGenerator(nn.Module):
 
     def _null_labels(self, batch: int, device: torch.device) -> Tensor:
         if self.num_classes > 0 and self.null_class is None:
-            raise ValueError(
+            raise InputError(
                 "this class-conditional generator has no trained null class (it was built "
                 "without label dropout), so it cannot generate without labels; pass y"
             )
@@ -184,14 +185,20 @@ class FlowGenerator(nn.Module):
             y, n = None, y
         if y is None:
             if not isinstance(n, int) or n < 1:
-                raise ValueError(f"give class labels y, or a number of samples n ≥ 1; got y=None, n={n!r}")
+                raise InputError(f"give class labels y, or a number of samples n ≥ 1; got y=None, n={n!r}")
             y = self._null_labels(n, device)
         else:
             y = self._check_labels(
                 y.to(device) if isinstance(y, torch.Tensor) else y, len(y), allow_null=True
             )
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+            raise InputError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        check_sample_options(  # what the solver and the guidance do not check themselves
+            self,
+            dict(sampler=sampler, cfg_scale=cfg_scale, shift=shift, amp=amp, **options),
+            owner="FlowGenerator.sample",
+            from_config=False,
+        )
         guide = self._guidance(guidance, guidance_model, cfg_scale, cfg_interval, cfg_channels)
         if noise is None:
             where = device if generator is None else generator.device  # a CPU generator may seed GPU sampling
@@ -199,7 +206,7 @@ class FlowGenerator(nn.Module):
         else:
             self._check_latents(noise, "noise")
             if len(noise) != len(y):
-                raise ValueError(f"noise has {len(noise)} latents but there are {len(y)} labels")
+                raise InputError(f"noise has {len(noise)} latents but there are {len(y)} labels")
             noise = noise.to(device)
         shift = self.transport.sampling_shift if shift is None else shift
         t_end = self.transport.sample_eps if t_end is None else t_end
@@ -231,28 +238,28 @@ class FlowGenerator(nn.Module):
         elif guidance in (None, "cfg"):
             guide = CFG(scale=scale, interval=interval, channels=channels)
             if channels is not None and channels > self.input_shape[0]:
-                raise ValueError(
+                raise InputError(
                     f"cfg_channels={channels} exceeds the generator's {self.input_shape[0]} channels"
                 )
         elif guidance == "autoguidance":
             if not isinstance(guidance_model, FlowGenerator):
-                raise ValueError(
+                raise InputError(
                     "autoguidance needs guidance_model=<a weaker FlowGenerator>, got "
                     f"{type(guidance_model).__name__}"
                 )
             if guidance_model.input_shape != self.input_shape:
-                raise ValueError(
+                raise InputError(
                     f"the guidance model works on {guidance_model.input_shape} latents, "
                     f"this generator on {self.input_shape}"
                 )
             guidance_model.eval()
             guide = AutoGuidance(guide=guidance_model.velocity, scale=scale, interval=interval)
         else:
-            raise ValueError(
+            raise InputError(
                 f"unknown guidance {guidance!r}; expected None, 'cfg', 'autoguidance' or a guidance object"
             )
         if guide.needs_null_class and self.null_class is None:
-            raise ValueError(
+            raise InputError(
                 f"classifier-free guidance (scale {guide.scale}) needs a null class, but this "
                 "generator's backbone has none; use scale 1.0 or autoguidance"
             )

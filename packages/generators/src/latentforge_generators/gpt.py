@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from latentforge_core.checkpoint import load_into
+from latentforge_core.errors import InputError, check_int, check_number
+from latentforge_generators.samplers import check_sample_options
 from latentforge_generators.token_sampling import (
     as_sequence,
     cfg_logits,
@@ -30,6 +32,8 @@ from latentforge_generators.token_transformer import (
     Transformer,
     build_or_load,
     check_fairseq_keys,
+    check_grid,
+    check_sizes,
     convert_fairseq_layers,
     fairseq_depth,
     fairseq_layer_map,
@@ -68,11 +72,19 @@ class GPT(ClassConditioned, nn.Module):
         rope_theta: float = 10000.0,
     ):
         super().__init__()
-        self.grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        check_int(vocab_size, "vocab_size", owner="GPT")
+        check_int(num_classes, "num_classes", minimum=0, owner="GPT")
+        check_number(class_dropout, "class_dropout", low=0, high=1, high_open=True, owner="GPT")
+        check_sizes(
+            "GPT", dim=dim, depth=depth, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
+            label_smoothing=label_smoothing, norm_eps=norm_eps,
+        )  # fmt: skip
+        self.grid = check_grid(grid_size, "grid_size", "GPT")
         self.seq_len = self.grid[0] * self.grid[1]
         max_positions = self.seq_len + 1 if max_positions is None else max_positions
+        check_int(max_positions, "max_positions", owner="GPT")
         if max_positions < self.seq_len + 1:
-            raise ValueError(
+            raise InputError(
                 f"max_positions {max_positions} < 1 + {self.seq_len} tokens of a {self.grid} grid"
             )
         self.set_classes(num_classes, vocab_size, class_dropout)  # class rows follow the V tokens
@@ -118,7 +130,7 @@ class GPT(ClassConditioned, nn.Module):
         tokens = as_sequence(tokens, self.grid, self.vocab_size)
         start = self.start_ids(y, tokens.shape[0], tokens.device)
         if y is not None and len(start) != len(tokens):
-            raise ValueError(f"{len(start)} class labels for {len(tokens)} token sequences")
+            raise InputError(f"{len(start)} class labels for {len(tokens)} token sequences")
         start = self.drop_classes(start, y)
         return self.forward_ids(torch.cat([start[:, None], tokens[:, :-1]], dim=1))
 
@@ -142,7 +154,7 @@ class GPT(ClassConditioned, nn.Module):
         depth = len(self.transformer.blocks)
         for layer in layers:
             if not -depth - 1 <= layer <= depth:
-                raise ValueError(f"layer {layer} out of range for {depth} blocks (0 = embeddings)")
+                raise InputError(f"layer {layer} out of range for {depth} blocks (0 = embeddings)")
         return [hidden[layer].mean(dim=1) for layer in layers]  # each B D
 
     # ------------------------------------------------------------------ sampling
@@ -158,6 +170,12 @@ class GPT(ClassConditioned, nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Token grids ``[B, h, w]`` for class labels ``y [B]`` (or ``y`` unconditional samples)."""
+        check_sample_options(
+            self,
+            dict(cfg_scale=cfg_scale, use_cache=use_cache),  # check_sampling checks the rest
+            owner="GPT.sample",
+            from_config=False,
+        )
         check_sampling(temperature, top_k, top_p)
         device = self.head.weight.device
         start = self.start_ids(y, device=device)

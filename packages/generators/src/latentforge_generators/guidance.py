@@ -14,20 +14,26 @@ from typing import Any
 import attrs
 import torch
 
+from latentforge_core.errors import InputError, check_number
+
 Tensor = torch.Tensor
 ModelVelocity = Callable[[Tensor, float, Tensor], Tensor]
 
 
 def _check_interval(inst: Any, attribute: attrs.Attribute, value: tuple[float, float]) -> None:
     if len(value) != 2 or not 0.0 <= value[0] <= value[1] <= 1.0:
-        raise ValueError(
+        raise InputError(
             f"guidance interval must be (t_min, t_max) with 0 ≤ t_min ≤ t_max ≤ 1, got {value!r}"
         )
 
 
+def _check_scale(inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    check_number(value, "guidance scale", low=0)  # 1: no guidance, 0: the unconditional/weak model
+
+
 def _check_channels(inst: Any, attribute: attrs.Attribute, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(
+        raise InputError(
             f"guidance channels must be None (all) or a positive int k (the first k), got {value!r}"
         )
 
@@ -41,7 +47,7 @@ class CFG:
     Outside ``interval`` the plain conditional velocity is used (one forward at batch B).
     """
 
-    scale: float = 1.0
+    scale: float = attrs.field(default=1.0, validator=_check_scale)
     interval: tuple[float, float] = attrs.field(
         default=(0.0, 1.0), converter=tuple, validator=_check_interval
     )
@@ -58,7 +64,7 @@ class CFG:
         if not self.active(t):
             return velocity(x, t, y)
         if null is None:
-            raise ValueError("classifier-free guidance needs a null class, but the model has none")
+            raise InputError("classifier-free guidance needs a null class, but the model has none")
         v_cond, v_uncond = velocity(torch.cat([x, x]), t, torch.cat([y, torch.full_like(y, null)])).chunk(2)
         return self.combine(v_cond, v_uncond)
 
@@ -67,7 +73,7 @@ class CFG:
         if self.channels is None:
             return guided
         if self.channels > cond.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"guidance channels={self.channels} exceeds the {cond.shape[1]} channels of the model output"
             )
         return torch.cat([guided[:, : self.channels], cond[:, self.channels :]], dim=1)
@@ -82,7 +88,7 @@ class AutoGuidance:
     """
 
     guide: ModelVelocity
-    scale: float = 1.0
+    scale: float = attrs.field(default=1.0, validator=_check_scale)
     interval: tuple[float, float] = attrs.field(
         default=(0.0, 1.0), converter=tuple, validator=_check_interval
     )

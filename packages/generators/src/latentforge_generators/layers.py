@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from latentforge_core.errors import InputError, InputTypeError
 from latentforge_core.linear import Linear, linear
 from latentforge_core.transformer import (
     Attention,
@@ -34,6 +35,7 @@ __all__ = [  # the kit's parts as the DiT family names them, beside this module'
     "Attention",
     "DiTBackbone",
     "FinalLayer",
+    "FourierTimestepEmbedder",
     "LabelEmbedder",
     "Mlp",
     "PatchEmbed",
@@ -99,6 +101,21 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))  # B, D
 
 
+class FourierTimestepEmbedder(TimestepEmbedder):
+    """RAE's time embedding (DiT-DH and RAE's LightningDiT): ``[sin, cos](2π·t·W)`` with a frozen
+    W ~ N(0, 1) of 256 entries, stored in checkpoints as ``t_embedder.W``, then the same SiLU MLP as
+    DiT (input 512)."""
+
+    def __init__(self, hidden_size: int, num_frequencies: int = 256):
+        super().__init__(hidden_size, frequency_size=2 * num_frequencies)
+        self.W = nn.Parameter(torch.randn(num_frequencies), requires_grad=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = 2 * math.pi * t.float()[:, None] * self.W[None].float()  # B, 256
+        feats = torch.cat([args.sin(), args.cos()], dim=-1)  # B, 512
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))  # B, D
+
+
 class LabelEmbedder(nn.Module):
     """Class label → vector; row ``num_classes`` is the null class that CFG uses.
 
@@ -121,8 +138,8 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 #                        adaLN-Zero block and final layer                       #
 #################################################################################
-def affine_free_layernorm(dim: int) -> nn.Module:
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+def affine_free_layernorm(dim: int, eps: float = 1e-6) -> nn.Module:
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -139,6 +156,8 @@ class AdaLNBlock(nn.Module):
 
     The condition is one vector per image ``[B, D]`` (DiT) or one per token ``[B, N, D]`` (the DDT
     head of DiT-DH).  ``rmsnorm``/``swiglu``/``qk_norm`` select LightningDiT's variants.
+    ``norm_eps`` is the epsilon of the second norm (before the MLP), diffusers' ``config.norm_eps``;
+    the first stays at DiT's 1e-6, as in diffusers, whose ``AdaLayerNormZero`` fixes it.
     """
 
     def __init__(
@@ -150,12 +169,13 @@ class AdaLNBlock(nn.Module):
         rmsnorm: bool = False,
         swiglu: bool = False,
         qk_norm: bool = False,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         norm = RMSNorm if rmsnorm else affine_free_layernorm
         self.norm1 = norm(dim)
         self.attn = Attention(dim, num_heads, qk_norm=qk_norm)
-        self.norm2 = norm(dim)
+        self.norm2 = norm(dim, eps=norm_eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden, act="gelu_tanh")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
@@ -248,31 +268,31 @@ def check_inputs(model: nn.Module, x: torch.Tensor, t, y) -> tuple[torch.Tensor,
     c, s = model.in_channels, model.input_size
     if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != c or tuple(x.shape[-2:]) != (s, s):
         got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"{name} expects latents of shape [B, {c}, {s}, {s}], got {got}")
+        raise InputError(f"{name} expects latents of shape [B, {c}, {s}, {s}], got {got}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} expects floating-point latents, got {x.dtype}")
+        raise InputTypeError(f"{name} expects floating-point latents, got {x.dtype}")
     b = x.shape[0]
     t = torch.as_tensor(t, device=x.device)
     if t.ndim == 0:
         t = t.expand(b)
     if t.shape != (b,):
-        raise ValueError(f"{name} expects one time per sample, shape [{b}], got {tuple(t.shape)}")
+        raise InputError(f"{name} expects one time per sample, shape [{b}], got {tuple(t.shape)}")
     if y is None:
         y = torch.full((b,), model.num_classes, dtype=torch.long, device=x.device)
     y = torch.as_tensor(y, device=x.device)
     if y.shape != (b,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(
+        raise InputError(
             f"{name} expects integer class labels of shape [{b}], got {y.dtype} {tuple(y.shape)}"
         )
     if b and (int(y.min()) < 0 or int(y.max()) > model.num_classes):
-        raise ValueError(
+        raise InputError(
             f"{name} class labels must lie in [0, {model.num_classes}] ({model.num_classes} = null "
             f"class for guidance), got values in [{int(y.min())}, {int(y.max())}]"
         )
     if not torch.isfinite(x).all():
-        raise ValueError(f"{name} got latents containing NaN or inf")
+        raise InputError(f"{name} got latents containing NaN or inf")
     if not torch.isfinite(t).all():
-        raise ValueError(f"{name} got times containing NaN or inf")
+        raise InputError(f"{name} got times containing NaN or inf")
     return t, y
 
 

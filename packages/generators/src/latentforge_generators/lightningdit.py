@@ -39,6 +39,21 @@ class LightningDiT(DiT):
         )  # fmt: skip
 
 
+class RAELightningDiT(LightningDiT):
+    """RAE's own stage-2 LightningDiT (``stage2.models.lightningDiT.LightningDiT`` of the RAE code, the
+    paper's plain "DiT-XL" on RAE latents): the same blocks, but time enters through RAE's Gaussian-
+    Fourier features (``t_embedder.W`` in its state dicts, as in DiT-DH) in RAE's convention, t = 1
+    noise, fed raw.  Defaults are RAE's: DINOv2-B latents, 768×16×16, patch 1; the sizes are
+    LightningDiT's (``RAELightningDiT(**SIZES["lightningdit-xl-1"])`` is its 676 M-parameter XL).
+    RAE released no weights of it, so it has no registry name; its files load with ``load_official``.
+    """
+
+    time_convention = "noise_at_1"
+
+    def __init__(self, *, input_size: int = 16, in_channels: int = 768, **kwargs):
+        super().__init__(input_size=input_size, in_channels=in_channels, time_embedding="fourier", **kwargs)
+
+
 #################################################################################
 #                               LightningDiT sizes                              #
 #################################################################################

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
+from latentforge_core.errors import InputError, check_int, check_number
+from latentforge_generators.samplers import check_sample_options
 from latentforge_generators.token_sampling import (
     as_sequence,
     cfg_logits,
@@ -21,7 +23,13 @@ from latentforge_generators.token_sampling import (
     smoothed_cross_entropy,
     training_mask_counts,
 )
-from latentforge_generators.token_transformer import ClassConditioned, Transformer, init_weights
+from latentforge_generators.token_transformer import (
+    ClassConditioned,
+    Transformer,
+    check_grid,
+    check_sizes,
+    init_weights,
+)
 
 #################################################################################
 #                                 The MaskGIT model                             #
@@ -49,7 +57,14 @@ class MaskGIT(ClassConditioned, nn.Module):
         rope_theta: float = 10000.0,
     ):
         super().__init__()
-        self.grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        check_int(vocab_size, "vocab_size", owner="MaskGIT")
+        check_int(num_classes, "num_classes", minimum=0, owner="MaskGIT")
+        check_number(class_dropout, "class_dropout", low=0, high=1, high_open=True, owner="MaskGIT")
+        check_sizes(
+            "MaskGIT", dim=dim, depth=depth, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
+            label_smoothing=label_smoothing, norm_eps=norm_eps,
+        )  # fmt: skip
+        self.grid = check_grid(grid_size, "grid_size", "MaskGIT")
         self.seq_len = self.grid[0] * self.grid[1]
         self.set_classes(num_classes, vocab_size + 1, class_dropout)  # class rows follow [MASK]
         self.vocab_size, self.dim, self.style = vocab_size, dim, style
@@ -79,7 +94,7 @@ class MaskGIT(ClassConditioned, nn.Module):
         tokens = as_sequence(tokens, self.grid, self.vocab_size + 1)
         start = self.start_ids(y, tokens.shape[0], tokens.device)
         if len(start) != len(tokens):
-            raise ValueError(f"{len(start)} class labels for {len(tokens)} token grids")
+            raise InputError(f"{len(start)} class labels for {len(tokens)} token grids")
         start = self.drop_classes(start, y)
         ids = torch.cat([start[:, None], tokens], dim=1)
         x = self.tok_embed(ids) * self.embed_scale  # B 1+N D
@@ -107,6 +122,12 @@ class MaskGIT(ClassConditioned, nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Token grids ``[B, h, w]`` for class labels ``y [B]`` (or ``y`` unconditional samples)."""
+        check_sample_options(
+            self,
+            dict(cfg_scale=cfg_scale),  # maskgit_decode checks the rest
+            owner="MaskGIT.sample",
+            from_config=False,
+        )  # fmt: skip
         device = self.head.weight.device
         start = self.start_ids(y, device=device)
         y_cond = y if isinstance(y, torch.Tensor) else None

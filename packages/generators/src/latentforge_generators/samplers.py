@@ -7,13 +7,27 @@ whole batch, so guidance can switch on and off per step) and the starting noise,
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from itertools import pairwise
+from typing import Any
 
 import attrs
 import torch
 
+from latentforge_core import registry
+from latentforge_core.errors import (
+    InputError,
+    InputTypeError,
+    StateError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+)
 from latentforge_generators.transport import data_from_velocity, score_from_velocity, time_shift
 
 Tensor = torch.Tensor
@@ -29,9 +43,9 @@ class SampleResult:
 def time_grid(steps: int, shift: float = 1.0, t_end: float = 0.0) -> list[float]:
     """``steps + 1`` times from 1 to ``t_end``, evenly spaced and then shifted toward noise."""
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
     if not 0.0 <= t_end < 1.0:
-        raise ValueError(f"t_end must lie in [0, 1), got {t_end}")
+        raise InputError(f"t_end must lie in [0, 1), got {t_end}")
     grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
     return time_shift(grid, shift).tolist()
 
@@ -97,7 +111,7 @@ def dopri5(
     torchdiffeq, which SiT and LightningDiT call); a step is accepted when it is ≤ 1.
     """
     if atol <= 0 or rtol < 0:
-        raise ValueError(f"dopri5 needs atol > 0 and rtol ≥ 0, got atol={atol}, rtol={rtol}")
+        raise InputError(f"dopri5 needs atol > 0 and rtol ≥ 0, got atol={atol}, rtol={rtol}")
     direction = math.copysign(1.0, t_end - t_start)
     t, k1, nfe = t_start, fn(x, t_start), 1
     h = direction * _initial_step(fn, x, t, k1, atol, rtol, abs(t_end - t_start), direction)
@@ -119,7 +133,7 @@ def dopri5(
             t, x, k1 = t + h, x_new, ks[-1]
         factor = 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio**-0.2))
         h = h * factor
-    raise RuntimeError(f"dopri5 did not reach t={t_end} within {max_steps} steps (stopped at t={t:.4g})")
+    raise StateError(f"dopri5 did not reach t={t_end} within {max_steps} steps (stopped at t={t:.4g})")
 
 
 def _initial_step(
@@ -163,13 +177,13 @@ def euler_maruyama(
     "none" (stop at ``last_step_size``). ``steps`` counts evaluations including the last step.
     """
     if diffusion not in DIFFUSIONS:
-        raise ValueError(f"unknown SDE diffusion {diffusion!r}; expected one of {DIFFUSIONS}")
+        raise InputError(f"unknown SDE diffusion {diffusion!r}; expected one of {DIFFUSIONS}")
     if last_step not in LAST_STEPS:
-        raise ValueError(f"unknown SDE last step {last_step!r}; expected one of {LAST_STEPS}")
+        raise InputError(f"unknown SDE last step {last_step!r}; expected one of {LAST_STEPS}")
     if not 0.0 < last_step_size < 1.0:
-        raise ValueError(f"last_step_size must lie in (0, 1), got {last_step_size}")
+        raise InputError(f"last_step_size must lie in (0, 1), got {last_step_size}")
     if not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"the SDE sampler needs steps ≥ 2, got {steps!r}")
+        raise InputError(f"the SDE sampler needs steps ≥ 2, got {steps!r}")
 
     def drift(x: Tensor, t: float) -> tuple[Tensor, Tensor, float]:
         v = fn(x, t)
@@ -218,10 +232,153 @@ def solve(
     """Run sampler ``name`` from ``noise`` (at t = 1); ``options`` go to that sampler."""
     if name in ("euler", "heun"):
         if options:
-            raise TypeError(f"sampler {name!r} takes no options {sorted(options)}")
+            raise InputTypeError(f"sampler {name!r} takes no options {sorted(options)}")
         return (euler if name == "euler" else heun)(fn, noise, time_grid(steps, shift, t_end))
     if name == "dopri5":  # adaptive: ``steps`` and ``shift`` only fix the end point
         return dopri5(fn, noise, 1.0, float(time_shift(torch.tensor(t_end), shift)), **options)
     if name == "sde":
         return euler_maruyama(fn, noise, steps, shift, generator=generator, **options)
-    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+    raise InputError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+
+
+# ------------------------------------------------------------------------------------------------
+#                     Checking ``generator.sample`` keywords without a model
+# ------------------------------------------------------------------------------------------------
+
+# The options each flow solver takes beyond ``steps``, ``shift`` and ``t_end`` (``solve``'s own).
+SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "euler": (),
+    "heun": (),
+    "dopri5": ("atol", "rtol", "max_steps"),
+    "sde": ("diffusion", "diffusion_norm", "last_step", "last_step_size"),
+}
+# Arguments the caller (a recipe) supplies at sampling time; a config naming them is a mistake.
+RUNTIME_ONLY = ("y", "n", "noise", "generator", "guidance_model", "return_nfe")
+GUIDANCE_NAMES = (None, "cfg", "autoguidance")
+
+
+def _optional(check: Callable[..., Any]) -> Callable[..., Any]:
+    return lambda value, name, owner: None if value is None else check(value, name, owner)
+
+
+def _interval(value: Any, name: str, owner: str | None) -> None:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise InputTypeError(
+            f"{owner + ': ' if owner else ''}{name} must be a pair [t_min, t_max], got {value!r}"
+        )
+    lo = check_number(value[0], f"{name}[0]", low=0, high=1, owner=owner)
+    hi = check_number(value[1], f"{name}[1]", low=0, high=1, owner=owner)
+    if lo > hi:
+        raise InputError(f"{owner + ': ' if owner else ''}{name} must have t_min ≤ t_max, got {list(value)}")
+
+
+def _guidance_name(value: Any, name: str, owner: str | None) -> None:
+    if not hasattr(value, "needs_null_class"):  # a guidance object (CFG, AutoGuidance) passes
+        check_choice(value, name, GUIDANCE_NAMES, owner=owner)
+
+
+# One check per known option name, shared by every generator's ``sample`` (flow and token models).
+OPTION_CHECKS: dict[str, Callable[[Any, str, str | None], Any]] = {
+    "sampler": lambda v, k, o: check_choice(v, k, SAMPLERS, owner=o),
+    "steps": lambda v, k, o: check_int(v, k, owner=o),
+    "cfg_scale": lambda v, k, o: check_number(v, k, low=0, owner=o),
+    "cfg_interval": _interval,
+    "cfg_channels": _optional(lambda v, k, o: check_int(v, k, owner=o)),
+    "guidance": _guidance_name,
+    "shift": _optional(lambda v, k, o: check_number(v, k, low=0, low_open=True, owner=o)),
+    "t_end": _optional(lambda v, k, o: check_number(v, k, low=0, high=1, high_open=True, owner=o)),
+    "amp": lambda v, k, o: check_bool(v, k, owner=o),
+    "use_cache": lambda v, k, o: check_bool(v, k, owner=o),
+    "atol": lambda v, k, o: check_number(v, k, low=0, low_open=True, owner=o),
+    "rtol": lambda v, k, o: check_number(v, k, low=0, owner=o),
+    "max_steps": lambda v, k, o: check_int(v, k, owner=o),
+    "diffusion": lambda v, k, o: check_choice(v, k, DIFFUSIONS, owner=o),
+    "diffusion_norm": lambda v, k, o: check_number(v, k, low=0, owner=o),
+    "last_step": lambda v, k, o: check_choice(v, k, LAST_STEPS, owner=o),
+    "last_step_size": lambda v, k, o: check_number(
+        v, k, low=0, high=1, low_open=True, high_open=True, owner=o
+    ),
+    "temperature": lambda v, k, o: check_number(v, k, low=0, low_open=True, owner=o),
+    "top_k": _optional(lambda v, k, o: check_int(v, k, owner=o)),
+    "top_p": _optional(lambda v, k, o: check_number(v, k, low=0, high=1, low_open=True, owner=o)),
+    "choice_temperature": lambda v, k, o: check_number(v, k, low=0, owner=o),
+}
+
+
+def sample_signature(target: Any) -> inspect.Signature | None:
+    """The signature of ``sample`` for ``target``: a registry name, a builder (its return annotation
+    names the class), a class or an instance; None when it cannot be known without building."""
+    if isinstance(target, str):
+        target = registry.generators.get(target)
+    cls = target if inspect.isclass(target) else None
+    if cls is None and inspect.isfunction(target):
+        try:
+            cls = typing.get_type_hints(target).get("return")
+        except Exception:  # an annotation that does not resolve: nothing to check against
+            cls = None
+    if cls is None and hasattr(type(target), "sample") and not inspect.isroutine(target):
+        cls = type(target)
+    method = getattr(cls, "sample", None) if inspect.isclass(cls) else None
+    if method is None:
+        return None
+    try:
+        return inspect.signature(method)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_sample_options(
+    target: Any,
+    options: Mapping[str, Any],
+    *,
+    where: str = "sampler",
+    owner: str | None = None,
+    from_config: bool = True,
+) -> None:
+    """Check keyword arguments of ``generator.sample`` without building a model.
+
+    ``target`` is a generator's registry name, builder, class or instance (None: check the values of
+    known options only).  An option ``sample`` does not take (for a flow generator: one its
+    ``sampler`` does not take), a value out of range (``steps: 0``, a negative ``cfg_scale``,
+    ``cfg_interval`` outside [0, 1], …) or, with ``from_config``, an argument only the caller can
+    give (``y``, ``noise``, …) raises an InputError/InputTypeError naming ``where.<option>``.
+    """
+    if not isinstance(options, Mapping):
+        raise InputTypeError(f"{where} must be a mapping of sample() keyword arguments, got {options!r}")
+    sig = sample_signature(target) if target is not None else None
+    key = (lambda k: f"{where}.{k}") if owner is None else (lambda k: k)
+    for name in options:
+        if from_config and name in RUNTIME_ONLY:
+            raise InputError(
+                f"{key(name)}: {name!r} is given by the recipe at sampling time, not by a config"
+            )
+    sampler = options.get("sampler")
+    if sig is not None:
+        params = {p: v for p, v in sig.parameters.items() if p not in ("self", "y")}
+        takes_more = any(v.kind is v.VAR_KEYWORD for v in params.values())
+        named = [p for p, v in params.items() if v.kind is not v.VAR_KEYWORD]
+        if sampler is None and "sampler" in params:
+            sampler = params["sampler"].default
+        extra = SOLVER_OPTIONS.get(sampler, ()) if takes_more and "sampler" in params else ()
+        for name in options:
+            if name in named or name in extra or (takes_more and "sampler" not in params):
+                continue
+            accepted = [p for p in [*named, *extra] if p not in RUNTIME_ONLY]
+            close = difflib.get_close_matches(name, accepted, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            which = f" with sampler {sampler!r}" if extra or sampler in SOLVER_OPTIONS else ""
+            owners = [s for s, names in SOLVER_OPTIONS.items() if name in names]
+            if owners and "sampler" in params:
+                hint += f" ({name!r} is an option of sampler {' or '.join(map(repr, owners))})"
+            raise InputTypeError(
+                f"{(owner + ': ') if owner else ''}unknown option {key(name)!r}{which}.{hint} "
+                f"It accepts: {', '.join(accepted)}"
+            )
+    for name, value in options.items():
+        if name in OPTION_CHECKS:
+            OPTION_CHECKS[name](value, key(name), owner)
+    if sampler == "sde" and "steps" in options and options["steps"] < 2:
+        raise InputError(
+            f"{(owner + ': ') if owner else ''}{key('steps')} must be ≥ 2 for the SDE sampler, "
+            f"got {options['steps']!r}"
+        )

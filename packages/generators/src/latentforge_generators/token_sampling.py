@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from latentforge_core.errors import InputError
+
 #################################################################################
 #                               Argument checks                                 #
 #################################################################################
@@ -20,30 +22,30 @@ import torch.nn.functional as F
 def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
     """Raise a ``ValueError`` naming the bad sampler setting and the range it must lie in."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise InputError(f"temperature must be > 0, got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 (or None to disable it), got {top_k!r}")
+        raise InputError(f"top_k must be an integer >= 1 (or None to disable it), got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1] (or be None to disable it), got {top_p!r}")
+        raise InputError(f"top_p must lie in (0, 1] (or be None to disable it), got {top_p!r}")
 
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int, what: str = "token ids") -> None:
     """Integer ids in ``[0, vocab_size)``, or a ``ValueError`` that says which values were not."""
     if tokens.dtype in (torch.bool,) or tokens.is_floating_point() or tokens.is_complex():
-        raise ValueError(f"{what} must be an integer tensor, got dtype {tokens.dtype}")
+        raise InputError(f"{what} must be an integer tensor, got dtype {tokens.dtype}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(
+        raise InputError(
             f"{what} must lie in [0, {vocab_size}), got values in [{int(tokens.min())}, {int(tokens.max())}]"
         )
 
 
 def check_class_ids(y: torch.Tensor, num_classes: int) -> None:
     if num_classes == 0:
-        raise ValueError("this model is unconditional (num_classes=0); pass y=None or a sample count")
+        raise InputError("this model is unconditional (num_classes=0); pass y=None or a sample count")
     if y.ndim != 1 or y.is_floating_point():
-        raise ValueError(f"class labels must be a 1-D integer tensor [B], got {tuple(y.shape)} {y.dtype}")
+        raise InputError(f"class labels must be a 1-D integer tensor [B], got {tuple(y.shape)} {y.dtype}")
     if y.numel() and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(
+        raise InputError(
             f"class ids must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
         )
 
@@ -54,7 +56,7 @@ def as_sequence(tokens: torch.Tensor, grid: tuple[int, int], vocab_size: int) ->
     if tokens.ndim == 3 and tuple(tokens.shape[1:]) == tuple(grid):
         tokens = tokens.flatten(1)
     elif not (tokens.ndim == 2 and tokens.shape[1] == n):
-        raise ValueError(
+        raise InputError(
             f"expected token grids [B, {grid[0]}, {grid[1]}] or sequences [B, {n}], got {tuple(tokens.shape)}"
         )
     check_token_ids(tokens, vocab_size)
@@ -169,10 +171,10 @@ def maskgit_decode(
     masked count). With 256 tokens and 8 steps that leaves 251, 236, 212, 181, 142, 97, 49, 0.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"steps must be >= 1, got {steps}")
     check_sampling(temperature)
     if choice_temperature < 0:
-        raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
+        raise InputError(f"choice_temperature must be >= 0, got {choice_temperature}")
     masked = masked.clone()
     initial = masked.sum(dim=1)  # B
     tokens = tokens.masked_fill(masked, mask_id)

@@ -15,6 +15,13 @@ import torch
 import torch.nn as nn
 
 from latentforge_core.checkpoint import CheckpointError, load_state_file
+from latentforge_core.errors import (
+    InputError,
+    check_divisible,
+    check_int,
+    check_ints,
+    check_number,
+)
 from latentforge_core.transformer import Attention, KVCache, Mlp, RMSNorm, RotaryEmbedding, SwiGLU
 from latentforge_generators.token_sampling import check_class_ids
 
@@ -24,6 +31,38 @@ STYLES = ("digit", "prenorm", "modern")  # post-LN fairseq | pre-LN fairseq | RM
 #################################################################################
 #                                     Blocks                                    #
 #################################################################################
+
+
+def check_grid(grid: object, name: str, owner: str) -> tuple[int, int]:
+    """A token grid: an int ``n`` (``n × n``) or a pair ``(h, w)`` of positive ints."""
+    if isinstance(grid, (tuple, list)) and len(grid) == 2:
+        return (check_int(grid[0], f"{name}[0]", owner=owner), check_int(grid[1], f"{name}[1]", owner=owner))
+    if isinstance(grid, (tuple, list)):
+        raise InputError(f"{owner}: {name} must be an int n (an n × n grid) or a pair (h, w), got {grid!r}")
+    n = check_int(grid, name, owner=owner)
+    return (n, n)
+
+
+def check_sizes(
+    owner: str,
+    *,
+    dim: object,
+    depth: object,
+    num_heads: object,
+    ffn_dim: object,
+    dropout: object,
+    label_smoothing: object,
+    norm_eps: object,
+) -> None:
+    """The arguments every token transformer (GPT, MaskGIT, DiGIT's stage 2) shares (``style`` is
+    checked by :class:`Transformer`)."""
+    check_ints(owner, dim=dim, depth=depth, num_heads=num_heads)
+    if ffn_dim is not None:
+        check_int(ffn_dim, "ffn_dim", owner=owner)
+    check_number(dropout, "dropout", low=0, high=1, high_open=True, owner=owner)
+    check_number(label_smoothing, "label_smoothing", low=0, high=1, high_open=True, owner=owner)
+    check_number(norm_eps, "norm_eps", low=0, low_open=True, owner=owner)
+    check_divisible(dim, "dim", num_heads, "num_heads", owner=owner)  # type: ignore[arg-type]
 
 
 def _norm(style: str, dim: int, eps: float) -> nn.Module:
@@ -68,7 +107,7 @@ class Transformer(nn.Module):
     ):
         super().__init__()
         if style not in STYLES:
-            raise ValueError(f"unknown block style {style!r}; expected one of {STYLES}")
+            raise InputError(f"unknown block style {style!r}; expected one of {STYLES}")
         self.style, self.num_heads, self.max_positions = style, num_heads, max_positions
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, ffn_dim, style, dropout, norm_eps) for _ in range(depth)
@@ -95,7 +134,7 @@ class Transformer(nn.Module):
 
     def check_length(self, end: int) -> None:
         if end > self.max_positions:
-            raise ValueError(
+            raise InputError(
                 f"sequence of {end} positions is longer than the model's {self.max_positions} positions"
             )
 
@@ -156,7 +195,7 @@ class ClassConditioned:
 
     def set_classes(self, num_classes: int, class_offset: int, class_dropout: float) -> None:
         if not 0 <= class_dropout < 1:
-            raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout}")
+            raise InputError(f"class_dropout must lie in [0, 1), got {class_dropout}")
         self.num_classes, self.class_offset, self.class_dropout = num_classes, class_offset, class_dropout
 
     @property
@@ -170,7 +209,7 @@ class ClassConditioned:
             return y.long().to(device) + self.class_offset
         n = y if isinstance(y, int) else batch
         if n is None or n < 1:
-            raise ValueError(f"pass class labels [B] or a positive sample count, got {y!r}")
+            raise InputError(f"pass class labels [B] or a positive sample count, got {y!r}")
         return torch.full((n,), self.null_id, dtype=torch.long, device=device)
 
     def drop_classes(self, start: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

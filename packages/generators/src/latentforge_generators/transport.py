@@ -17,6 +17,8 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from latentforge_core.errors import InputError
+
 Tensor = torch.Tensor
 
 INTERNAL = "noise_at_1"
@@ -30,7 +32,7 @@ CONVENTIONS = ("noise_at_1", "noise_at_0")
 
 def check_convention(convention: str) -> str:
     if convention not in CONVENTIONS:
-        raise ValueError(
+        raise InputError(
             f"unknown time convention {convention!r}; expected one of {CONVENTIONS} "
             "('noise_at_0': t=0 is noise as in SiT/LightningDiT, 'noise_at_1': t=1 is noise as in RAE)"
         )
@@ -121,7 +123,7 @@ def time_shift(t: Tensor, shift: float) -> Tensor:
 def dimension_shift(dim: int, base: int = 4096) -> float:
     """RAE's shift for a latent of ``dim = C·H·W`` numbers: ``sqrt(dim / base)``."""
     if dim <= 0 or base <= 0:
-        raise ValueError(f"dimension shift needs positive dim and base, got dim={dim}, base={base}")
+        raise InputError(f"dimension shift needs positive dim and base, got dim={dim}, base={base}")
     return math.sqrt(dim / base)
 
 
@@ -134,12 +136,12 @@ def _check_shift(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value == "auto" or (value is None and attribute.name == "sample_shift"):
         return
     if not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a positive number or 'auto', got {value!r}")
+        raise InputError(f"{attribute.name} must be a positive number or 'auto', got {value!r}")
 
 
 def _check_unit(inst: Any, attribute: attrs.Attribute, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must lie in [0, 1], got {value}")
+        raise InputError(f"{attribute.name} must lie in [0, 1], got {value}")
 
 
 @attrs.frozen(kw_only=True)
@@ -169,9 +171,9 @@ class Transport:
 
     def __attrs_post_init__(self) -> None:
         if self.t_min >= self.t_max:
-            raise ValueError(f"t_min must be below t_max, got [{self.t_min}, {self.t_max}]")
+            raise InputError(f"t_min must be below t_max, got [{self.t_min}, {self.t_max}]")
         if self.sample_eps >= 1.0:
-            raise ValueError(f"sample_eps must lie in [0, 1), got {self.sample_eps}")
+            raise InputError(f"sample_eps must lie in [0, 1), got {self.sample_eps}")
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -182,7 +184,7 @@ class Transport:
         unknown = set(config) - {f.name for f in attrs.fields(cls)}
         if unknown:
             names = ", ".join(f.name for f in attrs.fields(cls))
-            raise ValueError(f"unknown transport option(s) {sorted(unknown)}; expected some of: {names}")
+            raise InputError(f"unknown transport option(s) {sorted(unknown)}; expected some of: {names}")
         return cls(**config)
 
     def resolve(self, input_shape: tuple[int, ...]) -> Transport:
@@ -196,7 +198,7 @@ class Transport:
     def sampling_shift(self) -> float:
         shift = self.shift if self.sample_shift is None else self.sample_shift
         if isinstance(shift, str):
-            raise ValueError("the transport's 'auto' shift is unresolved; call resolve(input_shape) first")
+            raise InputError("the transport's 'auto' shift is unresolved; call resolve(input_shape) first")
         return float(shift)
 
     # ---------------------------------------------------------------------------- training
@@ -210,7 +212,7 @@ class Transport:
             u = (lo + (hi - lo) * u).clamp(1e-12, 1 - 1e-12)
             t = torch.sigmoid(self.loc + self.scale * torch.special.ndtri(u))
         if isinstance(self.shift, str):
-            raise ValueError("the transport's 'auto' shift is unresolved; call resolve(input_shape) first")
+            raise InputError("the transport's 'auto' shift is unresolved; call resolve(input_shape) first")
         return time_shift(t, float(self.shift)).float()
 
     def _std_normal_cdf_of_logit(self, p: float) -> float:

@@ -4,17 +4,23 @@ Each family's size table is ``SIZES`` in its model file (``dit.py``, ``lightning
 ``ditdh.py``), keyed by the registry name; here are one builder per row (``dit_xl_2`` for
 ``dit-xl-2``) and each family's published transport.  Every builder takes the backbone's keyword
 arguments (``in_channels``, ``input_size``, ``num_classes``, ``class_dropout_prob``,
-``learn_sigma``, …; not the row's, which fix the size) and ``transport=dict(...)``, which overrides
-the family's published transport settings below key by key.
+``learn_sigma``, …; not the row's, which fix the size), ``transport=dict(...)``, which overrides
+the family's published transport settings below key by key, and ``pretrained``: a path or hub id of
+an official DiT / LightningDiT / RAE stage-2 file (``{"ema"|"model": …}`` containers unwrapped, EMA
+first) or of our own weights.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any
 
 from torch import nn
 
+from latentforge_core.errors import InputTypeError
 from latentforge_generators import dit, ditdh, lightningdit
+from latentforge_generators.convert import load_official
 from latentforge_generators.dit import DiT
 from latentforge_generators.ditdh import DiTDH
 from latentforge_generators.flow import FlowGenerator
@@ -47,7 +53,45 @@ def _flow(
 ) -> FlowGenerator:
     if not isinstance(transport, Transport):
         transport = Transport.from_dict({**family, **(transport or {})})
-    return FlowGenerator(model(**size, **{**defaults, **kwargs}), transport)
+    pretrained = kwargs.pop("pretrained", None)
+    _check_arguments(model, size, kwargs)
+    backbone = model(**size, **{**defaults, **kwargs})
+    if pretrained is not None:  # a path or hub id: official DiT / LightningDiT / RAE stage-2 files, or ours
+        load_official(backbone, pretrained)
+    return FlowGenerator(backbone, transport)
+
+
+def _check_arguments(model: type[nn.Module], size: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """A keyword the backbone does not take, or one the named size fixes, said by name."""
+    fixed = [k for k in kwargs if k in size]
+    if fixed:
+        shown = ", ".join(f"{k}={size[k]!r}" for k in fixed)
+        raise InputTypeError(
+            f"{model.__name__}: {', '.join(fixed)} is fixed by the named size ({shown}); expected only "
+            "the data's shape and training options here (choose another registered size to change it)"
+        )
+    accepted: list[str] = []
+    for cls in model.__mro__:  # a subclass passes **kwargs on to its base (LightningDiT → DiT)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        accepted += [p for p, v in params.items() if p != "self" and v.kind is not v.VAR_KEYWORD]
+        if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
+            break
+    every = list(dict.fromkeys(accepted))
+    accepted = [p for p in every if p not in size]
+    for key in kwargs:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, every, n=3, cutoff=0.5)
+            fixed_close = [c for c in close if c in size]
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            if fixed_close:
+                hint += f" ({', '.join(fixed_close)}: fixed by the named size)"
+            raise InputTypeError(
+                f"{model.__name__} takes no parameter {key!r}.{hint} It accepts: "
+                f"{', '.join([*accepted, 'transport', 'pretrained'])}"
+            )
 
 
 #################################################################################

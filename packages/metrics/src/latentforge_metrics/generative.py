@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from latentforge_core import registry
 from latentforge_core.device import resolve_device
+from latentforge_core.errors import InputError, InputTypeError, StateError
 from latentforge_metrics.inception import (
     FIDInceptionV3,
     InceptionProtocol,
@@ -53,7 +54,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10, shuffle: bool = True
     logits = torch.as_tensor(logits).double().cpu()
     n = logits.shape[0]
     if n < splits:
-        raise ValueError(f"the Inception Score needs at least splits={splits} samples, got {n}")
+        raise InputError(f"the Inception Score needs at least splits={splits} samples, got {n}")
     if shuffle:
         logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
     p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
@@ -105,11 +106,11 @@ def precision_recall(real, fake, k: int = 3, batch_size: int = 10000, device=Non
     device = resolve_device(device)
     real, fake = (torch.as_tensor(f).float().to(device) for f in (real, fake))
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"features must be [N, D] with one D, got {tuple(real.shape)} and {tuple(fake.shape)}"
         )
     if min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+        raise InputError(f"precision/recall with k={k} needs more than {k} samples per set")
     radii_real = _kth_neighbour_radii(real, k, batch_size)
     radii_fake = _kth_neighbour_radii(fake, k, batch_size)
     return {
@@ -144,7 +145,7 @@ class _UsesInception:
 
 def _check_same(metric, other) -> None:
     if type(other) is not type(metric):
-        raise TypeError(f"cannot merge a {type(other).__name__} into a {type(metric).__name__}")
+        raise InputTypeError(f"cannot merge a {type(other).__name__} into a {type(metric).__name__}")
 
 
 class FrechetMetric:
@@ -166,18 +167,18 @@ class FrechetMetric:
         if isinstance(reference, ReferenceStats):
             stats = getattr(reference, self.reference_key)
             if stats is None:
-                raise ValueError(
+                raise InputError(
                     f"{reference.path} has no {self.reference_key} statistics for {type(self).__name__}"
                 )
             reference = stats
         if isinstance(reference, tuple):
             reference = GaussianStats.from_moments(*reference)
         if not isinstance(reference, GaussianStats):
-            raise TypeError(
+            raise InputTypeError(
                 f"unsupported reference {type(reference).__name__}; expected a path or statistics"
             )
         if self.dim is not None and reference.dim != self.dim:
-            raise ValueError(
+            raise InputError(
                 f"the reference statistics are {reference.dim}-d but {type(self).__name__} features are "
                 f"{self.dim}-d (pool3 is 2048-d, sFID's spatial features 2023-d)"
             )
@@ -191,16 +192,16 @@ class FrechetMetric:
 
     def update_features(self, features: torch.Tensor, real: bool = False) -> None:
         if real and self.reference is not None:
-            raise ValueError(f"{type(self).__name__} has a fixed reference; real images are not accumulated")
+            raise InputError(f"{type(self).__name__} has a fixed reference; real images are not accumulated")
         (self.real if real else self.fake).update(features)
 
     def compute(self) -> float:
         fake = self.fake.gathered()
         real = self.reference if self.reference is not None else self.real.gathered()
         if fake.n == 0:
-            raise ValueError(f"{type(self).__name__}: no generated images were given to update()")
+            raise StateError(f"{type(self).__name__}: no generated images were given to update()")
         if real.mean is None:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__} has no reference: pass reference=<.npz or statistics> or give real "
                 "images with update(images, real=True)"
             )
@@ -248,7 +249,7 @@ class RFID(FID):
     def update(self, images: torch.Tensor, target: torch.Tensor | None = None, real: bool = False) -> None:
         if target is not None:
             if target.shape != images.shape:
-                raise ValueError(
+                raise InputError(
                     f"reconstructions {tuple(images.shape)} and originals {tuple(target.shape)} differ"
                 )
             self.update_features(self.features(target), real=True)
@@ -314,7 +315,7 @@ class PrecisionRecall(_UsesInception):
         elif reference is not None:
             self.reference_features = torch.as_tensor(reference).float()
             if self.reference_features.ndim != 2 or self.reference_features.shape[1] != 2048:
-                raise ValueError(
+                raise InputError(
                     f"reference features must be [N, 2048], got {tuple(self.reference_features.shape)}"
                 )
 
@@ -323,7 +324,7 @@ class PrecisionRecall(_UsesInception):
 
     def update_features(self, features: torch.Tensor, real: bool = False) -> None:
         if real and (self.reference_path is not None or self.reference_features is not None):
-            raise ValueError("PrecisionRecall has a fixed reference; real images are not accumulated")
+            raise InputError("PrecisionRecall has a fixed reference; real images are not accumulated")
         (self.real if real else self.fake).update(features)
 
     def _reference(self) -> torch.Tensor:
@@ -335,7 +336,7 @@ class PrecisionRecall(_UsesInception):
         if self.reference_features is not None:
             return self.reference_features
         if not self.real.parts and distributed_world() == 1:
-            raise ValueError("PrecisionRecall has no reference: pass reference= or update(images, real=True)")
+            raise InputError("PrecisionRecall has no reference: pass reference= or update(images, real=True)")
         return self.real.gathered()
 
     def compute(self) -> dict[str, float]:
@@ -394,6 +395,11 @@ class FDDINOv2(FrechetMetric):
         super().__init__(reference)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise InputTypeError(
+                f"{type(self).__name__}: images must be a torch.Tensor [B, 3, H, W] (float in [0, 1] or "
+                f"uint8), got {type(images).__name__}"
+            )
         return encoder_features(self.encoder, images.to(self.device), self.output)
 
 

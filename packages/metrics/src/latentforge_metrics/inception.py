@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentforge_core.checkpoint import load_into, load_state_file
+from latentforge_core.errors import InputError, InputTypeError, MissingFileError
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
@@ -63,31 +64,31 @@ def get_protocol(protocol: str | InceptionProtocol) -> InceptionProtocol:
     name = PROTOCOL_ALIASES.get(protocol, protocol)
     if name not in PROTOCOLS:
         known = sorted(PROTOCOLS) + sorted(PROTOCOL_ALIASES)
-        raise ValueError(f"unknown Inception protocol {protocol!r}; expected one of {known}")
+        raise InputError(f"unknown Inception protocol {protocol!r}; expected one of {known}")
     return PROTOCOLS[name]
 
 
 def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
     """Validate ``[B, 3, H, W]`` images: uint8 in 0..255 or float in [0, 1]; returns them unchanged."""
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
+        raise InputTypeError(f"{what} must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
         hint = (
             " (channels-last? permute to [B, 3, H, W])" if images.ndim == 4 and images.shape[-1] == 3 else ""
         )
-        raise ValueError(f"{what} must have shape [B, 3, H, W] (RGB), got {tuple(images.shape)}{hint}")
+        raise InputError(f"{what} must have shape [B, 3, H, W] (RGB), got {tuple(images.shape)}{hint}")
     if images.shape[0] == 0:
-        raise ValueError(f"{what} is an empty batch")
+        raise InputError(f"{what} is an empty batch")
     if images.dtype == torch.uint8:
         return images
     if not images.is_floating_point():
-        raise TypeError(f"{what} must be uint8 (0..255) or float (0..1), got dtype {images.dtype}")
+        raise InputTypeError(f"{what} must be uint8 (0..255) or float (0..1), got dtype {images.dtype}")
     lo, hi = (v.item() for v in torch.aminmax(images))  # one pass; NaN and inf propagate into it
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{what} contain NaN or infinite values")
+        raise InputError(f"{what} contain NaN or infinite values")
     if lo < -1e-3 or hi > 1 + 1e-3:
         hint = " (images in [-1, 1]? use (x + 1) / 2)" if lo < 0 else " (images in 0..255? divide by 255)"
-        raise ValueError(f"float {what} must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
+        raise InputError(f"float {what} must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
     return images
 
 
@@ -354,7 +355,7 @@ class FIDInceptionV3(nn.Module):
     def forward_features(self, x: torch.Tensor, features=FEATURES) -> dict[str, torch.Tensor]:
         unknown = set(features) - set(FEATURES)
         if unknown:
-            raise ValueError(f"unknown Inception feature(s) {sorted(unknown)}; expected some of {FEATURES}")
+            raise InputError(f"unknown Inception feature(s) {sorted(unknown)}; expected some of {FEATURES}")
         with torch.autocast(x.device.type, enabled=False):
             return self._features(x, features)
 
@@ -411,7 +412,7 @@ def fid_inception_v3(
     """The FID Inception with the 2015-12-05 weights from ``weights`` (default: the torch hub cache)."""
     path = Path(weights) if weights is not None else default_weights_path()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"FID Inception weights not found at {path}. Download {FID_WEIGHTS_URL} (or run pytorch-fid "
             "once, which caches it there) and pass weights=<path>; latentforge does not download them"
         )

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from latentforge_core.checkpoint import atomic_path
-from latentforge_core.errors import LatentforgeError
+from latentforge_core.errors import InputError, LatentforgeError, MissingFileError
 from latentforge_metrics.inception import check_images, to_uint8
 from latentforge_metrics.stats import GaussianStats
 
@@ -43,7 +43,7 @@ class ReferenceStats:
 def _open(path: str | os.PathLike) -> zipfile.ZipFile:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference file not found: {path}")
+        raise MissingFileError(f"reference file not found: {path}")
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError) as err:
@@ -180,13 +180,13 @@ class SampleWriter:
     def write(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         images = check_images(images)
         if tuple(images.shape[-2:]) != self.shape[1:3]:
-            raise ValueError(
+            raise InputError(
                 f"images are {tuple(images.shape[-2:])}, this file holds {self.shape[1:3]} images"
             )
         if self.written + images.shape[0] > self.shape[0]:
-            raise ValueError(f"more than the declared {self.shape[0]} samples were written")
+            raise InputError(f"more than the declared {self.shape[0]} samples were written")
         if self._labelled is not None and self._labelled != (labels is not None):
-            raise ValueError("give labels for every batch or for none")
+            raise InputError("give labels for every batch or for none")
         self._labelled = labels is not None
         nhwc = to_uint8(images).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         self._file.write(nhwc.tobytes())
@@ -201,7 +201,7 @@ class SampleWriter:
         self._file = None
         if self.written != self.shape[0]:
             self._discard()
-            raise ValueError(
+            raise InputError(
                 f"{self.written} samples were written, {self.shape[0]} declared; nothing was saved"
             )
         if self.labels:

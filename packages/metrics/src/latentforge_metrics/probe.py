@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from latentforge_core import registry
 from latentforge_core.device import resolve_device
+from latentforge_core.errors import InputError, InputTypeError
 from latentforge_metrics.generative import encoder_features
 from latentforge_metrics.stats import FeatureBank
 
@@ -98,9 +99,9 @@ class LinearProbe:
     def update_features(self, features: torch.Tensor, labels: torch.Tensor, train: bool = True) -> None:
         labels = torch.as_tensor(labels).long().reshape(-1, 1)
         if labels.shape[0] != features.shape[0]:
-            raise ValueError(f"{features.shape[0]} feature rows but {labels.shape[0]} labels")
+            raise InputError(f"{features.shape[0]} feature rows but {labels.shape[0]} labels")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(
+            raise InputError(
                 f"labels must be in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]"
             )
         (self.train_x if train else self.val_x).update(features.float())
@@ -108,7 +109,7 @@ class LinearProbe:
 
     def compute(self) -> dict[str, float]:
         if not self.train_x.parts or not self.val_x.parts:
-            raise ValueError("LinearProbe needs training (train=True) and held-out (train=False) images")
+            raise InputError("LinearProbe needs training (train=True) and held-out (train=False) images")
         train_x, train_y = (
             self.train_x.gathered().to(self.device),
             self.train_y.gathered()[:, 0].to(self.device),
@@ -127,7 +128,7 @@ class LinearProbe:
 
     def merge(self, other: LinearProbe) -> None:
         if not isinstance(other, LinearProbe):
-            raise TypeError(f"cannot merge a {type(other).__name__} into a LinearProbe")
+            raise InputTypeError(f"cannot merge a {type(other).__name__} into a LinearProbe")
         for mine, theirs in zip(
             (self.train_x, self.val_x, self.train_y, self.val_y),
             (other.train_x, other.val_x, other.train_y, other.val_y),

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from latentforge_core.errors import InputError, InputTypeError, StateError
 from latentforge_metrics.inception import check_images
 from latentforge_metrics.stats import all_gather_rows
 
@@ -22,7 +23,7 @@ def _pair(preds: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
     for name, x in (("preds", preds), ("target", target)):
         check_images(x, name)
     if preds.shape != target.shape:
-        raise ValueError(
+        raise InputError(
             f"preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same shape"
         )
     return tuple(x.float() / 255 if x.dtype == torch.uint8 else x.float() for x in (preds, target))
@@ -47,7 +48,7 @@ def ssim(preds: torch.Tensor, target: torch.Tensor, sigma: float = 1.5, k1: floa
     size = int(3.5 * sigma + 0.5) * 2 + 1  # torchmetrics' window for a given sigma (11 for 1.5)
     pad = (size - 1) // 2
     if min(preds.shape[-2:]) <= pad:
-        raise ValueError(
+        raise InputError(
             f"SSIM needs images larger than {pad} pixels per side, got {tuple(preds.shape[-2:])}"
         )
     c = preds.shape[1]
@@ -75,7 +76,7 @@ class _PairedMean:
 
     def merge(self, other) -> None:
         if type(other) is not type(self):
-            raise TypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+            raise InputTypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
         self.total += other.total
         self.count += other.count
 
@@ -106,8 +107,10 @@ class PSNR(_PairedMean):
     def compute(self) -> float:
         total, count = self._gathered()
         if count == 0:
-            raise ValueError("PSNR: no images were given to update()")
-        return total / count if self.per_image else 10 * math.log10(count / total)
+            raise StateError("PSNR: no images were given to update()")
+        if self.per_image:
+            return total / count
+        return 10 * math.log10(count / total) if total > 0 else math.inf  # lossless: inf, as torchmetrics
 
 
 class SSIM(_PairedMean):
@@ -125,5 +128,5 @@ class SSIM(_PairedMean):
     def compute(self) -> float:
         total, count = self._gathered()
         if count == 0:
-            raise ValueError("SSIM: no images were given to update()")
+            raise StateError("SSIM: no images were given to update()")
         return total / count

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from scipy.linalg import lapack
 
+from latentforge_core.errors import InputError, InputTypeError
+
 PSD_TOLERANCE = 1e-5  # eigenvalues below -tol * max are an error (float32-rounded inputs pass)
 
 
@@ -86,13 +88,13 @@ class GaussianStats:
         """Add a batch ``[B, D]`` of features (any float dtype; accumulated in float64)."""
         features = torch.as_tensor(features)
         if features.ndim != 2:
-            raise ValueError(f"features must be [batch, dim], got shape {tuple(features.shape)}")
+            raise InputError(f"features must be [batch, dim], got shape {tuple(features.shape)}")
         if self.dim is not None and features.shape[1] != self.dim:
-            raise ValueError(
+            raise InputError(
                 f"features have {features.shape[1]} dims, these statistics hold {self.dim}-d features"
             )
         if not torch.isfinite(features).all():
-            raise ValueError("features contain NaN or infinite values")
+            raise InputError("features contain NaN or infinite values")
         x = features.detach().to(torch.float64)
         mean = x.mean(dim=0)
         centred = x - mean
@@ -100,7 +102,7 @@ class GaussianStats:
 
     def _combine(self, n: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
         if self._sigma is not None:
-            raise ValueError("statistics loaded without a sample count cannot be updated or merged")
+            raise InputError("statistics loaded without a sample count cannot be updated or merged")
         if n == 0:
             return
         if self.n == 0:
@@ -116,11 +118,11 @@ class GaussianStats:
     def merge(self, other: GaussianStats) -> None:
         """Fold ``other``'s samples into these statistics (the result equals one pass over both)."""
         if not isinstance(other, GaussianStats):
-            raise TypeError(f"can only merge GaussianStats, got {type(other).__name__}")
+            raise InputTypeError(f"can only merge GaussianStats, got {type(other).__name__}")
         if other._sigma is not None:
-            raise ValueError("statistics loaded without a sample count cannot be updated or merged")
+            raise InputError("statistics loaded without a sample count cannot be updated or merged")
         if self.dim is not None and other.dim is not None and self.dim != other.dim:
-            raise ValueError(f"cannot merge {other.dim}-d statistics into {self.dim}-d ones")
+            raise InputError(f"cannot merge {other.dim}-d statistics into {self.dim}-d ones")
         if other.n:
             self._combine(other.n, other.mean, other.scatter)
 
@@ -129,7 +131,7 @@ class GaussianStats:
         if distributed_world() == 1 or self._sigma is not None:
             return self
         if self.dim is None:
-            raise ValueError("every rank must know the feature dimension before gathering statistics")
+            raise InputError("every rank must know the feature dimension before gathering statistics")
         n = torch.tensor([[float(self.n)]], dtype=torch.float64)
         mean = self.mean if self.mean is not None else torch.zeros(self.dim, dtype=torch.float64)
         scatter = (
@@ -146,7 +148,7 @@ class GaussianStats:
     @property
     def mu(self) -> np.ndarray:
         if self.mean is None:
-            raise ValueError("no features were added to these statistics")
+            raise InputError("no features were added to these statistics")
         return self.mean.cpu().numpy()
 
     @property
@@ -155,7 +157,7 @@ class GaussianStats:
         if self._sigma is not None:
             return self._sigma.cpu().numpy()
         if self.n < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, got {self.n}")
+            raise InputError(f"a covariance needs at least 2 samples, got {self.n}")
         if self.n <= self.dim:
             warnings.warn(
                 f"the covariance of {self.n} samples of {self.dim}-d features is singular (rank at most "
@@ -172,28 +174,28 @@ class GaussianStats:
 # ------------------------------------------------------------------------------------------------
 def _check_moments(mu, sigma, name: str) -> None:
     if mu.ndim != 1 or sigma.ndim != 2 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(
+        raise InputError(
             f"{name} statistics must be mu [D] and sigma [D, D], "
             f"got {tuple(mu.shape)} and {tuple(sigma.shape)}"
         )
     if not (np.isfinite(np.asarray(mu)).all() and np.isfinite(np.asarray(sigma)).all()):
-        raise ValueError(f"{name} statistics contain NaN or infinite values")
+        raise InputError(f"{name} statistics contain NaN or infinite values")
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """tr((Σ1 Σ2)^1/2) for PSD Σ1, Σ2 (float64), rank-deficient ones included."""
     c, piv, rank, info = lapack.dpstrf(sigma1, lower=1)
     if info < 0:
-        raise ValueError(f"LAPACK dpstrf rejected argument {-info}")
+        raise InputError(f"LAPACK dpstrf rejected argument {-info}")
     factor = np.zeros((sigma1.shape[0], rank))
     factor[piv - 1] = np.tril(c)[:, :rank]  # Σ1 = F Fᵀ (up to the pivoting tolerance)
     scale = max(np.abs(sigma1).max(), np.finfo(np.float64).tiny)
     if rank < sigma1.shape[0] and np.abs(factor @ factor.T - sigma1).max() > PSD_TOLERANCE * scale:
-        raise ValueError("sigma1 is not positive semi-definite: it is not a covariance matrix")
+        raise InputError("sigma1 is not positive semi-definite: it is not a covariance matrix")
     inner = factor.T @ sigma2 @ factor  # [r, r], PSD with the nonzero eigenvalues of Σ1 Σ2
     eig = scipy.linalg.eigvalsh((inner + inner.T) / 2, overwrite_a=True, check_finite=False)
     if eig.size and eig.min() < -PSD_TOLERANCE * max(eig.max(), 0.0):
-        raise ValueError(f"sigma2 is not positive semi-definite (eigenvalue {eig.min():.3g} of Σ1½ Σ2 Σ1½)")
+        raise InputError(f"sigma2 is not positive semi-definite (eigenvalue {eig.min():.3g} of Σ1½ Σ2 Σ1½)")
     return float(np.sqrt(np.clip(eig, 0, None)).sum())
 
 
@@ -208,7 +210,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     _check_moments(mu1, sigma1, "first")
     _check_moments(mu2, sigma2, "second")
     if mu1.shape != mu2.shape:
-        raise ValueError(
+        raise InputError(
             f"the two sets of statistics have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]} "
             "(e.g. 2048-d pool3 statistics against 2023-d spatial ones, or another feature network)"
         )
@@ -245,23 +247,23 @@ class FeatureBank:
         rows = torch.as_tensor(rows)
         if rows.ndim != 2 or (self.dim is not None and rows.shape[1] != self.dim):
             want = f"[batch, {self.dim}]" if self.dim is not None else "[batch, dim]"
-            raise ValueError(f"features must be {want}, got shape {tuple(rows.shape)}")
+            raise InputError(f"features must be {want}, got shape {tuple(rows.shape)}")
         if rows.is_floating_point() and not torch.isfinite(rows).all():
-            raise ValueError("features contain NaN or infinite values")
+            raise InputError("features contain NaN or infinite values")
         self.dim = rows.shape[1]
         self.parts.append(rows.detach().cpu())
 
     def merge(self, other: FeatureBank) -> None:
         if not isinstance(other, FeatureBank):
-            raise TypeError(f"can only merge a FeatureBank, got {type(other).__name__}")
+            raise InputTypeError(f"can only merge a FeatureBank, got {type(other).__name__}")
         if self.dim is not None and other.dim is not None and self.dim != other.dim:
-            raise ValueError(f"cannot merge {other.dim}-d features into {self.dim}-d ones")
+            raise InputError(f"cannot merge {other.dim}-d features into {self.dim}-d ones")
         self.dim = self.dim if self.dim is not None else other.dim
         self.parts.extend(other.parts)
 
     def gathered(self) -> torch.Tensor:
         if not self.parts and distributed_world() == 1:
-            raise ValueError("no features were added")
+            raise InputError("no features were added")
         local = torch.cat(self.parts) if self.parts else torch.zeros(0, self.dim or 0)
         return all_gather_rows(local).cpu()
 

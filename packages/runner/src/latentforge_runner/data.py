@@ -12,6 +12,7 @@ only on ``(seed, epoch)``, so its position is two integers a checkpoint can stor
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -23,10 +24,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from latentforge_core.errors import LatentforgeError
-from latentforge_metrics.npz import iter_npz_images
-from latentforge_runner.config import ConfigError, Settings, settings
+from latentforge_metrics.npz import ReferenceFileError, iter_npz_images, load_reference
+from latentforge_runner.config import ConfigError, SettingError, Settings, setting, settings
+
+log = logging.getLogger("latentforge")
 
 CROPS = ("center", "random")
+# What PIL raises on a corrupt, truncated, unknown or oversized (decompression-bomb) image file.
+UNREADABLE = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".JPEG")
 
 
@@ -38,21 +43,28 @@ class DataError(LatentforgeError, ValueError):
 class DataSettings(Settings):
     """The ``data`` block of every recipe that reads a data set."""
 
-    name: Literal["digits", "folder", "latents"] = "folder"
+    name: Literal["digits", "folder", "latents"] = "folder"  # embedded digits, image folder, cached latents
     root: str | None = None  # ImageNet layout root/<class>/*.JPEG; for latents, a cache-latents folder
-    image_size: int = 256
-    num_classes: int = 1000
+    image_size: int = setting(256, ge=1)  # pixels on each side of a training image
+    num_classes: int = setting(1000, ge=1)  # classes the generator is conditioned on
     crop: Literal["center", "random"] = "center"  # ADM center crop, or short side → resize, random crop
-    resize: int | None = None  # random crop: the short side first goes to this (None: image_size)
+    resize: int | None = setting(None, ge=1)  # random crop: short side goes to this first (None: image_size)
     flip: bool = False  # random horizontal flip (RAE stage 2, LightningDiT, DiGIT)
+
+    def __attrs_post_init__(self):
+        if self.resize is not None and self.resize < self.image_size:
+            raise SettingError(
+                "resize", f"resize {self.resize} is smaller than image_size {self.image_size}: expected ≥ it"
+            )
 
 
 def build_training_data(d: DataSettings, tokenizer: str, seed: int):
     """Images (``digits``, ``folder``, augmented by ``seed``) or the latent shards of ``tokenizer``."""
     if d.name != "latents":
-        return build_dataset(
+        images = build_dataset(
             d.name, image_size=d.image_size, root=d.root, crop=d.crop, resize=d.resize, flip=d.flip, seed=seed
         )
+        return check_classes(images, d)
     from latentforge_runner.latents import LatentShards  # it reads shards with DataError from here
 
     if not d.root:
@@ -63,7 +75,26 @@ def build_training_data(d: DataSettings, tokenizer: str, seed: int):
             f"the shards in {d.root} hold latents of tokenizer {shards.tokenizer!r}, but this run's "
             f"tokenizer is {tokenizer!r}; cache them with the same tokenizer"
         )
-    return shards
+    return check_classes(shards, d)
+
+
+def check_classes(dataset, d: DataSettings):
+    """``dataset`` when its labels fit ``data.num_classes``: a label ≥ ``num_classes`` would silently
+    train as the generators' null (unconditional) class."""
+    if isinstance(dataset, ImageFolder):
+        found, where = (
+            max(1, len(dataset.classes)),
+            f"data.root {d.root} has {len(dataset.classes)} class folders",
+        )
+    else:
+        found = int(dataset.labels.max()) + 1 if len(dataset.labels) else 0
+        where = f"data.name {d.name!r} has labels up to {found - 1}"
+    if found > d.num_classes:
+        raise DataError(
+            f"{where}, but data.num_classes is {d.num_classes}: expected data.num_classes ≥ {found} "
+            f"(set data.num_classes={found})"
+        )
+    return dataset
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +158,11 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"resize {self.resize} is smaller than the crop {image_size}: expected resize ≥ crop"
             )
         self.crop, self.flip, self.seed, self.epoch = crop, flip, seed, 0
+        self.warned_small = False
+        if self.root.is_file():
+            raise DataError(
+                f"data folder {self.root} is a file: expected a folder of images (root/<class>/*.jpg)"
+            )
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root}")
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -154,11 +190,18 @@ class ImageFolder(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, index))
         try:
             with Image.open(path) as img:
+                if min(img.size) < self.image_size and not self.warned_small:
+                    self.warned_small = True  # once per process: a loader worker has its own copy
+                    log.warning(
+                        "%s is %dx%d, smaller than the %d-pixel crop: such images are upscaled (expected "
+                        "images at least data.image_size on the short side)",
+                        path, *img.size, self.image_size,
+                    )  # fmt: skip
                 if self.crop == "center":
                     arr = center_crop_arr(img.convert("RGB"), self.image_size)
                 else:
                     arr = random_crop_arr(img.convert("RGB"), self.image_size, self.resize, rng)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        except UNREADABLE as err:
             return {"error": f"{path}: {type(err).__name__}: {err}"}
         if self.flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
@@ -328,6 +371,21 @@ def epochs_for(steps: int, batches_per_epoch: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # Image sources for evaluation: an .npz of samples or a folder
 # ------------------------------------------------------------------------------------------------
+STATISTICS_KEYS = {"mu", "sigma", "mu_s", "sigma_s"}
+
+
+def reference_statistics(path: str | os.PathLike):
+    """The statistics an ADM-style reference ``.npz`` holds, or None for a file of images only; a
+    file that has statistics keys but malformed values is an error, not a file of images."""
+    try:
+        return load_reference(path)
+    except ReferenceFileError:
+        with np.load(path, allow_pickle=False) as f:
+            if STATISTICS_KEYS & set(f.files):
+                raise
+        return None
+
+
 class ImageSource:
     """``arr_0`` of an ``.npz``, or a folder read with the ADM crop (unreadable files skipped, counted)."""
 

@@ -23,8 +23,19 @@ from latentforge_core import registry
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint, load_into
 from latentforge_core.device import seed_everything
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, ConfigError, Settings, accepts, component, settings, to_plain
-from latentforge_runner.data import ImageSource
+from latentforge_runner.config import (
+    Component,
+    ConfigError,
+    SettingError,
+    Settings,
+    accepts,
+    component,
+    sampler_block,
+    setting,
+    settings,
+    to_plain,
+)
+from latentforge_runner.data import ImageSource, reference_statistics
 from latentforge_runner.training import list_checkpoints
 
 log = logging.getLogger("latentforge")
@@ -41,10 +52,10 @@ class EvalSettings(Settings):
     """The ``eval`` block of a generator run: sample grids, the sampler ``sample`` uses by default,
     autoguidance, latent statistics and online FID."""
 
-    every: int = 0  # steps between sample grids (0: only at the end)
-    num_samples: int = 16
-    sampler: dict = attrs.field(factory=dict)  # keyword arguments of generator.sample
-    stats_batches: int = 16  # batches for latent statistics when the tokenizer has none
+    every: int = setting(0, ge=0)  # steps between sample grids (0: only at the end)
+    num_samples: int = setting(16, ge=1)  # images in each sample grid
+    sampler: dict = sampler_block("generator")  # keyword arguments of generator.sample
+    stats_batches: int = setting(16, ge=1)  # batches for latent statistics when the tokenizer has none
     stats_reduce: Literal["channel", "element"] = "element"  # RAE: per element; VA-VAE: per channel
     guidance_model: Component | None = component(
         "generators", default=None, injected=("in_channels", "input_size", "num_classes")
@@ -54,20 +65,19 @@ class EvalSettings(Settings):
     # against ``fid_reference``: an ADM-style .npz (mu/sigma statistics, or arr_0 images) or an image
     # folder.  ``fid_metric`` is any registered Fréchet metric: fid (Inception), or fd-dinov2 whose
     # ``fid_params.encoder`` names the feature network.
-    fid_samples: int = 0  # 0: no online FID
-    fid_reference: str | None = None
-    fid_metric: str = "fid"
-    fid_params: dict = attrs.field(factory=dict)
-    fid_batch_size: int = 64
+    fid_samples: int = setting(0, ge=0)  # 0: no online FID
+    fid_reference: str | None = None  # an ADM-style .npz or an image folder (needed when fid_samples > 0)
+    fid_metric: str = "fid"  # a registered Fréchet metric: fid or fd-dinov2
+    fid_params: dict = attrs.field(factory=dict)  # keyword arguments of the metric (e.g. encoder)
+    fid_batch_size: int = setting(64, ge=1)  # images per batch when sampling and measuring
 
     def __attrs_post_init__(self):
-        if self.fid_samples < 0 or self.fid_batch_size < 1:
-            raise ValueError(
-                f"eval.fid_samples must be ≥ 0 and eval.fid_batch_size ≥ 1, got {self.fid_samples}, "
-                f"{self.fid_batch_size}"
-            )
         if self.fid_samples and not self.fid_reference:
-            raise ValueError("eval.fid_samples > 0 needs eval.fid_reference: an .npz or an image folder")
+            raise SettingError(
+                "fid_samples",
+                f"{self.fid_samples} samples for online FID needs eval.fid_reference: expected an .npz "
+                "or an image folder",
+            )
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -88,6 +98,17 @@ def generator_shapes(tokenizer, num_classes: int, condition=None) -> dict[str, A
     return shape | dict(
         cond_vocab_size=condition.vocab_size, cond_grid_size=tuple(condition.latent_shape[-2:])
     )
+
+
+def check_image_size(tokenizer, image_size: int, name: str) -> None:
+    """A tokenizer decodes to its own image size; training at another ``data.image_size`` would make
+    samples of another size than the data (the encoder resizes its input silently)."""
+    size = tokenizer.preprocessing.input_size
+    if tokenizer.can_decode and size != image_size:
+        raise ConfigError(
+            f"data.image_size is {image_size}, but tokenizer {name!r} encodes and decodes {size}-pixel "
+            f"images (its samples would come out at {size} px): set data.image_size={size}"
+        )
 
 
 def frozen_tokenizer(block: Component, seed: int, device: torch.device) -> torch.nn.Module:
@@ -142,10 +163,13 @@ def load_generator(
         saved = config.get(key)
         if saved is not None and to_plain(saved) != to_plain(value):
             raise CheckpointError(
-                f"{folder} was trained with {key}={saved}, but the tokenizers here give {key}={value}"
+                f"{folder} was trained with {key}={saved!r}, but the tokenizers here give {key}={value!r}"
             )
     generator = train.generator.build("generators", **shape)
-    load_into(generator, sd)
+    try:
+        load_into(generator, sd)
+    except CheckpointError as err:
+        raise CheckpointError(f"{folder / f'{weights}.safetensors'}: {err}") from err
     log.info("sampling %s from %s (%s weights, step %s)", name, folder, weights, config.get("step"))
     return generator
 
@@ -191,7 +215,6 @@ class OnlineFID:
 
     def _build(self) -> Any:
         from latentforge_metrics.generative import FID, FrechetMetric
-        from latentforge_metrics.npz import ReferenceFileError, load_reference
         from latentforge_metrics.stats import GaussianStats
 
         e = self.e
@@ -209,8 +232,8 @@ class OnlineFID:
         source = ImageSource(e.fid_reference, self.image_size, "eval.fid_reference")
         stats = None
         if source.folder is None and isinstance(metric, FID):
-            with contextlib.suppress(ReferenceFileError):  # a sample-style batch holds images only
-                stats = getattr(load_reference(source.path), metric.reference_key)
+            reference = reference_statistics(source.path)  # None: a sample-style file of images only
+            stats = None if reference is None else getattr(reference, metric.reference_key)
         if stats is None:
             n = 0
             for real in source.batches(e.fid_batch_size):

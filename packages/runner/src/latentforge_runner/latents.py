@@ -5,13 +5,14 @@ statistics a generator is trained on (kept in its run folder, where ``sample`` r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from latentforge_core.checkpoint import load_checkpoint
-from latentforge_runner.data import DataError
+from latentforge_runner.data import DataError, collate
 from latentforge_tokenizers.stats import LatentStats, compute_latent_stats
 
 log = logging.getLogger("latentforge")
@@ -86,13 +87,25 @@ def fit_latent_stats(tokenizer, dataset, num_batches: int, reduce: str, device: 
         batches = (dataset.values[s : s + 64].to(device) for s in range(0, n, 64))
         encode = lambda z: z  # noqa: E731
     else:
-        batches = (
-            torch.stack([dataset[i]["image"] for i in range(s, min(s + 64, n))]).to(device)
-            for s in range(0, n, 64)
-        )
+        skipped: list[str] = []
+        batches = (images.to(device) for images in _readable(dataset, n, skipped))
         encode = tokenizer.encode
     tokenizer.set_stats(compute_latent_stats(encode, batches, reduce=reduce))
+    if not isinstance(dataset, LatentShards) and skipped:
+        log.warning("latent statistics: skipped %d unreadable image(s), first: %s", len(skipped), skipped[0])
+        return n - len(skipped)
     return n
+
+
+def _readable(dataset, n: int, skipped: list[str]) -> Iterator[torch.Tensor]:
+    """Batches of 64 of the first ``n`` items, unreadable ones left out and listed in ``skipped``."""
+    for start in range(0, n, 64):
+        batch = collate([dataset[i] for i in range(start, min(start + 64, n))])
+        skipped += batch["skipped"]
+        if batch["image"] is not None:
+            yield batch["image"]
+    if len(skipped) == n:
+        raise DataError(f"none of the first {n} images could be read for the latent statistics: {skipped[0]}")
 
 
 def restore_latent_stats(

@@ -3,26 +3,32 @@
 Nothing here owns a loop or calls back into a recipe.  A recipe builds the pieces in ``setup`` and
 writes its step where a reader sees it::
 
-    for batch in state.batches:                    # the rest of the run, from the resume point
+    progress = state.step_log(logger, "generator")  # averaged scalars, a bar or plain lines
+    for batch in state.steps():                    # the rest of the run, from the resume point
         for part, sync in micro_batches(batch, t.grad_accum, ddp_model, dist):
             with sync, autocast(device, t.dtype):
                 loss = ddp_model(part["x"], part["y"])
             logs["loss"] += backward(loss, t.grad_accum, state.step)
         logs |= state.update()                     # optimiser step, schedule, EMA
         state.step += 1
+        progress.update(state.step, logs, state.optim.lr)
         if t.checkpoint_due(state.step):
             state.save()
 
 The pieces: :class:`TrainingSettings` (the ``training`` block), :class:`Optimization` (AdamW, the LR
 schedule, gradient clipping), :class:`EMA`, :class:`Batches` (the data order and its resumable
 position), :func:`micro_batches` and :func:`backward` (gradient accumulation under DDP),
-:class:`StepLog` (progress bar and averaged scalars), :class:`Checkpointer`, and :class:`TrainState`,
+:class:`StepLog` (progress and averaged scalars), :class:`Checkpointer`, and :class:`TrainState`,
 which holds one run's model, optimisation, EMA, data position and step and saves or resumes them.
 
 A checkpoint is a folder ``checkpoints/<step>/`` of named weight files (our safetensors, config in
-the metadata) and ``state.pt`` (optimisers, schedules, step, every RNG state, the data position); it
-is written under a hidden name and renamed when whole, so a process killed at any moment leaves
-only whole checkpoints, and resuming from one continues bitwise as if never stopped.
+the metadata) and ``state.pt`` (optimisers, schedules, step, every RNG state, the data position, the
+step logs' running windows); it is written under a hidden name and renamed when whole, so a process
+killed at any moment leaves only whole checkpoints, and resuming from one continues bitwise as if
+never stopped.  A newest checkpoint that does not load (a file truncated or corrupted after it was
+written) is set aside with a warning and the one before it resumes.  :meth:`TrainState.steps` stops
+on SIGINT/SIGTERM after the current step, writes a checkpoint and raises
+:class:`~latentforge_core.errors.RunInterrupted`: rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from tqdm.auto import tqdm
@@ -50,8 +59,9 @@ from latentforge_core.checkpoint import (
     save_torch,
 )
 from latentforge_core.device import rng_state, set_rng_state
+from latentforge_core.errors import RunInterrupted, first_line
 from latentforge_runner import distributed
-from latentforge_runner.config import Settings, settings
+from latentforge_runner.config import ConfigError, SettingError, Settings, setting, settings
 from latentforge_runner.data import ResumableBatchSampler, collate
 
 log = logging.getLogger("latentforge")
@@ -64,44 +74,35 @@ log = logging.getLogger("latentforge")
 class TrainingSettings(Settings):
     """One optimisation run; defaults follow LightningDiT/RAE stage 2 (AdamW, betas 0.9/0.95)."""
 
-    steps: int = 1000
-    batch_size: int = 64  # global: summed over processes and accumulation steps
-    grad_accum: int = 1
-    lr: float = 2e-4
-    final_lr: float = 2e-5  # where ``linear``/``cosine`` decay ends
+    steps: int = setting(1000, ge=1)  # optimiser updates in the whole run
+    batch_size: int = setting(64, ge=1)  # global: summed over processes and accumulation steps
+    grad_accum: int = setting(1, ge=1)  # micro-batches per update (batch_size must be a multiple)
+    lr: float = setting(2e-4, gt=0)  # peak learning rate of AdamW
+    final_lr: float = setting(2e-5, ge=0)  # where ``linear``/``cosine`` decay ends
     schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"  # inverse_sqrt: DiGIT
-    warmup_steps: int = 0
+    warmup_steps: int = setting(0, ge=0)  # linear warm-up updates before the schedule
     warmup_from_zero: bool = True  # False: hold ``lr`` during warm-up (RAE stage 2's ``linear``)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    grad_clip: float | None = None  # max global grad norm; None = no clipping
-    ema_decay: float | None = 0.9999  # None = no EMA
+    betas: tuple[float, float] = setting((0.9, 0.95), ge=0, lt=1)  # AdamW's (beta1, beta2)
+    weight_decay: float = setting(0.0, ge=0)  # AdamW's decoupled weight decay
+    eps: float = setting(1e-8, gt=0)  # AdamW's epsilon
+    grad_clip: float | None = setting(None, gt=0)  # max global grad norm; None = no clipping
+    ema_decay: float | None = setting(0.9999, ge=0, lt=1)  # None = no EMA
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    num_workers: int = 0
+    compile: bool = False  # torch.compile the model (CUDA; slow to start)
+    seed: int = setting(0, ge=0, lt=2**32)  # data order and augmentation
+    log_every: int = setting(50, ge=1)  # updates between logged scalars
+    checkpoint_every: int = setting(1000, ge=1)  # updates between checkpoints (and one at the end)
+    keep_checkpoints: int = setting(2, ge=1)  # newest whole checkpoints kept on disk
+    num_workers: int = setting(0, ge=0)  # data loader processes (0: load in the main process)
 
     def __attrs_post_init__(self):
-        for name in (
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "log_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"training.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
-            raise ValueError(
-                f"training.batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            example = max(1, self.batch_size // self.grad_accum) * self.grad_accum
+            raise SettingError(
+                "batch_size",
+                f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}: expected "
+                f"a multiple of grad_accum (e.g. {example})",
             )
-        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"training.ema_decay must be in [0, 1), got {self.ema_decay}")
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -255,6 +256,7 @@ class Batches:
             collate_fn=collate,
             generator=generator,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_interrupt if self.t.num_workers else None,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -263,6 +265,12 @@ class Batches:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sampler.load_state_dict(state)
         self.handed_out = state["handed_out"]
+
+
+def _ignore_interrupt(worker_id: int) -> None:
+    """In a loader worker: Ctrl-C reaches the whole process group, and the main process stops the
+    run cleanly (:meth:`TrainState.steps`) only if its workers live on to the end of the step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,16 +320,121 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Logging: a progress bar, scalars averaged over ``log_every`` steps
+# Progress: a bar on a terminal, plain log lines elsewhere; scalars averaged over ``log_every`` steps
 # ------------------------------------------------------------------------------------------------
+def on_terminal() -> bool:
+    """Whether progress may draw a bar: stderr is a terminal (or a notebook, where tqdm draws a widget).
+    Elsewhere (a log file, a batch job's output) a bar's carriage returns are noise: lines are written."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty is not None and isatty()) or "ipykernel" in sys.modules
+
+
+def progress_bar(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    disable: bool = False,
+    initial: int = 0,
+) -> Any:
+    """A tqdm bar on a terminal; where stderr is not one, a :class:`ProgressLines` with the same calls
+    (iteration, ``update``, ``set_postfix``, ``close``) that logs a plain line now and then."""
+    if disable or on_terminal():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, initial=initial)
+    return ProgressLines(iterable, total=total, desc=desc, unit=unit, initial=initial)
+
+
+class ProgressLines:
+    """What stands in for a progress bar where stderr is not a terminal: a log line (count, rate, ETA)
+    at every tenth of ``total`` and at least every ``interval`` seconds, and one at the end."""
+
+    def __init__(
+        self,
+        iterable: Iterable[Any] | None = None,
+        *,
+        total: int | None = None,
+        desc: str = "",
+        unit: str = "it",
+        initial: int = 0,
+        interval: float = 60.0,
+    ):
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        self.n = self.start_n = self.logged_n = initial
+        self.interval, self.postfix, self.closed = interval, "", False
+        self.start = self.logged_at = time.perf_counter()
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.iterable is None:
+            raise TypeError("ProgressLines was given nothing to iterate over")
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        total = self.total or 0
+        tenth = total > 0 and self.n * 10 // total != (self.n + n) * 10 // total  # crossed a tenth
+        self.n += n
+        if tenth or time.perf_counter() - self.logged_at >= self.interval:
+            self._line()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if not self.closed and self.n != self.logged_n:
+            self._line()
+        self.closed = True
+
+    def _line(self) -> None:
+        now = time.perf_counter()
+        rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
+        parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
+        if self.total:
+            parts[0] += f" ({100 * self.n / self.total:.0f}%)"
+        parts.append(f"{rate:.3g} {self.unit}/s")
+        if self.total and rate > 0 and self.n < self.total:
+            parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
+        if self.postfix:
+            parts.append(self.postfix)
+        log.info(", ".join(parts))
+        self.logged_n, self.logged_at = self.n, now
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class StepLog:
     """Sums each step's scalars; every ``log_every`` steps (and at the last) writes their averages,
-    the LR and images/s to the run logger under ``<desc>/``."""
+    the LR and images/s to the run logger under ``<desc>/``.  Progress shows as a bar on a terminal and
+    as a log line at each of those steps elsewhere (step, loss, LR, images/s, ETA).
+
+    Its state (:meth:`state_dict`: the running window, the last averages and how long
+    ``metrics.jsonl`` was) travels in the checkpoints (see :meth:`TrainState.step_log`), so a resumed
+    run writes the same averages as an uninterrupted one; ``images_per_s`` is a timing of this
+    process (from its first step) and differs."""
 
     def __init__(self, t: TrainingSettings, logger: Any, start: int, desc: str, show: bool):
         self.t, self.logger, self.desc = t, logger, desc
+        self.lines = show and not on_terminal()
         self.bar = tqdm(
-            total=t.steps, initial=start, desc=desc, disable=not show, dynamic_ncols=True, unit="step"
+            total=t.steps,
+            initial=start,
+            desc=desc,
+            disable=not show or self.lines,
+            dynamic_ncols=True,
+            unit="step",
         )
         self.window: dict[str, list[float]] = {}
         self.last: dict[str, float] = {}
@@ -335,16 +448,43 @@ class StepLog:
             return
         last = {k: sum(v) / len(v) for k, v in self.window.items()}
         last["lr"] = lr
-        last["images_per_s"] = (
-            (step - self.start_step) * self.t.batch_size / (time.perf_counter() - self.start)
-        )
+        elapsed = time.perf_counter() - self.start
+        last["images_per_s"] = (step - self.start_step) * self.t.batch_size / elapsed
         self.logger.scalars({f"{self.desc}/{k}": v for k, v in last.items()}, step)
         self.bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+        if self.lines:
+            rate = (step - self.start_step) / elapsed
+            eta = f", ETA {_duration((self.t.steps - step) / rate)}" if step < self.t.steps else ""
+            log.info(
+                "%s: step %d/%d, loss %.4f, lr %.3g, %.3g images/s%s",
+                self.desc,
+                step,
+                self.t.steps,
+                last.get("loss", float("nan")),
+                lr,
+                last["images_per_s"],
+                eta,
+            )
         self.window, self.last = {}, last
 
     def close(self) -> dict[str, float]:
         self.bar.close()
         return self.last
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": {k: list(v) for k, v in self.window.items()},
+            "last": dict(self.last),
+            "metrics_size": self.logger.metrics_size(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the saved window; rows ``metrics.jsonl`` gained after the checkpoint (steps this run
+        computes again) are cut off, unless nothing is left to run (a finished stage keeps its file)."""
+        self.window = {k: list(v) for k, v in state["window"].items()}
+        self.last = dict(state["last"])
+        if self.start_step < self.t.steps:
+            self.logger.rewind_metrics(state["metrics_size"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,34 +521,83 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The newest whole checkpoint (unfinished ones, left by a kill, are removed first)."""
-        for partial in self.folder.glob(".*.partial"):
-            log.warning("removing the unfinished checkpoint %s (the run stopped while writing it)", partial)
-            shutil.rmtree(partial, ignore_errors=True)
-        found = list_checkpoints(self.folder)
+        found = self.whole()
         return found[-1] if found else None
 
+    def whole(self) -> list[Path]:
+        """The whole checkpoints, oldest first (unfinished ones, left by a kill, are removed first)."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder} is a file, where this run keeps its checkpoint folders")
+        if self.dist.is_main:
+            for partial in self.folder.glob(".*.partial"):
+                log.warning(
+                    "removing the unfinished checkpoint %s (the run stopped while writing it)", partial
+                )
+                shutil.rmtree(partial, ignore_errors=True)
+        return list_checkpoints(self.folder)
+
+    def set_aside(self, folder: Path) -> Path:
+        """Rename an unreadable checkpoint to a hidden ``.<step>.unreadable`` (kept for a look, out of
+        the way of the resumed run, which writes that step again); main process only."""
+        target = folder.with_name(f".{folder.name}.unreadable")
+        n = 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f".{folder.name}.unreadable{n}")
+        if self.dist.is_main:
+            os.replace(folder, target)
+        return target
+
     def load(self, folder: str | Path, weights: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
-        """Load ``weights`` from ``folder`` and restore the RNG states; returns the saved state."""
+        """Load ``weights`` from ``folder`` and restore the RNG states; returns the saved state.
+
+        A file of the folder that does not load (truncated, corrupted, ``state.pt`` missing) raises
+        :class:`UnreadableCheckpoint`; a checkpoint that loads but does not fit this run (another
+        model, another size, weights this run trains and it lacks) raises :class:`CheckpointError`."""
         folder = Path(folder)
         expected = self.config.get("name")
+        state = _read(folder, "state.pt", load_torch_file)
+        if not isinstance(state, Mapping) or not set(state) >= STATE_KEYS:
+            missing = sorted(STATE_KEYS - set(state)) if isinstance(state, Mapping) else sorted(STATE_KEYS)
+            raise UnreadableCheckpoint(f"{folder}: state.pt lacks {', '.join(missing)}")
         for name, module in weights.items():
             path = folder / f"{name}.safetensors"
             if not path.is_file():
                 raise CheckpointError(
                     f"{folder} has no {name} weights ({path.name}), but this run trains one"
                 )
-            sd, config = load_checkpoint(path)
+            sd, config = _read(folder, path.name, load_checkpoint)
             if name == "model" and expected and config.get("name") not in (None, expected):
                 raise CheckpointError(
                     f"{folder} is a checkpoint of {config.get('name')!r}, but this run trains {expected!r}"
                 )
             what = f"model {expected or type(module).__name__}" if name == "model" else name
-            check_state_dict(module.state_dict(), sd, what=what)
+            try:
+                check_state_dict(module.state_dict(), sd, what=what)
+            except CheckpointError as err:
+                raise CheckpointError(f"{path}: {err}") from err
             module.load_state_dict(sd)
-        state = load_torch_file(folder / "state.pt")
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", folder, state["step"])
-        return state
+        return dict(state)
+
+
+STATE_KEYS = {"step", "rng", "optimizer", "scheduler", "data"}  # what every state.pt holds
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A whole-looking checkpoint folder with a file that does not load (truncated or corrupted after
+    it was written, or missing): :meth:`TrainState.resume` falls back to the one before it."""
+
+
+def _read(folder: Path, name: str, reader: Callable[[Path], Any]) -> Any:
+    path = folder / name
+    if not path.is_file():
+        raise UnreadableCheckpoint(f"{folder}: {name} is missing")
+    try:
+        return reader(path)
+    except (CheckpointError, OSError) as err:
+        raise UnreadableCheckpoint(f"{folder}: {name} does not load ({first_line(err)})") from err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,9 +605,10 @@ class Checkpointer:
 # ------------------------------------------------------------------------------------------------
 class TrainState:
     """What one run optimises and checkpoints: ``model`` with its :class:`Optimization` and
-    :class:`EMA`, the data's :class:`Batches`, the step, and any further ``(module, optimisation)``
-    pairs (a GAN's discriminator) added with :meth:`add`.  It holds no loop: the recipe's loop reads
-    ``batches``, updates through ``optim`` and calls :meth:`save` when a checkpoint is due."""
+    :class:`EMA`, the data's :class:`Batches`, the step, its :class:`StepLog` (:meth:`step_log`) and
+    any further ``(module, optimisation)`` pairs (a GAN's discriminator) added with :meth:`add`.  It
+    holds no loop: the recipe's loop iterates :meth:`steps`, updates through ``optim`` and calls
+    :meth:`save` when a checkpoint is due."""
 
     def __init__(
         self,
@@ -438,6 +628,9 @@ class TrainState:
         self.batches = Batches(data, num_items, t, dist)
         self.checkpointer = Checkpointer(run_dir, t.keep_checkpoints, dist, config or {})
         self.others: dict[str, tuple[torch.nn.Module, Optimization, str]] = {}
+        self.logs: dict[str, StepLog] = {}
+        self._log_states: dict[str, Any] = {}  # the resumed checkpoint's, for step logs made later
+        self.saved_step: int | None = None  # the step of the checkpoint last written or resumed from
         self.step = 0
 
     def add(self, name: str, module: torch.nn.Module, key: str) -> Optimization:
@@ -462,26 +655,166 @@ class TrainState:
         weights = {"model": self.model} | ({"ema": self.ema.module} if self.ema is not None else {})
         return weights | {name: module for name, (module, _, _) in self.others.items()}
 
+    def step_log(self, logger: Any, desc: str) -> StepLog:
+        """The :class:`StepLog` of this run under ``desc`` (its scalars are ``<desc>/…``), shown on the
+        main process.  Its running window is saved in every checkpoint and, made after :meth:`resume`,
+        continues the resumed one's: a resumed run logs the same averages as an uninterrupted one.
+        Made, the run goes on: ``logger`` (a :class:`~latentforge_runner.run_folder.RunLogger`) writes
+        the ``config.yaml`` that :func:`~latentforge_runner.run_folder.open_run` held back for a
+        resumed run, so a resume refused on the way here (a checkpoint that does not fit) leaves the
+        folder's as it was."""
+        logger.write_config()  # the run goes on: a resumed run's config.yaml is written now
+        step_log = StepLog(self.t, logger, self.step, desc, show=self.dist.is_main)
+        if desc in self._log_states:
+            step_log.load_state_dict(self._log_states[desc])
+        self.logs[desc] = step_log
+        return step_log
+
+    def steps(self) -> Iterator[dict[str, Any]]:
+        """The rest of the run's batches (:attr:`batches`, from the resume point), one per step, stopping
+        cleanly on SIGINT or SIGTERM: the step under way finishes (the loop's body, its checkpoint
+        included), a checkpoint is written unless that step wrote one, and
+        :class:`~latentforge_core.errors.RunInterrupted` (exit code 130 or 143) names it; rerunning
+        the same command resumes there.  A second signal stops at once, as it would have without this.
+        Under torchrun every process stops at the same step (the request is all-reduced each step).
+        The handlers are installed while this iterates, from the main thread only, and then restored."""
+        with _StopRequests(self.dist) as stop:
+            for batch in self.batches:
+                yield batch
+                signum = stop.requested()
+                if signum:
+                    self._stop(signum)
+
+    def _stop(self, signum: int) -> NoReturn:
+        folder = self.checkpointer.folder / f"{self.step:08d}"
+        if self.saved_step != self.step:  # the same on every process: save() is collective
+            folder = self.save()
+        for step_log in self.logs.values():
+            step_log.close()
+        name = signal.Signals(signum).name
+        raise RunInterrupted(
+            f"{name} received: stopped after step {self.step} of {self.t.steps} and wrote the checkpoint "
+            f"{folder}; run the same command again to resume from it",
+            exit_code=128 + signum,
+        )
+
     def save(self) -> Path:
         state = {**self.optim.state_dict(), "data": self.batches.state_dict()}
         for _, optim, key in self.others.values():
             state |= {f"{key}_{part}": value for part, value in optim.state_dict().items()}
-        return self.checkpointer.save(self.step, self._weights(), state)
+        state["log"] = {desc: step_log.state_dict() for desc, step_log in self.logs.items()}
+        folder = self.checkpointer.save(self.step, self._weights(), state)
+        self.saved_step = self.step
+        return folder
 
     def resume(self, folder: str | Path | None = None) -> bool:
-        """Continue from ``folder`` or the run's newest whole checkpoint; False when there is none."""
-        folder = folder if folder is not None else self.checkpointer.latest()
-        if folder is None:
-            return False
-        state = self.checkpointer.load(folder, self._weights())
+        """Continue from ``folder``, else from the run's newest whole checkpoint; False when there is
+        none.  Without ``folder``, a newest checkpoint that does not load (:class:`UnreadableCheckpoint`)
+        is set aside as ``.<step>.unreadable`` with a warning and the one before it resumes."""
+        if folder is not None:
+            state = self.checkpointer.load(folder, self._weights())
+        else:
+            found = self.checkpointer.whole()
+            if not found:
+                return False
+            unreadable: list[tuple[Path, UnreadableCheckpoint]] = []
+            for folder in reversed(found):
+                try:
+                    state = self.checkpointer.load(folder, self._weights())
+                    break
+                except UnreadableCheckpoint as err:
+                    unreadable.append((folder, err))
+            else:
+                raise CheckpointError(
+                    f"none of the {len(found)} checkpoint(s) in {self.checkpointer.folder} loads: "
+                    + "; ".join(str(why) for _, why in unreadable)
+                    + ". Delete them to start over, or choose another run.output_dir"
+                )
+            for bad, why in unreadable:
+                aside = self.checkpointer.set_aside(bad)
+                if not self.dist.is_main:
+                    continue
+                log.warning(
+                    "the checkpoint %s is unreadable (%s); resuming from the one before it, %s. "
+                    "The unreadable one is kept as %s",
+                    bad,
+                    why,
+                    folder,
+                    aside.name,
+                )
+        if state["step"] > self.t.steps:
+            raise ConfigError(
+                f"training.steps is {self.t.steps}, but the checkpoint {folder} is at step {state['step']}: "
+                f"set training.steps to {state['step']} or more to continue this run, or choose another "
+                "run.output_dir"
+            )
         self.optim.load_state_dict(state)
         for name, (_, optim, key) in self.others.items():
             if f"{key}_optimizer" not in state:
                 raise CheckpointError(f"{folder} has no {name} optimiser state, but this run trains one")
             optim.load_state_dict({part: state[f"{key}_{part}"] for part in ("optimizer", "scheduler")})
         self.batches.load_state_dict(state["data"])
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
+        self._log_states = dict(state.get("log", {}))
+        for desc, step_log in self.logs.items():  # step logs made before the resume
+            if desc in self._log_states:
+                step_log.start_step = self.step
+                step_log.load_state_dict(self._log_states[desc])
         return True
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM handlers that only note the request, for :meth:`TrainState.steps` to act on
+    between steps; a second signal restores the handlers from before and delivers itself to them
+    (SIGINT raises KeyboardInterrupt, SIGTERM ends the process).  The handlers from before are
+    restored on exit.  Signal handlers can be set from the main thread only: elsewhere, none are; a
+    signal ignored when the loop starts stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, dist: distributed.DistInfo):
+        self.dist, self.received = dist, 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_IGN:  # ignored on purpose (a shell's `cmd &`)
+                    continue
+                previous = signal.signal(sig, self._handle)
+                self.previous[sig] = signal.SIG_DFL if previous is None else previous
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:  # asked twice: stop now, as without these handlers
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        if self.dist.is_main:  # no logging inside a signal handler: one plain write
+            name = signal.Signals(signum).name
+            message = (
+                f"\n{name} received: stopping after the current step, with a checkpoint "
+                "(send it again to stop at once, without one)\n"
+            )
+            os.write(2, message.encode())
+
+    def requested(self) -> int:
+        """The signal to stop for, the same on every process (0: go on)."""
+        group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not (self.dist.enabled and group):
+            return self.received
+        flag = torch.tensor([self.received], device=self.dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from latentforge_core.errors import InputError, InputTypeError
 from latentforge_core.linear import linear
 
 # Rows per chunk: one [rows, K] fp32 distance block of about 8 MiB stays in the last-level cache
@@ -21,9 +22,9 @@ _MIN_CHUNK_ROWS = 256
 
 def check_codebook(codebook: torch.Tensor, what: str = "codebook") -> None:
     if codebook.ndim != 2 or codebook.shape[0] == 0 or codebook.shape[1] == 0:
-        raise ValueError(f"{what} must be a non-empty [K, D] matrix, got shape {tuple(codebook.shape)}")
+        raise InputError(f"{what} must be a non-empty [K, D] matrix, got shape {tuple(codebook.shape)}")
     if not codebook.is_floating_point():
-        raise TypeError(f"{what} must be floating point, got {codebook.dtype}")
+        raise InputTypeError(f"{what} must be floating point, got {codebook.dtype}")
 
 
 def nearest(
@@ -37,9 +38,9 @@ def nearest(
     """Ids (int64) and squared distances (fp32) of the nearest codeword for each row of ``x [N, D]``."""
     check_codebook(codebook)
     if x.ndim != 2:
-        raise ValueError(f"{what} must be a [N, D] matrix, got shape {tuple(x.shape)}")
+        raise InputError(f"{what} must be a [N, D] matrix, got shape {tuple(x.shape)}")
     if x.shape[1] != codebook.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"{what} have width {x.shape[1]} but the codebook holds {codebook.shape[0]} vectors of width "
             f"{codebook.shape[1]}; encode with the encoder/feature selection the codebook was fitted on"
         )
@@ -65,12 +66,12 @@ def nearest(
 def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
     """Raise if ``tokens`` are not integer ids in ``[0, vocab_size)``."""
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise TypeError(f"token ids must be an integer tensor, got {tokens.dtype}")
+        raise InputTypeError(f"token ids must be an integer tensor, got {tokens.dtype}")
     if tokens.numel() == 0:
         return
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(
+        raise InputError(
             f"token ids must lie in [0, {vocab_size}) for this vocabulary of {vocab_size}, "
             f"got values in [{low}, {high}]"
         )

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentforge_core.checkpoint import load_into, load_state_file
+from latentforge_core.errors import InputError
 from latentforge_encoders.convert import to_ours
 from latentforge_encoders.vit import VisionTransformer
 
@@ -72,7 +73,7 @@ class DiffAug(nn.Module):
     def __init__(self, prob: float = 1.0, translation: float = 0.125, colour: bool = True):
         super().__init__()
         if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"DiffAug prob must lie in [0, 1], got {prob}")
+            raise InputError(f"DiffAug prob must lie in [0, 1], got {prob}")
         self.prob, self.translation, self.colour = prob, translation, colour
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,7 @@ def dino_trunk(
     As in RAE, the key part of every qkv bias is zeroed on load (softmax ignores it anyway, so only
     the state differs, never the output)."""
     if recipe not in DINO_TRUNKS:
-        raise ValueError(f"unknown DINO trunk {recipe!r}; expected one of {sorted(DINO_TRUNKS)}")
+        raise InputError(f"unknown DINO trunk {recipe!r}; expected one of {sorted(DINO_TRUNKS)}")
     vit = VisionTransformer(
         **{"image_size": 224, "act": "gelu_tanh", "norm_eps": 1e-6, **DINO_TRUNKS[recipe], **overrides}
     )

@@ -24,6 +24,15 @@ from torch import nn
 from latentforge_core import registry
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from latentforge_core.device import resolve_device
+from latentforge_core.errors import (
+    InputError,
+    InputTypeError,
+    MissingDependencyError,
+    MissingFileError,
+    StateError,
+    UnsupportedError,
+    check_int,
+)
 from latentforge_tokenizers.codebook import check_codebook, check_token_ids, nearest
 
 log = logging.getLogger(__name__)
@@ -48,9 +57,11 @@ def _as_rows(batch: Any) -> torch.Tensor:
         batch = batch[0]  # (features, labels) pairs from a DataLoader
     rows = torch.as_tensor(batch) if isinstance(batch, np.ndarray) else batch
     if not isinstance(rows, torch.Tensor):
-        raise TypeError(f"expected feature batches as [N, D] tensors or arrays, got {type(batch).__name__}")
+        raise InputTypeError(
+            f"expected feature batches as [N, D] tensors or arrays, got {type(batch).__name__}"
+        )
     if rows.ndim != 2 or not rows.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"each feature batch must be a floating [N, D] matrix, got {rows.dtype} {tuple(rows.shape)}"
         )
     return rows
@@ -64,7 +75,7 @@ def iter_feature_batches(data: Any, batch_rows: int = 65536) -> Iterator[torch.T
             yield rows[start : start + batch_rows]
         return
     if not isinstance(data, Iterable):
-        raise TypeError(
+        raise InputTypeError(
             f"expected an [N, D] array or an iterable of feature batches, got {type(data).__name__}"
         )
     for batch in data:
@@ -110,9 +121,9 @@ class Reservoir:
         if self.width is None:
             self.width = batch.shape[1]
         elif batch.shape[1] != self.width:
-            raise ValueError(f"feature batches change width: {self.width} before, {batch.shape[1]} now")
+            raise InputError(f"feature batches change width: {self.width} before, {batch.shape[1]} now")
         if not torch.isfinite(batch).all():
-            raise ValueError("feature batch holds NaN or infinite values; K-Means needs finite features")
+            raise InputError("feature batch holds NaN or infinite values; K-Means needs finite features")
         keys = torch.rand(batch.shape[0], generator=self.generator)
         self.seen += batch.shape[0]
         room = self.capacity - self.kept
@@ -211,15 +222,16 @@ class KMeans:
         device: str | torch.device | None = None,
         verbose: bool = False,
     ):
-        if n_clusters < 1 or n_iter < 0 or max_points_per_centroid < 1:
-            raise ValueError(
-                f"need n_clusters ≥ 1, n_iter ≥ 0, max_points_per_centroid ≥ 1; got {n_clusters}, "
-                f"{n_iter}, {max_points_per_centroid}"
-            )
+        check_int(n_clusters, "n_clusters", owner="KMeans")
+        check_int(n_iter, "n_iter", minimum=0, owner="KMeans")
+        check_int(max_points_per_centroid, "max_points_per_centroid", owner="KMeans")
+        check_int(seed, "seed", minimum=0, owner="KMeans")
         if backend not in BACKENDS:
-            raise ValueError(f"unknown K-Means backend {backend!r}; expected one of {BACKENDS}")
+            raise InputError(f"unknown K-Means backend {backend!r}; expected one of {BACKENDS}")
         if backend == "faiss" and not faiss_available():
-            raise ImportError("backend='faiss' needs faiss: pip install 'latentforge-tokenizers[faiss]'")
+            raise MissingDependencyError(
+                "backend='faiss' needs faiss: pip install 'latentforge-tokenizers[faiss]'"
+            )
         self.n_clusters = n_clusters
         self.n_iter = n_iter
         self.max_points_per_centroid = max_points_per_centroid
@@ -240,9 +252,9 @@ class KMeans:
         for batch in iter_feature_batches(data):
             reservoir.add(batch)
         if reservoir.seen == 0:
-            raise ValueError("the feature data set is empty: K-Means needs at least K feature vectors")
+            raise InputError("the feature data set is empty: K-Means needs at least K feature vectors")
         if reservoir.seen < k:
-            raise ValueError(
+            raise InputError(
                 f"cannot fit K={k} clusters to {reservoir.seen} feature vectors; need at least {k}"
             )
         x = reservoir.rows
@@ -259,7 +271,7 @@ class KMeans:
         if init is not None:
             init = torch.as_tensor(init, dtype=torch.float32).cpu()
             if tuple(init.shape) != (k, x.shape[1]):
-                raise ValueError(
+                raise InputError(
                     f"init centroids must have shape ({k}, {x.shape[1]}), got {tuple(init.shape)}"
                 )
         use_faiss = self.backend == "faiss" or (self.backend == "auto" and faiss_available())
@@ -287,7 +299,7 @@ class KMeans:
     # ---------------------------------------------------------------------------- using centroids
     def _fitted(self) -> torch.Tensor:
         if self.centroids is None:
-            raise RuntimeError("this KMeans is not fitted yet: call fit(data) or load centroids first")
+            raise StateError("this KMeans is not fitted yet: call fit(data) or load centroids first")
         return self.centroids
 
     def assign(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -337,7 +349,7 @@ def load_centroids(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any
     """``(centroids [K, D] fp32, config)`` from our ``.safetensors`` or DiGIT's ``km_*.npy``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"centroid file not found: {path}")
+        raise MissingFileError(f"centroid file not found: {path}")
     if path.suffix.lower() == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
@@ -374,7 +386,9 @@ class KMeansTokenizer(nn.Module):
     ):
         super().__init__()
         if centroids is None and n_clusters is None:
-            raise ValueError("give either fitted centroids [K, D] or n_clusters to fit later")
+            raise InputError("give either fitted centroids [K, D] or n_clusters to fit later")
+        if n_clusters is not None:
+            check_int(n_clusters, "n_clusters", owner="KMeansTokenizer")
         self.encoder = encoder
         self.preprocessing = encoder.preprocessing
         self.config = dict(config or {})
@@ -388,7 +402,7 @@ class KMeansTokenizer(nn.Module):
     def set_centroids(self, centroids: torch.Tensor) -> None:
         check_codebook(centroids, "centroids")
         if centroids.shape[1] != self.encoder.embed_dim:
-            raise ValueError(
+            raise InputError(
                 f"centroids have width {centroids.shape[1]} but the encoder gives "
                 f"{self.encoder.embed_dim}-dim features; they were fitted on another encoder"
             )
@@ -406,7 +420,7 @@ class KMeansTokenizer(nn.Module):
         return self.n_clusters
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(
+        raise UnsupportedError(
             "K-Means tokens have no pixel decoder: DiGIT decodes them through its stage 2 (train-stage2, "
             "then sample with stage2_run=...)"
         )
@@ -419,23 +433,23 @@ class KMeansTokenizer(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The encoder's feature map ``[B, D, h, w]`` for images in [0, 1]."""
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(
+            raise InputError(
                 f"expected float RGB images [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}"
             )
         if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
-            raise ValueError(
+            raise InputError(
                 f"images must lie in [0, 1] (got [{float(images.min()):.3g}, {float(images.max()):.3g}]); "
                 "the encoder applies its own normalisation"
             )
         feats = self.encoder(images)
         if feats.ndim != 4:
-            raise ValueError(f"the encoder must return a [B, D, h, w] feature map, got {tuple(feats.shape)}")
+            raise InputError(f"the encoder must return a [B, D, h, w] feature map, got {tuple(feats.shape)}")
         return feats
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.centroids is None:
-            raise RuntimeError(
+            raise StateError(
                 "this K-Means tokenizer has no centroids yet: call fit(...) or load a centroid file"
             )
         feats = self.features(images)  # B D h w
@@ -445,9 +459,9 @@ class KMeansTokenizer(nn.Module):
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """Centroid features ``[B, D, h, w]`` of a token grid ``[B, h, w]``, comparable with ``features``."""
         if self.centroids is None:
-            raise RuntimeError("this K-Means tokenizer has no centroids yet")
+            raise StateError("this K-Means tokenizer has no centroids yet")
         if tokens.ndim != 3:
-            raise ValueError(f"expected a token grid [B, h, w], got shape {tuple(tokens.shape)}")
+            raise InputError(f"expected a token grid [B, h, w], got shape {tuple(tokens.shape)}")
         check_token_ids(tokens, self.n_clusters)
         return rearrange(self.centroids[tokens.to(self.centroids.device)], "b h w d -> b d h w")
 
@@ -470,7 +484,7 @@ class KMeansTokenizer(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         if self.centroids is None:
-            raise RuntimeError("nothing to save: the tokenizer has no centroids yet")
+            raise StateError("nothing to save: the tokenizer has no centroids yet")
         return save_centroids(self.centroids, path, {"kind": "kmeans", **self.config})
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentforge_core.errors import InputError
 from latentforge_tokenizers.discriminators import (
     DiffAug,
     DinoDiscriminator,
@@ -71,7 +72,7 @@ def adaptive_weight(
     Balances a new term against the reconstruction loss at the last layer ``W`` that both reach.
     """
     if not layer_weight.requires_grad:
-        raise ValueError("adaptive_weight needs a layer weight that requires grad (got a frozen one)")
+        raise InputError("adaptive_weight needs a layer weight that requires grad (got a frozen one)")
     g_num = torch.autograd.grad(numerator, layer_weight, retain_graph=True)[0]
     g_den = torch.autograd.grad(denominator, layer_weight, retain_graph=True)[0]
     return (g_num.norm() / (g_den.norm() + eps)).clamp(0.0, max_weight).detach()
@@ -115,7 +116,7 @@ def vf_loss(
 ) -> torch.Tensor:
     """VF loss between the projected latent ``z`` and features ``feats``, both ``[B, C, h, w]``."""
     if z.shape != feats.shape:
-        raise ValueError(
+        raise InputError(
             f"VF loss: projected latent {tuple(z.shape)} and features {tuple(feats.shape)} must have the "
             "same shape [B, C, h, w] (projection width = encoder width, latent grid = feature grid)"
         )
@@ -193,7 +194,7 @@ class VAVAELoss(nn.Module):
             feats = self.vf_target(x)
             zp = model.project(out["z"])
             if zp.shape[-2:] != feats.shape[-2:]:
-                raise ValueError(
+                raise InputError(
                     f"VF loss: latent grid {tuple(zp.shape[-2:])} differs from the encoder's feature grid "
                     f"{tuple(feats.shape[-2:])}; pick an encoder image size that gives the latent's grid"
                 )

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from latentforge_core.checkpoint import CheckpointError, check_state_dict, load_state_file
+from latentforge_core.errors import InputError
 
 # VGG16 "features" up to relu5_3: channel count per conv, "M" = 2x2 max-pool (torchvision indices).
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -88,7 +89,7 @@ class LPIPS(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(
+            raise InputError(
                 f"LPIPS expects two RGB batches of the same shape [B, 3, H, W], got {tuple(x.shape)} "
                 f"and {tuple(y.shape)}"
             )

@@ -28,6 +28,7 @@ from latentforge_core.checkpoint import (
     load_state_file,
     save_checkpoint,
 )
+from latentforge_core.errors import InputError, StateError, check_divisible, check_ints, check_number
 from latentforge_core.protocols import Preprocessing
 from latentforge_core.transformer import sincos_pos_embed_2d
 from latentforge_encoders.encoder import FeatureSpec
@@ -99,9 +100,15 @@ class RAEDecoder(nn.Module):
         eps: float = 1e-12,
     ):
         super().__init__()
+        check_ints(
+            "RAEDecoder", latent_dim=latent_dim, hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+            mlp_dim=mlp_dim, patch_size=patch_size, num_patches=num_patches,
+        )  # fmt: skip
+        check_number(eps, "eps", low=0, low_open=True, owner="RAEDecoder")
+        check_divisible(hidden_size, "hidden_size", num_heads, "num_heads", owner="RAEDecoder")
         self.grid = math.isqrt(num_patches)
         if self.grid**2 != num_patches:
-            raise ValueError(f"num_patches must be a square, got {num_patches}")
+            raise InputError(f"num_patches must be a square, got {num_patches}")
         self.patch_size, self.num_patches, self.latent_dim = patch_size, num_patches, latent_dim
         self.decoder_embed = nn.Linear(latent_dim, hidden_size)
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
@@ -172,10 +179,11 @@ class RAE(nn.Module):
     ):
         super().__init__()
         if noise_law not in NOISE_LAWS:
-            raise ValueError(f"noise_law must be one of {NOISE_LAWS}, got {noise_law!r}")
+            raise InputError(f"noise_law must be one of {NOISE_LAWS}, got {noise_law!r}")
+        check_number(noise_tau, "noise_tau", low=0, owner="RAE")
         c, h, w = encoder.feature_shape()
         if (c, h * w) != (decoder.latent_dim, decoder.num_patches):
-            raise ValueError(
+            raise InputError(
                 f"encoder latent {(c, h, w)} does not fit a decoder for {decoder.num_patches} tokens "
                 f"of width {decoder.latent_dim}"
             )
@@ -205,14 +213,15 @@ class RAE(nn.Module):
 
     def set_stats(self, stats: LatentStats | None) -> None:
         if stats is not None and stats.shape not in (self.latent_shape, (self.latent_shape[0], 1, 1)):
-            raise ValueError(
-                f"latent statistics of shape {stats.shape} do not fit latents of shape {self.latent_shape}"
+            raise InputError(
+                f"latent statistics of shape {stats.shape} do not fit latents of shape {self.latent_shape} "
+                "of this RAE tokenizer (statistics of another tokenizer?)"
             )
         self.stats = stats
 
     def _stats_or_raise(self) -> LatentStats:
         if self.stats is None:
-            raise ValueError("no latent statistics: compute them (RAE.compute_stats) or load stat.pt first")
+            raise StateError("no latent statistics: compute them (RAE.compute_stats) or load stat.pt first")
         return self.stats
 
     # ----------------------------------------------------------------------------- encode / decode
@@ -238,7 +247,7 @@ class RAE(nn.Module):
     def reconstruct(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents → images in [0, 1] space, unclamped (training uses this)."""
         if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(
+            raise InputError(
                 f"RAE expects latents [B, {', '.join(map(str, self.latent_shape))}], "
                 f"got {tuple(latents.shape)}"
             )
@@ -356,11 +365,11 @@ def build_rae(
     released ``model.pt`` or ours); ``checkpoint``: a full RAE/training checkpoint; ``stats``: ``stat.pt``
     or our artifact (default: the one beside the weights file)."""
     if decoder not in RAE_DECODERS:
-        raise ValueError(f"unknown RAE decoder {decoder!r}; expected one of {sorted(RAE_DECODERS)}")
+        raise InputError(f"unknown RAE decoder {decoder!r}; expected one of {sorted(RAE_DECODERS)}")
     enc = registry.encoders.build(encoder, features=features, **dict(encoder_kwargs or {}))
     c, h, w = enc.feature_shape()
     if image_size % h:
-        raise ValueError(f"image_size {image_size} is not a multiple of the latent grid {h}")
+        raise InputError(f"image_size {image_size} is not a multiple of the latent grid {h}")
     dec = RAEDecoder(latent_dim=c, patch_size=image_size // h, num_patches=h * w, **RAE_DECODERS[decoder])
     config = dict(
         encoder=encoder, decoder=decoder, image_size=image_size, noise_tau=noise_tau, noise_law=noise_law

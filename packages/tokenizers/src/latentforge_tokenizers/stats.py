@@ -21,6 +21,8 @@ from latentforge_core.checkpoint import (
     load_torch_file,
     save_checkpoint,
 )
+from latentforge_core.errors import InputError, InputTypeError
+from latentforge_core.hub import resolve
 
 REDUCTIONS = ("channel", "element")
 
@@ -42,11 +44,11 @@ class LatentStats:
         if mean is not None:
             mean = _as_chw(mean, "mean")
             if mean.shape != var.shape:
-                raise ValueError(f"latent stats: mean {tuple(mean.shape)} and var {tuple(var.shape)} differ")
+                raise InputError(f"latent stats: mean {tuple(mean.shape)} and var {tuple(var.shape)} differ")
         if bool((var < 0).any()) or not bool(torch.isfinite(var).all()):
-            raise ValueError("latent stats: var must be finite and non-negative")
+            raise InputError("latent stats: var must be finite and non-negative")
         if float(var.min()) + eps <= 0:
-            raise ValueError(
+            raise InputError(
                 f"latent stats: var + eps must be positive (min var {float(var.min())}, eps {eps})"
             )
         self.var, self.mean, self.eps = var.float(), None if mean is None else mean.float(), float(eps)
@@ -59,7 +61,7 @@ class LatentStats:
         c, h, w = self.shape
         ok = latents.ndim == 4 and latents.shape[1] == c and (h, w) in ((1, 1), tuple(latents.shape[2:]))
         if not ok:
-            raise ValueError(
+            raise InputError(
                 f"latent statistics of shape {self.shape} do not fit latents of shape "
                 f"{tuple(latents.shape)}; "
                 f"expected [B, {c}, H, W]" + ("" if (h, w) == (1, 1) else f" with H, W = {h}, {w}")
@@ -84,8 +86,9 @@ class LatentStats:
     def load(cls, path: str | os.PathLike, eps: float | None = None) -> LatentStats:
         """Our safetensors artifact, RAE's ``stat.pt`` or LightningDiT's ``latents_stats.pt``.
 
-        ``eps`` defaults to the artifact's own (ours), 1e-5 (RAE) or 0 (LightningDiT's std)."""
-        path = Path(path)
+        ``eps`` defaults to the artifact's own (ours), 1e-5 (RAE) or 0 (LightningDiT's std); ``path`` may
+        be a hub id (``hf:<org>/<repo>/<file>``)."""
+        path = resolve(path)
         if path.suffix == ".safetensors":
             sd, config = load_checkpoint(path)
             found_eps = config.get("eps", 0.0)
@@ -107,13 +110,13 @@ class LatentStats:
 
 def _as_chw(t: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"latent stats: {name} must be a tensor, got {type(t).__name__}")
+        raise InputTypeError(f"latent stats: {name} must be a tensor, got {type(t).__name__}")
     if t.ndim == 4 and t.shape[0] == 1:  # [1, C, 1, 1] (LightningDiT)
         t = t[0]
     if t.ndim == 1:
         t = t[:, None, None]
     if t.ndim != 3:
-        raise ValueError(
+        raise InputError(
             f"latent stats: {name} must have shape [C, H, W], [C, 1, 1] or [1, C, 1, 1], got {tuple(t.shape)}"
         )
     return t
@@ -128,7 +131,7 @@ class StatsAccumulator:
 
     def __init__(self, reduce: str = "element"):
         if reduce not in REDUCTIONS:
-            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+            raise InputError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
         self.reduce = reduce
         self.count = 0
         self.mean: torch.Tensor | None = None
@@ -136,7 +139,7 @@ class StatsAccumulator:
 
     def update(self, z: torch.Tensor) -> None:
         if z.ndim != 4:
-            raise ValueError(f"expected latents [B, C, H, W], got shape {tuple(z.shape)}")
+            raise InputError(f"expected latents [B, C, H, W], got shape {tuple(z.shape)}")
         z = z.detach().to("cpu", torch.float64)
         dims = (0, 2, 3) if self.reduce == "channel" else (0,)
         n = z.numel() // (z.shape[1] if self.reduce == "channel" else z[0].numel())
@@ -146,7 +149,7 @@ class StatsAccumulator:
 
     def merge(self, other: StatsAccumulator) -> None:
         if other.reduce != self.reduce:
-            raise ValueError(f"cannot merge a {other.reduce!r} accumulator into a {self.reduce!r} one")
+            raise InputError(f"cannot merge a {other.reduce!r} accumulator into a {self.reduce!r} one")
         if other.count:
             self._combine(other.count, other.mean, other.m2)
 
@@ -155,7 +158,7 @@ class StatsAccumulator:
             self.count, self.mean, self.m2 = n, mean.clone(), m2.clone()
             return
         if mean.shape != self.mean.shape:
-            raise ValueError(
+            raise InputError(
                 f"latents of shape {tuple(mean.shape)} cannot join statistics of shape "
                 f"{tuple(self.mean.shape)}"
             )
@@ -168,7 +171,7 @@ class StatsAccumulator:
     def compute(self, *, unbiased: bool = False, eps: float = 1e-5, with_mean: bool = True) -> LatentStats:
         """Population variance by default (RAE); ``unbiased=True`` for LightningDiT's std."""
         if self.count < (2 if unbiased else 1):
-            raise ValueError(f"not enough latents for statistics (count {self.count})")
+            raise InputError(f"not enough latents for statistics (count {self.count})")
         var = self.m2 / (self.count - 1 if unbiased else self.count)
         mean = self.mean.float() if with_mean else None
         return LatentStats(var.float(), mean, eps=eps)

@@ -8,6 +8,7 @@ loss's projection.  Images enter ``encode`` in [0, 1]; the network itself works 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,24 +21,36 @@ from einops import rearrange
 
 from latentforge_core import attention
 from latentforge_core.checkpoint import load_checkpoint, load_into, load_state_file, save_checkpoint
+from latentforge_core.errors import (
+    InputError,
+    InputTypeError,
+    StateError,
+    check_divisible,
+    check_int,
+    check_int_sequence,
+    check_ints,
+    check_number,
+)
 from latentforge_core.protocols import Preprocessing
 from latentforge_tokenizers.stats import LatentStats, compute_latent_stats, stats_path
+
+log = logging.getLogger("latentforge")
 
 
 def check_images(images: torch.Tensor, multiple: int, what: str) -> None:
     """Images must be float RGB in [0, 1] with sides divisible by ``multiple``."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{what} expects RGB images [B, 3, H, W] in [0, 1], got {shape}")
+        raise InputError(f"{what} expects RGB images [B, 3, H, W] in [0, 1], got {shape}")
     if not images.is_floating_point():
-        raise TypeError(f"{what} expects floating-point images in [0, 1], got {images.dtype}")
+        raise InputTypeError(f"{what} expects floating-point images in [0, 1], got {images.dtype}")
     lo, hi = float(images.min()), float(images.max())
     if not (lo >= -1e-3 and hi <= 1 + 1e-3):
-        raise ValueError(
+        raise InputError(
             f"{what} expects images in [0, 1], got values in [{lo:.3f}, {hi:.3f}] (pass x/255 or (x+1)/2)"
         )
     if images.shape[-2] % multiple or images.shape[-1] % multiple:
-        raise ValueError(f"{what}: image size {tuple(images.shape[-2:])} is not a multiple of {multiple}")
+        raise InputError(f"{what}: image size {tuple(images.shape[-2:])} is not a multiple of {multiple}")
 
 
 #################################################################################
@@ -246,6 +259,14 @@ class VAVAE(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
+        check_ints("VAVAE", ch=ch, num_res_blocks=num_res_blocks, resolution=resolution)
+        check_int(z_channels, "z_channels", owner="VAVAE")
+        check_int_sequence(ch_mult, "ch_mult", owner="VAVAE")
+        check_int_sequence(attn_resolutions, "attn_resolutions", owner="VAVAE", empty=True)
+        if vf_dim is not None:
+            check_int(vf_dim, "vf_dim", owner="VAVAE")
+        check_number(dropout, "dropout", low=0, high=1, high_open=True, owner="VAVAE")
+        check_divisible(resolution, "resolution", 2 ** (len(ch_mult) - 1), "the downsampling", owner="VAVAE")
         self.config = dict(
             ch=ch,
             ch_mult=list(ch_mult),
@@ -286,7 +307,7 @@ class VAVAE(nn.Module):
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """The VF loss's view of a latent: 1×1 conv to the foundation model's width."""
         if self.linear_proj is None:
-            raise ValueError("this VA-VAE was built with vf_dim=None: it has no VF projection")
+            raise InputError("this VA-VAE was built with vf_dim=None: it has no VF projection")
         return self.linear_proj(z)  # B vf_dim h w
 
     def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
@@ -318,7 +339,7 @@ class VAVAE(nn.Module):
     def decode(self, latents: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
         """Latents → [0, 1] images; ``normalize=True`` says the latents are normalised (undo it first)."""
         if latents.ndim != 4 or latents.shape[1] != self.z_channels:
-            raise ValueError(
+            raise InputError(
                 f"VAVAE.decode expects latents [B, {self.z_channels}, h, w], got {tuple(latents.shape)}"
             )
         if normalize:
@@ -336,14 +357,15 @@ class VAVAE(nn.Module):
 
     def set_stats(self, stats: LatentStats | None) -> None:
         if stats is not None and stats.shape[0] != self.z_channels:
-            raise ValueError(
-                f"latent statistics of shape {stats.shape} do not fit {self.z_channels} latent channels"
+            raise InputError(
+                f"latent statistics of shape {stats.shape} do not fit this VA-VAE tokenizer's "
+                f"{self.z_channels} latent channels (statistics of another tokenizer?)"
             )
         self.stats = stats
 
     def _stats_or_raise(self) -> LatentStats:
         if self.stats is None:
-            raise ValueError(
+            raise StateError(
                 "no latent statistics: compute them (stats.compute_latent_stats) or load them first"
             )
         return self.stats
@@ -360,7 +382,7 @@ class VAVAE(nn.Module):
     def from_checkpoint(cls, path: str | os.PathLike) -> VAVAE:
         sd, config = load_checkpoint(path)
         if config.get("kind") != "vavae":
-            raise ValueError(f"{path} is not a VA-VAE checkpoint (config kind {config.get('kind')!r})")
+            raise InputError(f"{path} is not a VA-VAE checkpoint (config kind {config.get('kind')!r})")
         config.pop("kind")
         model = cls(**config)
         load_into(model, sd)
@@ -370,12 +392,23 @@ class VAVAE(nn.Module):
 
     def load_released(self, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
         """The released LightningDiT VA-VAE ``.pt`` (Lightning dict or raw state dict), strictly:
-        training-only keys (``loss.*``, ``foundation_model.*``) are dropped, ``linear_proj`` kept if built."""
+        training-only keys (``loss.*``, ``foundation_model.*``) are dropped, ``linear_proj`` kept if built.
+
+        ``linear_proj`` is the VF loss's projection, used only in training: a file without it (an
+        inference release) loads with the projection left at its initialisation, said in a log line.
+        Any other missing key is an error."""
         sd = load_state_file(source) if not isinstance(source, Mapping) else dict(source)
         if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
             sd = dict(sd["state_dict"])
         drop = ("loss.", "foundation_model.") + (("linear_proj.",) if self.linear_proj is None else ())
-        load_into(self, {k: v for k, v in sd.items() if not k.startswith(drop)})
+        sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
+        if self.linear_proj is not None and not any(k.startswith("linear_proj.") for k in sd):
+            sd |= {f"linear_proj.{k}": v for k, v in self.linear_proj.state_dict().items()}
+            log.info(
+                "VA-VAE checkpoint has no linear_proj (the VF loss's projection, training only): it "
+                "stays at its initialisation; encode and decode do not use it"
+            )
+        load_into(self, sd)
 
 
 #################################################################################

@@ -21,6 +21,15 @@ from einops import rearrange
 from torch import nn
 
 from latentforge_core.checkpoint import CheckpointError, load_into, load_state_file, save_checkpoint
+from latentforge_core.errors import (
+    InputError,
+    StateError,
+    check_divisible,
+    check_int,
+    check_int_sequence,
+    check_ints,
+    check_number,
+)
 from latentforge_core.protocols import Preprocessing
 from latentforge_tokenizers.codebook import check_token_ids, nearest
 from latentforge_tokenizers.losses import LPIPS, adaptive_weight, gate, hinge_d_loss, hinge_g_loss
@@ -204,8 +213,13 @@ class VQGAN(nn.Module):
         beta: float = 0.25,
     ):
         super().__init__()
+        check_ints("VQGAN", ch=ch, num_res_blocks=num_res_blocks, z_channels=z_channels, n_embed=n_embed)
+        check_int(image_size, "image_size", owner="VQGAN")
+        check_int_sequence(ch_mult, "ch_mult", owner="VQGAN")
+        check_number(beta, "beta", low=0, owner="VQGAN")
         if ch % 32:
-            raise ValueError(f"ch must be a multiple of 32 (GroupNorm with 32 groups), got {ch}")
+            raise InputError(f"ch must be a multiple of 32 (GroupNorm with 32 groups), got {ch}")
+        check_divisible(image_size, "image_size", 2 ** (len(ch_mult) - 1), "the downsampling", owner="VQGAN")
         self.config = dict(
             ch=ch,
             ch_mult=tuple(ch_mult),
@@ -242,11 +256,11 @@ class VQGAN(nn.Module):
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(
+            raise InputError(
                 f"expected float RGB images [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}"
             )
         if images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
-            raise ValueError(
+            raise InputError(
                 f"image sides must be multiples of {self.downsample}, got {tuple(images.shape[-2:])}"
             )
 
@@ -260,7 +274,7 @@ class VQGAN(nn.Module):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] ``[B, 3, f·h, f·w]`` from code ids ``[B, h, w]``."""
         if ids.ndim != 3:
-            raise ValueError(f"expected code ids [B, h, w], got shape {tuple(ids.shape)}")
+            raise InputError(f"expected code ids [B, h, w], got shape {tuple(ids.shape)}")
         return self.decoder(self.quantize.embed(ids)).clamp(0, 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -337,7 +351,7 @@ class VQGANLoss(nn.Module):
 
     def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor, step: int) -> torch.Tensor:
         if self.discriminator is None:
-            raise RuntimeError("this VQGANLoss has no discriminator")
+            raise StateError("this VQGANLoss has no discriminator")
         real = self.discriminator(images.detach() * 2 - 1)
         fake = self.discriminator(recon.detach() * 2 - 1)
         return gate(step, self.disc_start, self.disc_factor) * hinge_d_loss(real, fake)
@@ -384,7 +398,7 @@ SIZES: dict[str, dict] = {
 
 def build_vqgan(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> VQGAN:
     if name not in SIZES:
-        raise ValueError(f"unknown VQGAN {name!r}; expected one of {sorted(SIZES)}")
+        raise InputError(f"unknown VQGAN {name!r}; expected one of {sorted(SIZES)}")
     model = VQGAN(**{**SIZES[name], **overrides})
     return model.load_mage(pretrained) if pretrained is not None else model
 

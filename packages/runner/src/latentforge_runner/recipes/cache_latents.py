@@ -14,33 +14,34 @@ training data set.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
-from tqdm.auto import tqdm
 
 from latentforge_core.checkpoint import save_checkpoint
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.config import Component, ConfigError, Settings, component, setting, settings
 from latentforge_runner.data import DataError, DataSettings, build_dataset
 from latentforge_runner.run_folder import RunSettings, open_run
+from latentforge_runner.training import progress_bar
 
 log = logging.getLogger("latentforge")
 
 
 @settings
 class CacheLatentsSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/cache-latents")
-    data: DataSettings = DataSettings()
-    tokenizer: Component = component("tokenizers")
+    run: RunSettings = RunSettings(output_dir="runs/cache-latents")  # where and on what it runs
+    data: DataSettings = DataSettings()  # the images to encode
+    tokenizer: Component = component("tokenizers")  # the tokenizer whose latents (or tokens) are cached
     encode: dict = attrs.field(factory=dict)  # keyword arguments of tokenizer.encode (e.g. sample: false)
     flip: bool = True  # also store the horizontally flipped images' latents
-    shard_size: int = 10_000  # items per shard (per process)
-    batch_size: int = 64
-    max_images: int = 0  # 0: the whole data set
+    shard_size: int = setting(10_000, ge=1)  # items per shard (per process)
+    batch_size: int = setting(64, ge=1)  # images encoded at once
+    max_images: int = setting(0, ge=0)  # 0: the whole data set
 
 
 class CacheLatentsRecipe:
@@ -53,13 +54,20 @@ class CacheLatentsRecipe:
         cfg = self.cfg
         self.run_dir, self.dist, self.logger = open_run("cache-latents", cfg)
         if cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.max_images < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"shard_size and batch_size must be ≥ 1 and max_images ≥ 0, got {cfg.shard_size}, "
                 f"{cfg.batch_size}, {cfg.max_images}"
             )
         self.dataset = build_dataset(cfg.data.name, image_size=cfg.data.image_size, root=cfg.data.root)
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.dist.device).eval()
         self.key = "tokens" if self.tokenizer.vocab_size is not None else "latents"
+        known = inspect.signature(self.tokenizer.encode).parameters
+        unknown = sorted(set(cfg.encode) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"encode: {', '.join(unknown)} not accepted by {cfg.tokenizer.name!r}'s encode; "
+                f"expected some of {', '.join(k for k in known if k != 'images') or 'no options'}"
+            )
         self.shards: list[Path] = []
         self.skipped: list[str] = []
 
@@ -71,7 +79,7 @@ class CacheLatentsRecipe:
         n = len(self.dataset) if not self.cfg.max_images else min(len(self.dataset), self.cfg.max_images)
         mine = list(range(self.dist.rank, n, self.dist.world_size))
         pending: dict[str, list[torch.Tensor]] = {}
-        bar = tqdm(total=len(mine), desc="cache latents", unit="img", disable=not self.dist.is_main)
+        bar = progress_bar(total=len(mine), desc="cache latents", unit="img", disable=not self.dist.is_main)
         for start in range(0, len(mine), self.cfg.batch_size):
             items = [self.dataset[i] for i in mine[start : start + self.cfg.batch_size]]
             self.skipped += [it["error"] for it in items if "error" in it]

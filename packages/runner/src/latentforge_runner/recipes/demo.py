@@ -17,13 +17,11 @@ Stages (each a training loop with its own checkpoints, so an interrupted demo re
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,10 +31,11 @@ from torch import nn
 
 from latentforge_core.device import autocast
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.config import Component, Settings, component, sampler_block, setting, settings
 from latentforge_runner.data import Digits
+from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
-from latentforge_runner.training import StepLog, TrainingSettings, TrainState, backward, micro_batches
+from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
 
 log = logging.getLogger("latentforge")
 
@@ -62,9 +61,11 @@ def _quick(**kw: Any) -> TrainingSettings:
 class EvaluatorSettings(Settings):
     """The judge: trained on the digits' train split only, scored on the held-out split."""
 
-    training: TrainingSettings = _quick(steps=800, batch_size=64, lr=3e-3)
-    samples_per_class: int = 36  # 360 generated digits, as many as the held-out real ones
-    sampler: dict = attrs.field(factory=lambda: {"sampler": "heun", "steps": 20, "cfg_scale": 4.0})
+    training: TrainingSettings = _quick(steps=800, batch_size=64, lr=3e-3)  # the judge's own training
+    samples_per_class: int = setting(36, ge=1)  # 360 generated digits, as many as the held-out real ones
+    sampler: dict = sampler_block(  # keyword arguments of generator.sample for the judged digits
+        "generator", factory=lambda: {"sampler": "heun", "steps": 20, "cfg_scale": 4.0}
+    )
 
 
 @settings
@@ -72,34 +73,34 @@ class DecoderSettings(Settings):
     """The RAE decoder (latentforge_tokenizers' RAEDecoder) on the frozen encoder's features."""
 
     size: str = "test-tiny"  # a key of latentforge_tokenizers.rae.RAE_DECODERS
-    noise_tau: float = 0.3  # RAE's noise augmentation of the latents while the decoder trains
-    training: TrainingSettings = _quick(steps=600, batch_size=64)
+    noise_tau: float = setting(0.3, ge=0)  # RAE's noise augmentation of the latents while the decoder trains
+    training: TrainingSettings = _quick(steps=600, batch_size=64)  # the decoder's training
 
 
 @settings
 class DemoSettings(Settings):
     # One thread: the demo's small matrices gain little from two, and lose much when the cores are busy.
-    run: RunSettings = RunSettings(output_dir="runs/demo", threads=1)
-    image_size: int = 16  # the 8×8 digits, upsampled
-    encoder: Component = component(
+    run: RunSettings = RunSettings(output_dir="runs/demo", threads=1)  # where and on what it runs
+    image_size: int = setting(16, ge=1)  # the 8×8 digits, upsampled
+    encoder: Component = component(  # the representation encoder, trained first on the digits
         "encoders",
         default=Component(name="test-vit-tiny", params={"features": "rae", "image_size": 16, "depth": 2}),
     )
-    encoder_training: TrainingSettings = _quick(steps=300, batch_size=64)
-    decoder: DecoderSettings = DecoderSettings()
+    encoder_training: TrainingSettings = _quick(steps=300, batch_size=64)  # the encoder's training
+    decoder: DecoderSettings = DecoderSettings()  # the pixel decoder of the encoder's features
     generator: Component = component(
         "generators",
         injected=("in_channels", "input_size", "num_classes"),
         # RAE's DiT with a wide DDT head, tiny size; no dimension shift (sqrt(1024/4096) would be 0.5)
         default=Component(name="test-ditdh", params={"transport": {"shift": 1.0}}),
     )
-    generator_training: TrainingSettings = _quick(
+    generator_training: TrainingSettings = _quick(  # the generator's training
         steps=3000, batch_size=64, lr=3e-3, ema_decay=0.995, warmup_steps=50, grad_clip=1.0
     )
     # DiT's class table starts at N(0, 0.02) behind zero-initialised adaLN, so class conditioning forms
     # over ~10^5 steps; the demo has ~10^3. A unit-variance table forms it within a few hundred.
-    class_embedding_std: float | None = 1.0
-    evaluator: EvaluatorSettings = EvaluatorSettings()
+    class_embedding_std: float | None = setting(1.0, gt=0)  # None: the generator's own initialisation
+    evaluator: EvaluatorSettings = EvaluatorSettings()  # the judge that scores the samples
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +160,14 @@ class DemoRecipe:
 
     def setup(self) -> None:
         self.start = time.perf_counter()
-        self.run_dir, self.dist, self.logger = open_run("demo", self.cfg)
+        c = self.cfg  # each stage's checkpoints live in <run>/<stage>/checkpoints
+        stages = {
+            "evaluator": c.evaluator.training,
+            "encoder": c.encoder_training,
+            "decoder": c.decoder.training,
+            "generator": c.generator_training,
+        }
+        self.run_dir, self.dist, self.logger = open_run("demo", c, stages=stages)
         self.device = self.dist.device
         self.train = Digits("train", self.cfg.image_size)
         self.test = Digits("test", self.cfg.image_size)
@@ -181,11 +189,11 @@ class DemoRecipe:
             config={"name": f"demo-{stage}"},
             params=kw.get("params"),
         )
-        if self.cfg.run.resume:
+        if self.cfg.run.resume != "never":  # open_run has checked the folder may be resumed
             state.resume()
-        progress = StepLog(t, self.logger, state.step, stage, show=self.dist.is_main)
+        progress = state.step_log(self.logger, stage)
         model.train()
-        for batch in state.batches:
+        for batch in state.steps():  # on SIGINT/SIGTERM: a checkpoint, then RunInterrupted
             logs = {"loss": 0.0}
             for part, sync in micro_batches(batch, t.grad_accum, entry, self.dist):
                 with sync:
@@ -334,13 +342,14 @@ class DemoRecipe:
         self.report["seconds"] = round(time.perf_counter() - self.start, 1)
         Image.fromarray(self.grid).save(self.run_dir / "samples.png")
         self.logger.images("demo/samples", torch.from_numpy(self.grid).permute(2, 0, 1).float() / 255, 0)
-        (self.run_dir / "report.json").write_text(json.dumps(self.report, indent=2))
+        write_report(self.run_dir / "report.json", self.report)
         text = format_report(self.report, self.run_dir)
         (self.run_dir / "report.md").write_text(text)
         print(text)
 
     def cleanup(self) -> None:
-        self.logger.close()
+        if hasattr(self, "logger"):  # open_run may have refused the run folder (run.resume)
+            self.logger.close()
         distributed.cleanup()
 
 

@@ -16,38 +16,38 @@ share one network and one forward pass per batch.
 from __future__ import annotations
 
 import inspect
-import json
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
-from tqdm.auto import tqdm
 
 from latentforge_core import registry
 from latentforge_metrics.generative import FID, InceptionScore, PrecisionRecall
 from latentforge_metrics.inception import fid_inception_v3
-from latentforge_metrics.npz import ReferenceFileError, load_reference
 from latentforge_runner import distributed
-from latentforge_runner.config import ConfigError, Settings, accepts, settings
-from latentforge_runner.data import DataError, ImageSource
+from latentforge_runner.config import ConfigError, Settings, accepts, setting, settings
+from latentforge_runner.data import DataError, ImageSource, reference_statistics
+from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
+from latentforge_runner.training import progress_bar
 
 log = logging.getLogger("latentforge")
 
 
 @settings
 class EvaluateSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/evaluate")
+    run: RunSettings = RunSettings(output_dir="runs/evaluate")  # where and on what it runs
     samples: str  # an .npz with arr_0, or an image folder
     reference: str | None = None  # an .npz (statistics and/or arr_0) or an image folder
     metrics: list[str] = attrs.field(factory=lambda: ["fid"])  # names in the metrics registry
     params: dict = attrs.field(factory=dict)  # per metric: {fid: {protocol: adm}, …}
     protocol: str = "torch-fidelity"  # Inception preprocessing, for metrics that take one
     weights: str | None = None  # FID Inception weights file (default: the torch hub cache); never downloaded
-    image_size: int | None = None  # ADM center crop for image folders
-    batch_size: int = 64
+    image_size: int | None = setting(None, ge=1)  # ADM center crop for image folders
+    batch_size: int = setting(64, ge=1)  # images per forward pass
     report: str | None = None  # default: <output_dir>/evaluation.json
 
     def __attrs_post_init__(self):
@@ -90,10 +90,7 @@ class EvaluateRecipe:
         self.reference = ImageSource(cfg.reference, cfg.image_size, "reference") if cfg.reference else None
         self.ref_stats = None
         if self.reference is not None and self.reference.folder is None:
-            try:
-                self.ref_stats = load_reference(self.reference.path)
-            except ReferenceFileError:  # a sample-style batch: images only
-                self.ref_stats = None
+            self.ref_stats = reference_statistics(self.reference.path)  # None: a file of images only
         factories = {name: registry.metrics.get(name) for name in cfg.metrics}
         shared = None
         if any(accepts(f, "inception") for f in factories.values()):
@@ -105,7 +102,13 @@ class EvaluateRecipe:
         for name, factory in factories.items():
             injected = {"protocol": cfg.protocol, "inception": shared, "device": self.dist.device}
             kwargs = {k: v for k, v in injected.items() if accepts(factory, k)} | cfg.params.get(name, {})
-            metric = registry.metrics.build(name, **kwargs)
+            try:
+                metric = registry.metrics.build(name, **kwargs)
+            except TypeError as err:  # a builder argument missing or unknown
+                raise ConfigError(
+                    f"metric {name!r} cannot be built with {sorted(kwargs)}: {err}; give its arguments as "
+                    f"params.{name}.<argument>=… (or use its own recipe, e.g. linear-probe)"
+                ) from err
             params = inspect.signature(metric.update).parameters
             if "target" in params:
                 self.mode[name] = "paired"
@@ -152,21 +155,27 @@ class EvaluateRecipe:
         unpaired = by["statistics"] + by["real"] + by["samples"]
         n_samples = n_reference = 0
         if by["paired"]:
-            pairs = zip(self.samples.batches(b), self.reference.batches(b), strict=False)
-            for fake, real in tqdm(pairs, desc="paired", unit="batch"):
-                if fake.shape != real.shape:
+            pairs = itertools.zip_longest(self.samples.batches(b), self.reference.batches(b))
+            for fake, real in progress_bar(pairs, desc="paired", unit="batch"):
+                if fake is None or real is None or fake.shape != real.shape:
+                    counted = n_samples + (0 if fake is None else len(fake))
                     raise DataError(
-                        f"paired metrics {by['paired']} need samples and reference of one size and order; "
-                        f"got batches {tuple(fake.shape)} and {tuple(real.shape)}"
+                        f"paired metrics {by['paired']} need samples ({cfg.samples}) and reference "
+                        f"({cfg.reference}) of one size and order; they differ after {counted} sample(s): "
+                        f"batch {_shape(fake)} against {_shape(real)}"
                     )
                 for name in by["paired"]:
                     self.metrics[name].update(fake, real)
+                n_samples += fake.shape[0]
+                n_reference += real.shape[0]
         if unpaired:
-            for fake in tqdm(self.samples.batches(b), desc="samples", unit="batch"):
+            n_samples = 0  # the paired pass counted the same images
+            for fake in progress_bar(self.samples.batches(b), desc="samples", unit="batch"):
                 self._update(unpaired, fake)
                 n_samples += fake.shape[0]
         if by["real"]:
-            for real in tqdm(self.reference.batches(b), desc="reference", unit="batch"):
+            n_reference = 0
+            for real in progress_bar(self.reference.batches(b), desc="reference", unit="batch"):
                 self._update(by["real"], real, real=True)
                 n_reference += real.shape[0]
         results: dict[str, Any] = {}
@@ -190,7 +199,7 @@ class EvaluateRecipe:
 
     def save(self) -> None:
         path = Path(self.cfg.report) if self.cfg.report else self.run_dir / "evaluation.json"
-        path.write_text(json.dumps(self.report, indent=2))
+        write_report(path, self.report)
         for name, value in self.report["metrics"].items():
             log.info("%s: %s", name, value)
         log.info("report written to %s", path)
@@ -198,3 +207,7 @@ class EvaluateRecipe:
     def cleanup(self) -> None:
         self.logger.close()
         distributed.cleanup()
+
+
+def _shape(batch: torch.Tensor | None) -> str:
+    return "(none left)" if batch is None else str(tuple(batch.shape))

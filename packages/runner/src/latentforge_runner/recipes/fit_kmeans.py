@@ -14,23 +14,23 @@ import logging
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.config import Component, ConfigError, Settings, component, setting, settings
 from latentforge_runner.data import DataSettings, build_dataset
 from latentforge_runner.run_folder import RunSettings, open_run
+from latentforge_runner.training import progress_bar
 
 log = logging.getLogger("latentforge")
 
 
 @settings
 class FitKMeansSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/fit-kmeans")
-    data: DataSettings = DataSettings()
-    tokenizer: Component = component("tokenizers")
-    max_images: int = 128_000  # DiGIT keeps ~10% of ImageNet train
-    batch_size: int = 64
+    run: RunSettings = RunSettings(output_dir="runs/fit-kmeans")  # where and on what it runs
+    data: DataSettings = DataSettings()  # the images whose encoder features are clustered
+    tokenizer: Component = component("tokenizers")  # a K-Means tokenizer (its encoder and n_clusters)
+    max_images: int = setting(128_000, ge=1)  # DiGIT keeps ~10% of ImageNet train
+    batch_size: int = setting(64, ge=1)  # images encoded at once
 
 
 class FitKMeansRecipe:
@@ -45,13 +45,19 @@ class FitKMeansRecipe:
             self.cfg.data.name, image_size=self.cfg.data.image_size, root=self.cfg.data.root
         )
         self.tokenizer = self.cfg.tokenizer.build("tokenizers").to(self.dist.device)
+        if not callable(getattr(self.tokenizer, "fit", None)):
+            raise ConfigError(
+                f"tokenizer {self.cfg.tokenizer.name!r} is not fitted by clustering: fit-kmeans expects a "
+                "K-Means tokenizer (kmeans, test-kmeans-tiny, …)"
+            )
 
     def _batches(self):
         n, b = min(len(self.dataset), self.cfg.max_images), self.cfg.batch_size
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.run.seed))[
             :n
         ]
-        for start in tqdm(range(0, n, b), desc="features", unit="batch", disable=not self.dist.is_main):
+        starts = range(0, n, b)
+        for start in progress_bar(starts, desc="features", unit="batch", disable=not self.dist.is_main):
             items = [self.dataset[int(i)] for i in order[start : start + b]]
             good = [it["image"] for it in items if "error" not in it]
             if good:

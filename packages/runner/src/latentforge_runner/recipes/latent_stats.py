@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from latentforge_core.device import seed_everything
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.config import Component, ConfigError, Settings, component, setting, settings
 from latentforge_runner.data import DataSettings, build_dataset
 from latentforge_runner.run_folder import RunSettings, open_run
+from latentforge_runner.training import progress_bar
 from latentforge_tokenizers.stats import stats_path
 
 log = logging.getLogger("latentforge")
@@ -35,12 +35,12 @@ WEIGHT_PARAMS = ("pretrained_decoder", "checkpoint", "pretrained")  # where toke
 
 @settings
 class LatentStatsSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/latent-stats")
-    data: DataSettings = DataSettings()
-    tokenizer: Component = component("tokenizers")
+    run: RunSettings = RunSettings(output_dir="runs/latent-stats")  # where and on what it runs
+    data: DataSettings = DataSettings()  # the images whose latents are measured
+    tokenizer: Component = component("tokenizers")  # a continuous tokenizer (RAE, VA-VAE)
     checkpoint: str | None = None  # the stats go beside this file (default: the tokenizer's weights)
-    max_images: int = 0  # 0: the whole data set
-    batch_size: int = 64
+    max_images: int = setting(0, ge=0)  # 0: the whole data set
+    batch_size: int = setting(64, ge=1)  # images encoded at once
 
 
 class LatentStatsRecipe:
@@ -53,14 +53,14 @@ class LatentStatsRecipe:
         cfg = self.cfg
         self.run_dir, self.dist, self.logger = open_run("latent-stats", cfg)
         if cfg.batch_size < 1 or cfg.max_images < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size must be ≥ 1 and max_images ≥ 0, got {cfg.batch_size}, {cfg.max_images}"
             )
         self.dataset = build_dataset(cfg.data.name, image_size=cfg.data.image_size, root=cfg.data.root)
         seed_everything(cfg.run.seed)  # random-weight parts (the tiny test tokenizers) equal on every rank
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.dist.device).eval()
         if self.tokenizer.vocab_size is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer {cfg.tokenizer.name!r} has no continuous latents to take statistics of; "
                 "latent-stats needs a continuous tokenizer (RAE, VA-VAE)"
             )
@@ -90,7 +90,7 @@ class LatentStatsRecipe:
             for _ in ordered:  # the main process gathers every round
                 pass
             return {}
-        bar = tqdm(ordered, total=len(batches), desc="latent stats", unit="batch")
+        bar = progress_bar(ordered, total=len(batches), desc="latent stats", unit="batch")
         self.tokenizer.encode = lambda z, **_: z
         try:
             self.stats = self.tokenizer.compute_stats(self._collect(bar))

@@ -12,34 +12,34 @@ itself is :class:`latentforge_metrics.probe.LinearProbe`.  Writes ``<output_dir>
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from latentforge_metrics.probe import LinearProbe
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.config import Component, Settings, component, setting, settings
 from latentforge_runner.data import DataError, DataSettings, build_dataset
+from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
+from latentforge_runner.training import progress_bar
 
 log = logging.getLogger("latentforge")
 
 
 @settings
 class LinearProbeSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/linear-probe")
-    data: DataSettings = DataSettings()
+    run: RunSettings = RunSettings(output_dir="runs/linear-probe")  # where and on what it runs
+    data: DataSettings = DataSettings()  # the training split
     val_root: str | None = None  # held-out folder (folders only; the digits use their test split)
-    encoder: Component = component("encoders")
+    encoder: Component = component("encoders")  # the frozen encoder whose features are probed
     output: Literal["cls", "pooled", "map", "tokens"] = "cls"  # maps and tokens are averaged
-    epochs: int = 90
-    lr: float = 0.1
-    batch_size: int = 256  # of the probe's SGD; features are taken in batches of the same size
-    weight_decay: float = 0.0
-    max_images: int = 0  # per split; 0: all
+    epochs: int = setting(90, ge=1)  # passes of the probe's SGD over the features
+    lr: float = setting(0.1, gt=0)  # the probe's learning rate
+    batch_size: int = setting(256, ge=1)  # of the probe's SGD; features are taken in batches of the same size
+    weight_decay: float = setting(0.0, ge=0)  # the probe's weight decay
+    max_images: int = setting(0, ge=0)  # per split; 0: all
 
 
 class LinearProbeRecipe:
@@ -82,7 +82,7 @@ class LinearProbeRecipe:
         n = len(dataset) if not self.cfg.max_images else min(len(dataset), self.cfg.max_images)
         b, seen = self.cfg.batch_size, 0
         desc = "train features" if train else "held-out features"
-        for start in tqdm(range(0, n, b), desc=desc, unit="batch", disable=not self.dist.is_main):
+        for start in progress_bar(range(0, n, b), desc=desc, unit="batch", disable=not self.dist.is_main):
             items = [dataset[i] for i in range(start, min(start + b, n))]
             self.skipped += [it["error"] for it in items if "error" in it]
             good = [it for it in items if "error" not in it]
@@ -110,7 +110,7 @@ class LinearProbeRecipe:
 
     def save(self) -> None:
         if self.dist.is_main:
-            (self.run_dir / "report.json").write_text(json.dumps(self.report, indent=2))
+            write_report(self.run_dir / "report.json", self.report)
             log.info("linear probe top-1 %.4f (chance %.4f)", self.report["top1"], self.report["chance"])
 
     def cleanup(self) -> None:

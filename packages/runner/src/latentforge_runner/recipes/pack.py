@@ -13,39 +13,33 @@ so the archive is the same for any number of processes.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from latentforge_metrics.npz import SampleWriter
 from latentforge_runner import distributed
-from latentforge_runner.config import ConfigError, Settings, settings
+from latentforge_runner.config import ConfigError, Settings, setting, settings
 from latentforge_runner.data import DataError, ImageFolder, collate
+from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
+from latentforge_runner.training import progress_bar
 
 log = logging.getLogger("latentforge")
 
 
 @settings
 class PackSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/pack")
+    run: RunSettings = RunSettings(output_dir="runs/pack")  # where and on what it runs
     root: str  # ImageNet layout (root/<class>/*.JPEG) or a flat folder of images
-    image_size: int = 256
+    image_size: int = setting(256, ge=1)  # ADM center crop to this many pixels a side
     output: str | None = None  # default: <output_dir>/images.npz
-    max_images: int | None = None  # the first N in sorted order
-    batch_size: int = 64
-    num_workers: int = 0
-
-    def __attrs_post_init__(self):
-        if self.image_size < 1 or self.batch_size < 1:
-            raise ConfigError(
-                f"image_size and batch_size must be ≥ 1, got {self.image_size}, {self.batch_size}"
-            )
+    max_images: int | None = setting(None, ge=1)  # the first N in sorted order
+    batch_size: int = setting(64, ge=1)  # images read at once
+    num_workers: int = setting(0, ge=0)  # data loader processes (0: read in the main process)
 
 
 class PackRecipe:
@@ -58,6 +52,11 @@ class PackRecipe:
         self.run_dir, self.dist, self.logger = open_run("pack", self.cfg)
         self.dataset = ImageFolder(self.cfg.root, self.cfg.image_size)
         self.output = Path(self.cfg.output) if self.cfg.output else self.run_dir / "images.npz"
+        if self.output.is_dir():
+            raise ConfigError(f"output {self.output} is a folder: expected the path of the .npz to write")
+        blocking = next((p for p in self.output.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigError(f"output {self.output} lies under {blocking}, a file: expected a folder there")
         self.skipped: list[str] = []
 
     def run(self) -> dict[str, Any]:
@@ -104,7 +103,7 @@ class PackRecipe:
         labels: list[torch.Tensor] = []
         good = 0
         with open(raw_path, "wb") as raw:
-            for batch in tqdm(batches, desc="pack", unit="batch"):
+            for batch in progress_bar(batches, desc="pack", unit="batch"):
                 self.skipped += batch["skipped"]
                 if batch["image"] is None:
                     continue
@@ -127,7 +126,7 @@ class PackRecipe:
     def save(self) -> None:
         if self.report is None:
             return
-        (self.run_dir / "pack.json").write_text(json.dumps(self.report, indent=2))
+        write_report(self.run_dir / "pack.json", self.report)
         log.info("%d images packed into %s", self.report["num_images"], self.output)
 
     def cleanup(self) -> None:

@@ -14,7 +14,6 @@ images that were skipped.  VA-VAE encodes to its posterior mean here (determinis
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,16 @@ from PIL import Image
 
 from latentforge_metrics.reconstruction import psnr, ssim
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, Settings, component, settings
-from latentforge_runner.data import IMAGE_SUFFIXES, DataError, ImageFolder, center_crop_arr, to_tensor
+from latentforge_runner.config import Component, ConfigError, Settings, component, setting, settings
+from latentforge_runner.data import (
+    IMAGE_SUFFIXES,
+    UNREADABLE,
+    DataError,
+    ImageFolder,
+    center_crop_arr,
+    to_tensor,
+)
+from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
 
 log = logging.getLogger("latentforge")
@@ -34,11 +41,11 @@ log = logging.getLogger("latentforge")
 
 @settings
 class ReconstructSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/reconstruct")
-    tokenizer: Component = component("tokenizers")
+    run: RunSettings = RunSettings(output_dir="runs/reconstruct")  # where and on what it runs
+    tokenizer: Component = component("tokenizers")  # the tokenizer that encodes and decodes
     input: str  # an image file or a folder (searched recursively)
-    image_size: int = 256
-    batch_size: int = 16
+    image_size: int = setting(256, ge=1)  # ADM center crop to this many pixels a side
+    batch_size: int = setting(16, ge=1)  # images encoded at once
     rfid: Component | None = component("metrics", default=None)  # e.g. {name: rfid, params: {weights: …}}
 
 
@@ -64,9 +71,15 @@ class ReconstructRecipe:
             raise DataError(f"input not found: {source} (expected an image file or a folder of images)")
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.dist.device).eval()
         if not self.tokenizer.can_decode:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer {cfg.tokenizer.name!r} has no decode; reconstruct needs one that maps back to "
                 "pixels (RAE, VA-VAE, VQGAN)"
+            )
+        size = self.tokenizer.preprocessing.input_size
+        if size != cfg.image_size:
+            raise ConfigError(
+                f"image_size is {cfg.image_size}, but tokenizer {cfg.tokenizer.name!r} reconstructs "
+                f"{size}-pixel images: set image_size={size}"
             )
         encode_args = inspect.signature(self.tokenizer.encode).parameters
         self.encode_kwargs = {"sample": False} if "sample" in encode_args else {}
@@ -79,7 +92,7 @@ class ReconstructRecipe:
         try:
             with Image.open(path) as img:
                 return to_tensor(center_crop_arr(img.convert("RGB"), self.cfg.image_size))
-        except (OSError, ValueError, SyntaxError) as err:
+        except UNREADABLE as err:
             self.skipped.append(f"{path}: {type(err).__name__}: {err}")
             return None
 
@@ -116,7 +129,7 @@ class ReconstructRecipe:
             "count": len(values),
             "psnr": float(np.mean([v["psnr"] for v in values])),
             "ssim": float(np.mean([v["ssim"] for v in values])),
-            **({} if self.rfid is None else {"rfid": float(self.rfid.compute())}),
+            **({} if self.rfid is None else {self.cfg.rfid.name: float(self.rfid.compute())}),
             "skipped": len(self.skipped),
             "skipped_files": self.skipped,
             "images": self.per_image,
@@ -125,7 +138,7 @@ class ReconstructRecipe:
 
     def save(self) -> None:
         if self.dist.is_main:
-            (self.run_dir / "report.json").write_text(json.dumps(self.report, indent=2))
+            write_report(self.run_dir / "report.json", self.report)
             log.info(
                 "PSNR %.2f dB, SSIM %.4f over %d image(s) → %s",
                 self.report["psnr"],

@@ -5,8 +5,14 @@
         guidance_weights=/weights/ditdh-s-ema.safetensors
 
 The generator, its shapes and the tokenizer come from the ``train-generator`` run folder (its
-``config.yaml`` and newest whole checkpoint, EMA weights by default).  A run whose
-``eval.guidance_model`` names a weak generator (RAE: DiT-DH-S) samples with autoguidance at
+``config.yaml`` and newest whole checkpoint, EMA weights by default), or from released files: a
+registered generator with ``generator.params.pretrained`` (a path or ``hf:<org>/<repo>/<file>`` id of
+the official checkpoint) over the tokenizer it was trained on, whose statistics come with it::
+
+    latentforge run sample generator.name=ditdh-xl generator.params.pretrained=/w/stage2_model.pt \
+        tokenizer.name=rae tokenizer.params.stats=/w/stat.pt num_classes=1000 sampler='{steps: 49}'
+
+A run whose ``eval.guidance_model`` names a weak generator (RAE: DiT-DH-S) samples with autoguidance at
 ``sampler.cfg_scale`` (1.42 in rae-ditdh-xl); ``guidance_model``/``guidance_weights`` override it.
 Labels are ``equal`` (the same count per class, cycling 0, 1, …, K−1 so a grid of K columns shows one
 class per column) or ``random``.  Writes ``images/<index>.png``, ``grid.png`` and ``samples.npz``
@@ -31,13 +37,21 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from latentforge_core.device import seed_everything
+from latentforge_core.errors import InputError
 from latentforge_metrics.inception import to_uint8
 from latentforge_metrics.npz import SampleWriter
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, ConfigError, Settings, component, settings
+from latentforge_runner.config import (
+    Component,
+    ConfigError,
+    Settings,
+    component,
+    sampler_block,
+    setting,
+    settings,
+)
 from latentforge_runner.data import build_training_data
 from latentforge_runner.generation import (
     GENERATOR_RECIPES,
@@ -49,6 +63,7 @@ from latentforge_runner.generation import (
 )
 from latentforge_runner.latents import STATS_FILE, restore_latent_stats
 from latentforge_runner.run_folder import RunSettings, open_run, read_run
+from latentforge_runner.training import progress_bar
 
 log = logging.getLogger("latentforge")
 
@@ -57,15 +72,24 @@ LABEL_MODES = ("equal", "random")
 
 @settings
 class SampleSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/sample")
-    generator_run: str  # a train-generator run folder (config.yaml + checkpoints/)
+    run: RunSettings = RunSettings(output_dir="runs/sample")  # where and on what it runs
+    generator_run: str | None = None  # a train-generator/train-tokens run folder; or give generator
     checkpoint: str | None = None  # a checkpoint folder; default: the run's newest whole one
     weights: Literal["ema", "model"] = "ema"  # a run trained without EMA has only its model weights
+    # A released generator instead of a run: its registry name and params.pretrained (a path or an
+    # hf: id of the official file), with the tokenizer (and its latent statistics) it was trained on.
+    generator: Component | None = component(
+        "generators",
+        default=None,
+        injected=("in_channels", "input_size", "num_classes", "vocab_size", "grid_size"),
+    )
+    num_classes: int | None = setting(None, ge=1)  # with generator: the classes it was trained on
     tokenizer: Component | None = component("tokenizers", default=None)  # default: the run's own
-    num_samples: int = 50_000
-    labels: Literal["equal", "random"] = "equal"
-    batch_size: int = 64
-    sampler: dict | None = None  # keyword arguments of generator.sample; default: the run's eval.sampler
+    num_samples: int = setting(50_000, ge=1)  # images to generate (a multiple of the classes for equal)
+    labels: Literal["equal", "random"] = "equal"  # equal: each class as often; random: uniform, seeded
+    batch_size: int = setting(64, ge=1)  # samples generated at once
+    # keyword arguments of generator.sample; default: the run's eval.sampler
+    sampler: dict | None = sampler_block("generator", run="generator_run", default=None)
     # Autoguidance by a weak generator (default: the run's eval.guidance_model / guidance_weights).
     guidance_model: Component | None = component(
         "generators", default=None, injected=("in_channels", "input_size", "num_classes")
@@ -73,19 +97,16 @@ class SampleSettings(Settings):
     guidance_weights: str | None = None  # the weak model's EMA (our safetensors)
     # DiGIT: a train-generator run of stage 2 (condition_tokenizer set) that turns generator_run's
     # K-Means tokens into VQGAN codes, and its sampler settings (default: its eval.sampler).
-    stage2_run: str | None = None
-    stage2_sampler: dict | None = None
-    grid_images: int = 100  # how many of the first samples go into grid.png
-    write_png: bool = True
+    stage2_run: str | None = None  # the stage-2 run folder (DiGIT only)
+    stage2_sampler: dict | None = sampler_block(run="stage2_run", default=None)  # its sample() options
+    grid_images: int = setting(100, ge=1)  # how many of the first samples go into grid.png
+    write_png: bool = True  # also write each sample as a PNG file
 
     def __attrs_post_init__(self):
         if self.labels not in LABEL_MODES:
             raise ConfigError(
                 f"labels must be one of {', '.join(map(repr, LABEL_MODES))}, got {self.labels!r}"
             )
-        for name in ("num_samples", "batch_size", "grid_images"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
 
 
 def class_labels(mode: str, n: int, num_classes: int, seed: int = 0) -> torch.Tensor:
@@ -110,11 +131,22 @@ class SampleRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        if (cfg.generator_run is None) == (cfg.generator is None):
+            raise ConfigError(
+                "sample needs one generator (generator_run or generator is required, not both): "
+                "generator_run=<a training run folder>, or generator.name=<a registered generator> with "
+                "generator.params.pretrained=<its released weights>"
+            )
         self.run_dir, self.dist, self.logger = open_run("sample", cfg)
         self.device = self.dist.device
+        if cfg.generator is not None:
+            self._setup_release()
+            seed_everything(cfg.run.seed + self.dist.rank)
+            return
         run = Path(cfg.generator_run)
         _, self.train = read_run(run, "generator_run", ("train-generator", "train-tokens"))
-        k = self.train.data.num_classes
+        k = self.num_classes = self.train.data.num_classes
+        self.sampler, self.image_size = self.train.eval.sampler, self.train.data.image_size
         # A tokenizer with random weights (the tiny test ones) comes out as the training run built it.
         block = cfg.tokenizer or self.train.tokenizer
         self.tokenizer = frozen_tokenizer(block, self.train.run.seed, self.device)
@@ -141,6 +173,33 @@ class SampleRecipe:
         )
         seed_everything(cfg.run.seed + self.dist.rank)
 
+    def _setup_release(self) -> None:
+        """A released generator (``generator.params.pretrained``) over the tokenizer it was trained on,
+        whose latent statistics come with the tokenizer (e.g. ``tokenizer.params.stats``)."""
+        cfg = self.cfg
+        if cfg.tokenizer is None or cfg.num_classes is None:
+            raise ConfigError(
+                "generator (a released model) needs tokenizer (the one whose latents it generates, with "
+                "its statistics) and num_classes (the classes it was trained on)"
+            )
+        if cfg.stage2_run is not None:
+            raise ConfigError("stage2_run continues a token generator run: use it with generator_run")
+        self.tokenizer = frozen_tokenizer(cfg.tokenizer, cfg.run.seed, self.device)
+        self.discrete, self.stage2 = self.tokenizer.vocab_size is not None, None
+        if not self.tokenizer.can_decode:
+            raise ConfigError(f"tokenizer {cfg.tokenizer.name!r} has no pixel decoder to make images from")
+        if not self.discrete and self.tokenizer.stats is None:
+            raise ConfigError(
+                f"tokenizer {cfg.tokenizer.name!r} has no latent statistics: give the release's file "
+                "(RAE: tokenizer.params.stats=<stat.pt>; VA-VAE: its latents_stats.pt)"
+            )
+        k = self.num_classes = cfg.num_classes
+        self.sampler, self.image_size = {}, self.tokenizer.preprocessing.input_size
+        shape = generator_shapes(self.tokenizer, k)
+        self.generator = cfg.generator.build("generators", **shape).to(self.device).eval()
+        self.guidance = autoguidance(cfg.guidance_model, cfg.guidance_weights, self.tokenizer, k, self.device)
+        log.info("sampling the released %s (%s)", cfg.generator.name, cfg.generator.params.get("pretrained"))
+
     def _setup_stage2(self, run: Path) -> None:
         """DiGIT: stage 1's tokens condition the stage-2 generator, whose tokenizer (the VQGAN) decodes."""
         recipe, self.train2 = read_run(run, "stage2_run", GENERATOR_RECIPES)
@@ -164,7 +223,16 @@ class SampleRecipe:
                 "%s holds no %s: recomputing the latent statistics as its training run did", run, STATS_FILE
             )
         dataset = lambda: build_training_data(d, self.train.tokenizer.name, self.train.training.seed)  # noqa: E731
-        how = restore_latent_stats(self.tokenizer, run, dataset, e.stats_batches, e.stats_reduce, self.device)
+        try:
+            how = restore_latent_stats(
+                self.tokenizer, run, dataset, e.stats_batches, e.stats_reduce, self.device
+            )
+        except InputError as err:  # statistics of another latent shape
+            name = (self.cfg.tokenizer or self.train.tokenizer).name
+            raise ConfigError(
+                f"tokenizer {name!r} does not fit the statistics of {run / STATS_FILE}: {err} (a tokenizer "
+                "override must give the latents the generator was trained on)"
+            ) from err
         log.info("latent statistics: %s", how)
 
     def _load_generator(self, run: Path, train: Any, checkpoint: str | None, shape: dict[str, Any]):
@@ -195,10 +263,10 @@ class SampleRecipe:
     @torch.no_grad()
     def run(self) -> dict[str, Any]:
         """Rank r of w samples the batches r, r+w, …; the main process writes them in order."""
-        cfg, k = self.cfg, self.train.data.num_classes
+        cfg, k = self.cfg, self.num_classes
         self.labels = class_labels(cfg.labels, cfg.num_samples, k, cfg.run.seed)
-        sampler = self.train.eval.sampler if cfg.sampler is None else cfg.sampler
-        sampler2, size = {}, self.train.data.image_size
+        sampler = self.sampler if cfg.sampler is None else cfg.sampler
+        sampler2, size = {}, self.image_size
         if self.stage2 is not None:
             sampler2 = self.train2.eval.sampler if cfg.stage2_sampler is None else cfg.stage2_sampler
             size = self.train2.data.image_size
@@ -207,7 +275,7 @@ class SampleRecipe:
         mine = (self._batch(start, sampler, sampler2) for start in distributed.shard(starts))
         main = self.dist.is_main
         grid: list[torch.Tensor] = []
-        bar = tqdm(total=len(starts), desc="sample", unit="batch", disable=not main)
+        bar = progress_bar(total=len(starts), desc="sample", unit="batch", disable=not main)
         npz = SampleWriter(self.run_dir / "samples.npz", cfg.num_samples, size) if main else nullcontext()
         with npz as writer:
             for images, y in distributed.gather_in_order(mine, len(starts)):
@@ -226,7 +294,7 @@ class SampleRecipe:
     def save(self) -> None:
         if not self.dist.is_main:
             return
-        columns = min(self.train.data.num_classes, 10) if self.cfg.labels == "equal" else 10
+        columns = min(self.num_classes, 10) if self.cfg.labels == "equal" else 10
         image_grid(self.grid, min(columns, self.grid.shape[0])).save(self.run_dir / "grid.png")
         log.info("%d samples written to %s", self.cfg.num_samples, self.run_dir / "samples.npz")
 

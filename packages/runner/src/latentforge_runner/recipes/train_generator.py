@@ -32,6 +32,7 @@ from latentforge_runner.generation import (
     OnlineFID,
     autoguidance,
     balanced_labels,
+    check_image_size,
     frozen_tokenizer,
     generator_shapes,
     rng_kept,
@@ -39,19 +40,20 @@ from latentforge_runner.generation import (
 )
 from latentforge_runner.latents import STATS_FILE, LatentShards, restore_latent_stats
 from latentforge_runner.run_folder import RunSettings, open_run
-from latentforge_runner.training import StepLog, TrainingSettings, TrainState, backward, micro_batches
+from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
 
 log = logging.getLogger("latentforge")
 
 
 @settings
 class TrainGeneratorSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/train-generator")
-    data: DataSettings = DataSettings()
-    tokenizer: Component = component("tokenizers")
+    run: RunSettings = RunSettings(output_dir="runs/train-generator")  # where and on what it runs
+    data: DataSettings = DataSettings()  # the images (or their cached latents) to learn
+    tokenizer: Component = component("tokenizers")  # the frozen tokenizer whose latents are generated
+    # the flow generator; in_channels, input_size and num_classes come from the tokenizer and data
     generator: Component = component("generators", injected=("in_channels", "input_size", "num_classes"))
-    training: TrainingSettings = TrainingSettings()
-    eval: EvalSettings = EvalSettings()
+    training: TrainingSettings = TrainingSettings()  # optimisation, schedule, EMA, checkpoints
+    eval: EvalSettings = EvalSettings()  # sample grids, sampler, autoguidance, online FID
 
 
 class TrainGeneratorRecipe:
@@ -68,6 +70,7 @@ class TrainGeneratorRecipe:
         self.dataset = build_training_data(cfg.data, cfg.tokenizer.name, t.seed)
         self.cached = isinstance(self.dataset, LatentShards)
         self.tokenizer = frozen_tokenizer(cfg.tokenizer, cfg.run.seed, self.device)
+        check_image_size(self.tokenizer, cfg.data.image_size, cfg.tokenizer.name)
         if self.tokenizer.vocab_size is not None:
             raise ConfigError(
                 f"tokenizer {cfg.tokenizer.name!r} gives discrete tokens; train-generator trains flow "
@@ -99,7 +102,7 @@ class TrainGeneratorRecipe:
             run_dir=self.run_dir,
             config={"name": cfg.generator.name, **cfg.generator.params, **shape},
         )
-        if cfg.run.resume:
+        if cfg.run.resume != "never":  # open_run has checked the folder may be resumed
             self.state.resume()
         self.guidance: dict[str, Any] | None = None  # the weak model, built at the first evaluation
         self.fid = OnlineFID(cfg.eval, cfg.data.image_size, self.dist, cfg.run.seed, self.logger)
@@ -107,9 +110,9 @@ class TrainGeneratorRecipe:
     # -------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
         t, state = self.cfg.training, self.state
-        progress = StepLog(t, self.logger, state.step, "generator", show=self.dist.is_main)
+        progress = state.step_log(self.logger, "generator")  # a bar or log lines; averages to metrics.jsonl
         self.generator.train()
-        for batch in state.batches:  # the rest of the run, from where a resumed run stopped
+        for batch in state.steps():  # the rest of the run; on SIGINT/SIGTERM: checkpoint, RunInterrupted
             logs = {"loss": 0.0}
             for part, sync in micro_batches(batch, t.grad_accum, self.model, self.dist):
                 with sync:  # DDP all-reduces the gradients at the last micro-batch only
@@ -160,5 +163,6 @@ class TrainGeneratorRecipe:
         self.evaluate()
 
     def cleanup(self) -> None:
-        self.logger.close()
+        if hasattr(self, "logger"):  # open_run may have refused the run folder (run.resume)
+            self.logger.close()
         distributed.cleanup()

@@ -26,28 +26,29 @@ from latentforge_runner.data import DataSettings, build_dataset, collate
 from latentforge_runner.generation import (
     EvalSettings,
     OnlineFID,
+    check_image_size,
     frozen_tokenizer,
     generator_shapes,
     rng_kept,
     save_grid,
 )
 from latentforge_runner.run_folder import RunSettings, open_run
-from latentforge_runner.training import StepLog, TrainingSettings, TrainState, backward, micro_batches
+from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
 
 log = logging.getLogger("latentforge")
 
 
 @settings
 class TrainStage2Settings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/train-stage2")
-    data: DataSettings = DataSettings()
+    run: RunSettings = RunSettings(output_dir="runs/train-stage2")  # where and on what it runs
+    data: DataSettings = DataSettings()  # the images both tokenizers encode
     tokenizer: Component = component("tokenizers")  # the codes to generate (VQGAN)
     condition_tokenizer: Component = component("tokenizers")  # the tokens they are conditioned on (K-Means)
-    generator: Component = component(
+    generator: Component = component(  # DiGIT's stage 2; its vocabularies and grids come from the tokenizers
         "generators", injected=("vocab_size", "grid_size", "cond_vocab_size", "cond_grid_size")
     )
-    training: TrainingSettings = TrainingSettings()
-    eval: EvalSettings = EvalSettings()
+    training: TrainingSettings = TrainingSettings()  # optimisation, schedule, EMA, checkpoints
+    eval: EvalSettings = EvalSettings()  # sample grids, sampler, online FID
 
 
 class TrainStage2Recipe:
@@ -76,6 +77,7 @@ class TrainStage2Recipe:
             seed=t.seed,
         )
         self.tokenizer = frozen_tokenizer(cfg.tokenizer, cfg.run.seed, self.device)
+        check_image_size(self.tokenizer, cfg.data.image_size, cfg.tokenizer.name)
         self.condition = frozen_tokenizer(cfg.condition_tokenizer, cfg.run.seed, self.device)
         if self.tokenizer.vocab_size is None or self.condition.vocab_size is None:
             raise ConfigError(
@@ -95,16 +97,16 @@ class TrainStage2Recipe:
             run_dir=self.run_dir,
             config={"name": cfg.generator.name, **cfg.generator.params, **shape},
         )
-        if cfg.run.resume:
+        if cfg.run.resume != "never":  # open_run has checked the folder may be resumed
             self.state.resume()
         self.fid = OnlineFID(cfg.eval, d.image_size, self.dist, cfg.run.seed, self.logger)
 
     # -------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
         t, state = self.cfg.training, self.state
-        progress = StepLog(t, self.logger, state.step, "generator", show=self.dist.is_main)
+        progress = state.step_log(self.logger, "generator")  # a bar or log lines; averages to metrics.jsonl
         self.generator.train()
-        for batch in state.batches:  # the rest of the run, from where a resumed run stopped
+        for batch in state.steps():  # the rest of the run; on SIGINT/SIGTERM: checkpoint, RunInterrupted
             logs = {"loss": 0.0}
             for part, sync in micro_batches(batch, t.grad_accum, self.model, self.dist):
                 with sync:  # DDP all-reduces the gradients at the last micro-batch only
@@ -150,5 +152,6 @@ class TrainStage2Recipe:
         self.evaluate()
 
     def cleanup(self) -> None:
-        self.logger.close()
+        if hasattr(self, "logger"):  # open_run may have refused the run folder (run.resume)
+            self.logger.close()
         distributed.cleanup()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 from typing import Any, Literal
 
 import attrs
@@ -32,11 +31,19 @@ from latentforge_core.checkpoint import load_checkpoint, load_into
 from latentforge_core.device import autocast, rng_state, set_rng_state
 from latentforge_metrics.reconstruction import PSNR, SSIM
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, Settings, component, settings
+from latentforge_runner.config import (
+    Component,
+    ConfigError,
+    SettingError,
+    Settings,
+    component,
+    setting,
+    settings,
+)
 from latentforge_runner.data import Digits, build_dataset
+from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_runner.training import (
-    StepLog,
     TrainingSettings,
     TrainState,
     backward,
@@ -62,78 +69,84 @@ BUILT = ("vf_encoder", "lpips", "discriminator")
 # ------------------------------------------------------------------------------------------------
 @settings
 class DataSettings(Settings):
-    name: Literal["digits", "folder"] = "folder"
+    name: Literal["digits", "folder"] = "folder"  # the embedded digits or an image folder
     root: str | None = None  # ImageNet layout: root/<class>/*.JPEG
-    image_size: int = 256
-    limit: int | None = None  # train on the first ``limit`` images only (tiny runs)
+    image_size: int = setting(256, ge=1)  # pixels on each side of a training image
+    limit: int | None = setting(None, ge=1)  # train on the first ``limit`` images only (tiny runs)
     crop: Literal["center", "random"] = "center"  # ADM center crop, or short side → resize, random crop
-    resize: int | None = None  # random crop: the short side first goes to this (None: image_size)
+    resize: int | None = setting(None, ge=1)  # random crop: short side goes to this first (None: image_size)
     flip: bool = False  # random horizontal flip (RAE stage 2, LightningDiT, DiGIT)
+
+    def __attrs_post_init__(self):
+        if self.resize is not None and self.resize < self.image_size:
+            raise SettingError(
+                "resize", f"resize {self.resize} is smaller than image_size {self.image_size}: expected ≥ it"
+            )
 
 
 @settings
 class DiscriminatorSettings(Settings):
     """taming's PatchGAN (VA-VAE, VQGAN) or RAE's frozen-DINO discriminator with trainable heads."""
 
-    kind: Literal["patchgan", "dino", "none"] = "patchgan"
-    ndf: int = 64  # patchgan
-    n_layers: int = 3  # patchgan
+    kind: Literal["patchgan", "dino", "none"] = "patchgan"  # none: no GAN loss (not for vavae)
+    ndf: int = setting(64, ge=1)  # patchgan: channels of the first layer
+    n_layers: int = setting(3, ge=1)  # patchgan: strided conv layers
     recipe: str = "S_8"  # dino: the DINO trunk (S_8, S_16, B_16)
     trunk_weights: str | None = None  # dino: the DINO ``.pth`` (random trunk when None)
     trunk: dict = attrs.field(factory=dict)  # dino: VisionTransformer overrides (a tiny trunk for tests)
-    input_size: int = 224  # dino: images are resized to this before the trunk
-    key_depths: tuple[int, ...] = (2, 5, 8, 11)
-    kernel_size: int = 9
+    input_size: int = setting(224, ge=1)  # dino: images are resized to this before the trunk
+    key_depths: tuple[int, ...] = setting((2, 5, 8, 11), ge=0)  # dino: trunk blocks whose tokens feed heads
+    kernel_size: int = setting(9, ge=1)  # dino: the heads' convolution width
     augment: bool = True  # dino: DiffAug (translation + colour) on real and fake
     weights: str | None = None  # start from a discriminator.safetensors of an earlier run (staged training)
 
 
 @settings
 class LossSettings(Settings):
-    name: Literal["vavae", "rae", "vqgan"]
+    name: Literal["vavae", "rae", "vqgan"]  # the tokenizer family's loss
     params: dict = attrs.field(factory=dict)  # keyword arguments of VAVAELoss / RAELoss / VQGANLoss
     lpips_heads: str | None = None  # LPIPS linear heads (default: the installed lpips package's file)
     lpips_trunk: str | None = None  # torchvision vgg16 weights for the LPIPS trunk
     vf_encoder: Component | None = component("encoders", default=None)  # VA-VAE's frozen foundation model
-    discriminator: DiscriminatorSettings = DiscriminatorSettings()
+    discriminator: DiscriminatorSettings = DiscriminatorSettings()  # the GAN's discriminator
 
     def __attrs_post_init__(self):
         cls = LOSSES[self.name][0]
         accepted = [p for p in inspect.signature(cls).parameters if p not in BUILT]
         for key in self.params:
             if key not in accepted:
-                raise ValueError(
+                raise ConfigError(
                     f"loss.params.{key}: {cls.__name__} takes no parameter {key!r} (set by the recipe or "
                     f"unknown); it accepts {', '.join(accepted)}"
                 )
         if self.name == "vavae" and self.discriminator.kind == "none":
-            raise ValueError(
+            raise ConfigError(
                 "loss.discriminator.kind 'none' is not available for vavae (VAVAELoss has a GAN)"
             )
         if self.name != "vavae" and self.vf_encoder is not None:
-            raise ValueError(f"loss.vf_encoder is VA-VAE's alignment target; loss {self.name!r} has none")
+            raise ConfigError(f"loss.vf_encoder is VA-VAE's alignment target; loss {self.name!r} has none")
 
 
 @settings
 class EvalSettings(Settings):
-    every: int = 0  # steps between evaluations (0: only at the end)
+    every: int = setting(0, ge=0)  # steps between evaluations (0: only at the end)
     root: str | None = None  # held-out images (folder); the digits use their test split
-    num_images: int = 1000
-    batch_size: int = 32
-    grid: int = 8  # images in the reconstruction grid
+    num_images: int = setting(1000, ge=1)  # held-out images reconstructed at each evaluation
+    batch_size: int = setting(32, ge=1)  # images encoded at once
+    grid: int = setting(8, ge=1)  # images in the reconstruction grid
     rfid: Component | None = component("metrics", default=None, injected=("device",))  # rfid or fd-dinov2
 
 
 @settings
 class TrainTokenizerSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/train-tokenizer")
-    data: DataSettings = DataSettings()
-    tokenizer: Component = component("tokenizers")
-    loss: LossSettings
-    training: TrainingSettings = TrainingSettings(
+    run: RunSettings = RunSettings(output_dir="runs/train-tokenizer")  # where and on what it runs
+    data: DataSettings = DataSettings()  # the training images
+    tokenizer: Component = component("tokenizers")  # the tokenizer to train (VA-VAE, RAE decoder, VQGAN)
+    loss: LossSettings  # the reconstruction, perceptual and GAN losses
+    training: TrainingSettings = TrainingSettings(  # optimisation of the tokenizer (and discriminator)
         lr=1e-4, betas=(0.5, 0.9), ema_decay=None, checkpoint_every=5000
     )
-    eval: EvalSettings = EvalSettings()
+    eval: EvalSettings = EvalSettings()  # held-out reconstructions and rFID
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +187,7 @@ class TrainTokenizerRecipe:
         encode_args = inspect.signature(self.tokenizer.encode).parameters
         self.encode_kwargs = {"sample": False} if "sample" in encode_args else {}  # VA-VAE: the mean
         self.history: list[dict[str, float]] = []
-        if cfg.run.resume and self.state.resume():
+        if cfg.run.resume != "never" and self.state.resume():  # open_run has checked the folder
             self._load_history()
 
     # ---------------------------------------------------------------------------- building
@@ -196,20 +209,20 @@ class TrainTokenizerRecipe:
         elif d.name == "digits":
             dataset = Digits("test", d.image_size)
         else:
-            raise ValueError("eval.root is required with data.name 'folder': a folder of held-out images")
+            raise ConfigError("eval.root is required with data.name 'folder': a folder of held-out images")
         return torch.utils.data.Subset(dataset, range(min(e.num_images, len(dataset))))
 
     def _check_tokenizer(self) -> None:
         name, tok = self.cfg.loss.name, self.tokenizer
         expected = LOSSES[name][1]
         if not isinstance(tok, expected):
-            raise ValueError(
+            raise ConfigError(
                 f"loss.name {name!r} trains a {expected.__name__}, but tokenizer {self.cfg.tokenizer.name!r} "
                 f"is a {type(tok).__name__}"
             )
         size = self.cfg.data.image_size
         if isinstance(tok, RAE) and size != tok.preprocessing.input_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.image_size {size} differs from the RAE decoder's output size "
                 f"{tok.preprocessing.input_size}; set data.image_size={tok.preprocessing.input_size}"
             )
@@ -255,11 +268,11 @@ class TrainTokenizerRecipe:
     def run(self) -> dict[str, Any]:
         t, state = self.cfg.training, self.state
         gen_loss, disc_loss = self._losses()
-        progress = StepLog(t, self.logger, state.step, self.cfg.loss.name, show=self.dist.is_main)
+        progress = state.step_log(self.logger, self.cfg.loss.name)  # a bar or log lines; averages logged
         if self.cfg.eval.every and state.step == 0:
             self.evaluate(0)  # the starting point of the curves
         self.tokenizer.train()
-        for batch in state.batches:  # the rest of the run, from where a resumed run stopped
+        for batch in state.steps():  # the rest of the run; on SIGINT/SIGTERM: checkpoint, RunInterrupted
             parts = split_batch(batch, t.grad_accum)  # the generator pass leaves its fakes in them
             logs: dict[str, float] = {}
             self._discriminator_trainable(False)  # the GAN term reaches only the autoencoder
@@ -379,7 +392,7 @@ class TrainTokenizerRecipe:
             if self.rfid.reference is None:  # freeze the held-out statistics (a copy: reset clears real)
                 real = self.rfid.real.gathered()
                 self.rfid.set_reference((real.mu, real.sigma))
-            result["rfid"] = float(self.rfid.compute())
+            result[self.cfg.eval.rfid.name] = float(self.rfid.compute())  # rfid, fd-dinov2, …
         set_rng_state(state)
         self.tokenizer.train()
         self._record(result, first)
@@ -396,15 +409,14 @@ class TrainTokenizerRecipe:
         (self.run_dir / "eval").mkdir(exist_ok=True)
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(self.run_dir / "eval" / f"grid_{step:08d}.png")
         report = {"tokenizer": self.cfg.tokenizer.name, "final": result, "history": self.history}
-        tmp = self.run_dir / ".eval.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, self.run_dir / "eval.json")
+        write_report(self.run_dir / "eval.json", report)
+        fid = self.cfg.eval.rfid.name if self.rfid is not None else None
         log.info(
             "step %d: PSNR %.2f dB, SSIM %.4f%s",
             step,
             result["psnr"],
             result["ssim"],
-            f", rFID {result['rfid']:.3f}" if "rfid" in result else "",
+            f", {fid} {result[fid]:.3f}" if fid else "",
         )
 
     def _load_history(self) -> None:
@@ -423,7 +435,8 @@ class TrainTokenizerRecipe:
         distributed.barrier()
 
     def cleanup(self) -> None:
-        self.logger.close()
+        if hasattr(self, "logger"):  # open_run may have refused the run folder (run.resume)
+            self.logger.close()
         distributed.cleanup()
 
 

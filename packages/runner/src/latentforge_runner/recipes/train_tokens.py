@@ -26,6 +26,7 @@ from latentforge_runner.generation import (
     EvalSettings,
     OnlineFID,
     balanced_labels,
+    check_image_size,
     frozen_tokenizer,
     generator_shapes,
     rng_kept,
@@ -33,19 +34,20 @@ from latentforge_runner.generation import (
 )
 from latentforge_runner.latents import LatentShards
 from latentforge_runner.run_folder import RunSettings, open_run
-from latentforge_runner.training import StepLog, TrainingSettings, TrainState, backward, micro_batches
+from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
 
 log = logging.getLogger("latentforge")
 
 
 @settings
 class TrainTokensSettings(Settings):
-    run: RunSettings = RunSettings(output_dir="runs/train-tokens")
-    data: DataSettings = DataSettings()
-    tokenizer: Component = component("tokenizers")
+    run: RunSettings = RunSettings(output_dir="runs/train-tokens")  # where and on what it runs
+    data: DataSettings = DataSettings()  # the images (or their cached tokens) to learn
+    tokenizer: Component = component("tokenizers")  # the frozen discrete tokenizer (K-Means, VQGAN)
+    # the token generator (GPT, MaskGIT); vocab_size, grid_size and num_classes come from the tokenizer
     generator: Component = component("generators", injected=("vocab_size", "grid_size", "num_classes"))
-    training: TrainingSettings = TrainingSettings()
-    eval: EvalSettings = EvalSettings()
+    training: TrainingSettings = TrainingSettings()  # optimisation, schedule, EMA, checkpoints
+    eval: EvalSettings = EvalSettings()  # sample grids, sampler, online FID
 
 
 class TrainTokensRecipe:
@@ -62,6 +64,7 @@ class TrainTokensRecipe:
         self.dataset = build_training_data(cfg.data, cfg.tokenizer.name, t.seed)
         self.cached = isinstance(self.dataset, LatentShards)
         self.tokenizer = frozen_tokenizer(cfg.tokenizer, cfg.run.seed, self.device)
+        check_image_size(self.tokenizer, cfg.data.image_size, cfg.tokenizer.name)
         if self.tokenizer.vocab_size is None:
             raise ConfigError(
                 f"tokenizer {cfg.tokenizer.name!r} gives continuous latents; train-tokens trains token "
@@ -85,16 +88,16 @@ class TrainTokensRecipe:
             run_dir=self.run_dir,
             config={"name": cfg.generator.name, **cfg.generator.params, **shape},
         )
-        if cfg.run.resume:
+        if cfg.run.resume != "never":  # open_run has checked the folder may be resumed
             self.state.resume()
         self.fid = OnlineFID(cfg.eval, cfg.data.image_size, self.dist, cfg.run.seed, self.logger)
 
     # -------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
         t, state = self.cfg.training, self.state
-        progress = StepLog(t, self.logger, state.step, "generator", show=self.dist.is_main)
+        progress = state.step_log(self.logger, "generator")  # a bar or log lines; averages to metrics.jsonl
         self.generator.train()
-        for batch in state.batches:  # the rest of the run, from where a resumed run stopped
+        for batch in state.steps():  # the rest of the run; on SIGINT/SIGTERM: checkpoint, RunInterrupted
             logs = {"loss": 0.0}
             for part, sync in micro_batches(batch, t.grad_accum, self.model, self.dist):
                 with sync:  # DDP all-reduces the gradients at the last micro-batch only
@@ -141,5 +144,6 @@ class TrainTokensRecipe:
         self.evaluate()
 
     def cleanup(self) -> None:
-        self.logger.close()
+        if hasattr(self, "logger"):  # open_run may have refused the run folder (run.resume)
+            self.logger.close()
         distributed.cleanup()
