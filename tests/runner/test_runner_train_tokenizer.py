@@ -87,7 +87,7 @@ def test_inception_rfid_equals_the_metric_on_the_exported_tokenizer(tmp_path):
         recon = (tok.decode(tok.encode(images)).clamp(0, 1) * 255).round() / 255
     direct = RFID(weights=weights)
     direct.update(recon, (images * 255).round() / 255)
-    assert report["final"]["fd-dinov2"] == pytest.approx(direct.compute(), rel=1e-4)
+    assert report["final"]["rfid"] == pytest.approx(direct.compute(), rel=1e-4)
 
 
 def _checkpoint_tensors(folder):

@@ -79,6 +79,7 @@ class TrainingSettings(Settings):
     grad_accum: int = setting(1, ge=1)  # micro-batches per update (batch_size must be a multiple)
     lr: float = setting(2e-4, gt=0)  # peak learning rate of AdamW
     final_lr: float = setting(2e-5, ge=0)  # where ``linear``/``cosine`` decay ends
+    decay_end: int | None = setting(None, ge=1)  # step where decay reaches final_lr (None: training.steps)
     schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"  # inverse_sqrt: DiGIT
     warmup_steps: int = setting(0, ge=0)  # linear warm-up updates before the schedule
     warmup_from_zero: bool = True  # False: hold ``lr`` during warm-up (RAE stage 2's ``linear``)
@@ -102,6 +103,12 @@ class TrainingSettings(Settings):
                 "batch_size",
                 f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}: expected "
                 f"a multiple of grad_accum (e.g. {example})",
+            )
+        if self.decay_end is not None and self.decay_end <= self.warmup_steps:
+            raise SettingError(
+                "decay_end",
+                f"decay_end {self.decay_end} must come after the warm-up ({self.warmup_steps} steps): "
+                "expected decay_end > warmup_steps",
             )
 
     @property
@@ -127,7 +134,8 @@ def lr_lambda(t: TrainingSettings) -> Callable[[int], float]:
             return 1.0
         if t.schedule == "inverse_sqrt":
             return math.sqrt(max(1, t.warmup_steps) / (step + 1))
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        end = t.steps if t.decay_end is None else t.decay_end  # constant at final_lr after it
+        progress = min(1.0, (step - t.warmup_steps) / max(1, end - t.warmup_steps))
         if t.schedule == "linear":
             return 1.0 + (final - 1.0) * progress
         return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
