@@ -50,6 +50,7 @@ class DataSettings(Settings):
     crop: Literal["center", "random"] = "center"  # ADM center crop, or short side → resize, random crop
     resize: int | None = setting(None, ge=1)  # random crop: short side goes to this first (None: image_size)
     flip: bool = False  # random horizontal flip (RAE stage 2, LightningDiT, DiGIT)
+    limit: int | None = setting(None, ge=1)  # train on the first ``limit`` images only (tiny runs)
 
     def __attrs_post_init__(self):
         if self.resize is not None and self.resize < self.image_size:
@@ -64,11 +65,18 @@ def build_training_data(d: DataSettings, tokenizer: str, seed: int):
         images = build_dataset(
             d.name, image_size=d.image_size, root=d.root, crop=d.crop, resize=d.resize, flip=d.flip, seed=seed
         )
-        return check_classes(images, d)
+        check_classes(images, d)
+        if d.limit is None or d.limit >= len(images):
+            return images
+        return torch.utils.data.Subset(images, range(d.limit))
     from latentforge_runner.latents import LatentShards  # it reads shards with DataError from here
 
     if not d.root:
         raise DataError("data.name 'latents' needs data.root: a folder written by cache-latents")
+    if d.limit is not None:
+        raise DataError(
+            "data.limit applies to images: cache fewer of them instead (cache-latents max_images=…)"
+        )
     shards = LatentShards(d.root, flip=None)
     if shards.tokenizer != tokenizer:
         raise DataError(

@@ -14,6 +14,10 @@ from typing import Any
 
 from latentforge_core.checkpoint import atomic_path
 
+# ``sample`` writes the paper's figure it reproduces (its ``paper`` block) and how the samples were
+# made beside ``samples.npz``; ``evaluate`` reads it there and reports ours beside the paper's.
+PROTOCOL_FILE = "protocol.json"
+
 
 def to_json(value: Any) -> Any:
     """``value`` with every non-finite float replaced by its name, tuples as lists."""

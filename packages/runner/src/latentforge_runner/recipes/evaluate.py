@@ -11,12 +11,18 @@ Metrics compare in one of three ways, read from their ``update`` signature: agai
 (``real=``: FID, precision/recall, FD-DINOv2), pairwise with the reference image of the same index
 (``target``: rFID, PSNR, SSIM), or on the samples alone (Inception Score).  The Inception metrics
 share one network and one forward pass per batch.
+
+When the samples come from a ``sample`` run with a ``paper`` block (the ``repro-*`` configs), the
+``protocol.json`` beside them holds the published figure: ``evaluation.json`` then gains ``paper`` (that
+block) and ``ours`` (our value of each of its numeric keys that names a metric or one of a metric's
+results, e.g. ``fid``, ``inception_score``), and the log one line comparing them.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,7 @@ from latentforge_metrics.inception import fid_inception_v3
 from latentforge_runner import distributed
 from latentforge_runner.config import ConfigError, Settings, accepts, setting, settings
 from latentforge_runner.data import DataError, ImageSource, reference_statistics
-from latentforge_runner.reports import write_report
+from latentforge_runner.reports import PROTOCOL_FILE, write_report
 from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_runner.training import progress_bar
 
@@ -87,6 +93,14 @@ class EvaluateRecipe:
         cfg = self.cfg
         self.run_dir, self.dist, self.logger = open_run("evaluate", cfg)
         self.samples = ImageSource(cfg.samples, cfg.image_size, "samples")
+        self.paper = _paper(Path(cfg.samples))
+        if self.paper.get("protocol") not in (None, cfg.protocol):
+            log.warning(
+                "the paper's figure was measured with protocol %r, this evaluation uses %r: set protocol=%s",
+                self.paper["protocol"],
+                cfg.protocol,
+                self.paper["protocol"],
+            )
         self.reference = ImageSource(cfg.reference, cfg.image_size, "reference") if cfg.reference else None
         self.ref_stats = None
         if self.reference is not None and self.reference.folder is None:
@@ -195,6 +209,10 @@ class EvaluateRecipe:
                 "reference": self.reference.skipped if self.reference else [],
             },
         }
+        if self.paper:
+            ours = _flat(results)
+            self.report["paper"] = self.paper
+            self.report["ours"] = {k: ours[k] for k in self.paper if k in ours}
         return self.report
 
     def save(self) -> None:
@@ -202,11 +220,50 @@ class EvaluateRecipe:
         write_report(path, self.report)
         for name, value in self.report["metrics"].items():
             log.info("%s: %s", name, value)
+        if self.paper:
+            log.info("%s", _comparison(self.report["paper"], self.report["ours"]))
         log.info("report written to %s", path)
 
     def cleanup(self) -> None:
         self.logger.close()
         distributed.cleanup()
+
+
+def _paper(samples: Path) -> dict[str, Any]:
+    """The ``paper`` block of the ``protocol.json`` that ``sample`` wrote beside ``samples`` (the
+    ``.npz``, or the ``images`` folder inside its run folder); empty when there is none."""
+    places = [samples.parent] if samples.is_file() else [samples, samples.parent]
+    for folder in places:
+        path = folder / PROTOCOL_FILE
+        if path.is_file():
+            try:
+                paper = json.loads(path.read_text()).get("paper") or {}
+            except (json.JSONDecodeError, AttributeError) as err:
+                raise ConfigError(f"{path} is not the protocol.json that sample writes: {err}") from err
+            log.info("comparing with the paper's figure in %s", path)
+            return dict(paper)
+    return {}
+
+
+def _flat(results: dict[str, Any]) -> dict[str, float]:
+    """Each metric's value by its name, and each entry of a metric's dict by its key."""
+    flat: dict[str, float] = {}
+    for name, value in results.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _comparison(paper: dict[str, Any], ours: dict[str, float]) -> str:
+    """One line: ours against the paper's figure, key by key, with the paper's source."""
+    source = f" ({paper['source']})" if paper.get("source") else ""
+    if not ours:
+        numbers = [k for k, v in paper.items() if isinstance(v, (int, float))]
+        return f"the paper's figure{source} names {numbers}, none of them among the metrics computed"
+    parts = [f"{k} ours {float(v):.4g} vs paper {paper[k]}" for k, v in ours.items()]
+    return f"{'; '.join(parts)}{source}"
 
 
 def _shape(batch: torch.Tensor | None) -> str:

@@ -35,6 +35,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+import attrs
 import torch
 from PIL import Image
 
@@ -51,6 +52,7 @@ from latentforge_runner.config import (
     sampler_block,
     setting,
     settings,
+    to_plain,
 )
 from latentforge_runner.data import build_training_data
 from latentforge_runner.generation import (
@@ -62,6 +64,7 @@ from latentforge_runner.generation import (
     load_generator,
 )
 from latentforge_runner.latents import STATS_FILE, restore_latent_stats
+from latentforge_runner.reports import PROTOCOL_FILE, write_report
 from latentforge_runner.run_folder import RunSettings, open_run, read_run
 from latentforge_runner.training import progress_bar
 
@@ -101,6 +104,9 @@ class SampleSettings(Settings):
     stage2_sampler: dict | None = sampler_block(run="stage2_run", default=None)  # its sample() options
     grid_images: int = setting(100, ge=1)  # how many of the first samples go into grid.png
     write_png: bool = True  # also write each sample as a PNG file
+    # The published figure this run reproduces ({fid: 1.35, inception_score: …, source: …, reference: …}):
+    # copied into protocol.json beside samples.npz, where evaluate prints ours beside it.
+    paper: dict = attrs.field(factory=dict)
 
     def __attrs_post_init__(self):
         if self.labels not in LABEL_MODES:
@@ -284,6 +290,7 @@ class SampleRecipe:
                 bar.update()
         bar.close()
         self.grid = torch.cat(grid) if main else None
+        self.used_sampler = sampler
         counts = torch.bincount(self.labels, minlength=k)
         return {
             "num_samples": cfg.num_samples,
@@ -296,7 +303,26 @@ class SampleRecipe:
             return
         columns = min(self.num_classes, 10) if self.cfg.labels == "equal" else 10
         image_grid(self.grid, min(columns, self.grid.shape[0])).save(self.run_dir / "grid.png")
+        if self.cfg.paper:
+            self._write_protocol()
         log.info("%d samples written to %s", self.cfg.num_samples, self.run_dir / "samples.npz")
+
+    def _write_protocol(self) -> None:
+        """``protocol.json`` beside ``samples.npz``: the paper's figure and how these samples were made,
+        for ``evaluate`` to print ours beside it."""
+        cfg = self.cfg
+        protocol = {
+            "paper": cfg.paper,
+            "generator": to_plain(cfg.generator) if cfg.generator is not None else cfg.generator_run,
+            "tokenizer": to_plain(cfg.tokenizer),
+            "guidance_model": to_plain(cfg.guidance_model),
+            "sampler": self.used_sampler,
+            "num_samples": cfg.num_samples,
+            "labels": cfg.labels,
+            "seed": cfg.run.seed,
+        }
+        write_report(self.run_dir / PROTOCOL_FILE, protocol)
+        log.info("paper's figure and sampling protocol written to %s", self.run_dir / PROTOCOL_FILE)
 
     def cleanup(self) -> None:
         self.logger.close()

@@ -34,13 +34,12 @@ from latentforge_runner import distributed
 from latentforge_runner.config import (
     Component,
     ConfigError,
-    SettingError,
     Settings,
     component,
     setting,
     settings,
 )
-from latentforge_runner.data import Digits, build_dataset
+from latentforge_runner.data import DataSettings, Digits, build_dataset
 from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_runner.training import (
@@ -67,23 +66,6 @@ BUILT = ("vf_encoder", "lpips", "discriminator")
 # ------------------------------------------------------------------------------------------------
 # Settings
 # ------------------------------------------------------------------------------------------------
-@settings
-class DataSettings(Settings):
-    name: Literal["digits", "folder"] = "folder"  # the embedded digits or an image folder
-    root: str | None = None  # ImageNet layout: root/<class>/*.JPEG
-    image_size: int = setting(256, ge=1)  # pixels on each side of a training image
-    limit: int | None = setting(None, ge=1)  # train on the first ``limit`` images only (tiny runs)
-    crop: Literal["center", "random"] = "center"  # ADM center crop, or short side → resize, random crop
-    resize: int | None = setting(None, ge=1)  # random crop: short side goes to this first (None: image_size)
-    flip: bool = False  # random horizontal flip (RAE stage 2, LightningDiT, DiGIT)
-
-    def __attrs_post_init__(self):
-        if self.resize is not None and self.resize < self.image_size:
-            raise SettingError(
-                "resize", f"resize {self.resize} is smaller than image_size {self.image_size}: expected ≥ it"
-            )
-
-
 @settings
 class DiscriminatorSettings(Settings):
     """taming's PatchGAN (VA-VAE, VQGAN) or RAE's frozen-DINO discriminator with trainable heads."""
@@ -128,7 +110,7 @@ class LossSettings(Settings):
 
 
 @settings
-class EvalSettings(Settings):
+class TokenizerEvalSettings(Settings):
     every: int = setting(0, ge=0)  # steps between evaluations (0: only at the end)
     root: str | None = None  # held-out images (folder); the digits use their test split
     num_images: int = setting(1000, ge=1)  # held-out images reconstructed at each evaluation
@@ -146,7 +128,7 @@ class TrainTokenizerSettings(Settings):
     training: TrainingSettings = TrainingSettings(  # optimisation of the tokenizer (and discriminator)
         lr=1e-4, betas=(0.5, 0.9), ema_decay=None, checkpoint_every=5000
     )
-    eval: EvalSettings = EvalSettings()  # held-out reconstructions and rFID
+    eval: TokenizerEvalSettings = TokenizerEvalSettings()  # held-out reconstructions and rFID
 
 
 # ------------------------------------------------------------------------------------------------
