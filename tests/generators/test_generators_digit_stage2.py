@@ -186,3 +186,131 @@ def test_bad_input_is_explained():
         model.sample(cond, top_p=2.0)
     with pytest.raises(ValueError, match="unknown stage-2 mode"):
         DiGITStage2(mode="diffusion")
+
+
+#################################################################################
+#        AR top-p in fairseq's full-dictionary mass (converted checkpoints)     #
+#################################################################################
+
+
+def heavy_specials_stage2(seed=0):
+    """A stage-2 checkpoint whose 5 special output rows hold a noticeable share of the softmax."""
+    sd = random_fairseq_stage2(seed)
+    sd["decoder.output_projection.weight"][:5] *= 2  # median share 15-55% over seeds 0-2
+    return sd
+
+
+def fairseq_nucleus(full_logits: torch.Tensor, p: float, temperature: float) -> list[int]:
+    """Code ids fairseq may draw, written from its rule: log-softmax over the whole dictionary (at
+    ``temperature``), the 5 specials set to -inf, no renormalisation; in descending order take
+    tokens while the running mass stays below ``p``, plus the one that reaches it."""
+    lprobs = (full_logits.double() / temperature).log_softmax(-1)
+    lprobs[:5] = float("-inf")
+    probs = lprobs.exp().tolist()
+    kept, mass = [], 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if probs[i] == 0.0:
+            break
+        kept.append(i - 5)
+        mass += probs[i]
+        if mass >= p:
+            break
+    return sorted(kept)
+
+
+def record_top_p_steps(model, cond, monkeypatch, **sampler):
+    """Sample, recording each step's final hidden states (the head's input) and the sampler's kept ids."""
+    from latentforge_generators import token_sampling
+
+    hidden, kept = [], []
+    hook = model.head.register_forward_hook(lambda m, args, out: hidden.append(args[0]))
+    candidates = token_sampling.top_candidates
+
+    def spy(*args, **kw):
+        values, ids = candidates(*args, **kw)
+        kept.append([sorted(i[v > float("-inf")].tolist()) for v, i in zip(values, ids, strict=True)])
+        return values, ids
+
+    monkeypatch.setattr(token_sampling, "top_candidates", spy)
+    try:
+        codes = model.sample(cond, **sampler)
+    finally:
+        hook.remove()
+    hidden = [h[:, -1] if h.ndim == 3 else h for h in hidden]  # B D per step
+    return codes.flatten(1), hidden, kept
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_converted_ar_top_p_keeps_fairseq_full_dictionary_nucleus(seed, monkeypatch):
+    """Every step's kept set and draw of a converted checkpoint follow fairseq's top-p rule (nucleus
+    in the mass left after the 5 specials are set to -inf, not renormalised over the codes)."""
+    sd = heavy_specials_stage2(seed)
+    head = sd["decoder.output_projection.weight"]
+    model = load_digit_stage2(sd, mode="ar", num_heads=HEADS, grid_size=GRID).eval()
+    cond = torch.randint(0, K, (6, GRID, GRID), generator=torch.Generator().manual_seed(seed))
+    differs_from_renormalised = partial = 0
+    for p, temperature in [(0.8, 1.0), (0.5, 1.0), (0.95, 1.0), (0.8, 1.5)]:
+        g = torch.Generator().manual_seed(seed)
+        codes, hidden, kept = record_top_p_steps(
+            model, cond, monkeypatch, top_p=p, temperature=temperature, generator=g
+        )
+        assert len(hidden) == len(kept) == N
+        for step, (h, ours) in enumerate(zip(hidden, kept, strict=True)):
+            full = h @ head.T  # B, 5 + V: fairseq's output projection over its whole dictionary
+            specials_mass = full.softmax(-1)[:, :5].sum(-1)
+            for row in range(len(cond)):
+                ref = fairseq_nucleus(full[row], p, temperature)
+                assert ours[row] == ref, (p, temperature, step, row)
+                assert int(codes[row, step]) in ref
+                partial += len(ref) < V
+                old = fairseq_nucleus(torch.cat([full[row, :5] - 1e4, full[row, 5:]]), p, temperature)
+                differs_from_renormalised += old != ref and bool(specials_mass[row] > 0.1)
+    assert partial > 40  # the nucleus boundary is exercised, not only "keep every code"
+    assert differs_from_renormalised > 50  # the specials' mass changes the nucleus in this checkpoint
+
+
+@pytest.mark.parametrize("cond_seed, p", [(4, 0.5), (4, 0.8), (16, 0.8), (18, 0.8)])
+def test_converted_ar_top_p_draws_follow_fairseq_probabilities(cond_seed, p):
+    """Many first-step draws of one prefix: frequencies match fairseq's trimmed, unnormalised
+    probabilities (multinomial renormalises them), not the nucleus renormalised over the codes."""
+    from latentforge_generators.token_sampling import sample_logits
+
+    sd = heavy_specials_stage2()
+    head = sd["decoder.output_projection.weight"]
+    model = load_digit_stage2(sd, mode="ar", num_heads=HEADS, grid_size=GRID).eval()
+    cond = torch.randint(0, K, (1, GRID, GRID), generator=torch.Generator().manual_seed(cond_seed))
+    with torch.no_grad():
+        full = (model.hidden_ids(model.prefix(cond))[:, -1] @ head.T)[0]  # 5 + V
+    assert full.softmax(-1)[:5].sum() > 0.15  # the specials hold noticeable mass
+    ref = fairseq_nucleus(full, p, 1.0)
+    assert ref != fairseq_nucleus(torch.cat([full[:5] - 1e4, full[5:]]), p, 1.0)
+    probs = torch.zeros(V, dtype=torch.double)
+    probs[ref] = full.double().softmax(-1)[5:][ref]
+    probs /= probs.sum()
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    codes, specials = full[5:].expand(n, V), full[:5].expand(n, 5)
+    draws = sample_logits(codes, top_p=p, generator=g, excluded_logits=specials)
+    freq = torch.bincount(draws, minlength=V).double() / n
+    assert set(draws.unique().tolist()) <= set(ref)
+    assert (freq - probs).abs().sum() / 2 < 0.02  # total variation
+    old = sample_logits(codes, top_p=p, generator=g)  # the nucleus renormalised over the codes
+    assert (torch.bincount(old, minlength=V).double() / n - probs).abs().sum() / 2 > 0.05
+
+
+def test_special_rows_only_for_converted_checkpoints_and_loads_stay_strict():
+    """Our own models carry no ``special_head`` key (old checkpoints load strictly, sampling is
+    unchanged); a converted checkpoint keeps fairseq's 5 special output rows and reloads strictly."""
+    own = tiny("ar")
+    assert own.special_head is None and not any(k.startswith("special_head") for k in own.state_dict())
+    again = DiGITStage2(
+        vocab_size=V, cond_vocab_size=K, grid_size=GRID, dim=DIM, depth=DEPTH, num_heads=HEADS
+    )
+    again.load_state_dict(own.state_dict(), strict=True)
+    sd = random_fairseq_stage2()
+    ours, config = convert_digit_stage2(sd, num_heads=HEADS)
+    torch.testing.assert_close(ours["special_head.weight"], sd["decoder.output_projection.weight"][:5])
+    model = DiGITStage2(**{**config, "grid_size": GRID})
+    model.load_state_dict(ours, strict=True)
+    with pytest.raises(RuntimeError, match="special_head"):
+        again.load_state_dict(ours, strict=True)

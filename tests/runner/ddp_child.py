@@ -34,4 +34,5 @@ state, entry = kit_loop.build(model, t, data.batch, len(data), out + ".run", dis
 kit_loop.fit(state, entry, kit_loop.cross_entropy)
 if dist.is_main:
     torch.save({k: v.clone() for k, v in state.model.state_dict().items()}, out)
+del state, entry  # DDP's reducer goes while the process group it uses still exists
 distributed.cleanup()

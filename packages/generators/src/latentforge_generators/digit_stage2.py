@@ -50,7 +50,12 @@ FAIRSEQ_UNK = 3  # DiGIT's [MASK]
 
 
 class DiGITStage2(nn.Module):
-    """Embedding rows: ``[0, V)`` codes, ``[V, V+K)`` cond tokens, ``V+K`` separator, ``V+K+1`` [MASK]."""
+    """Embedding rows: ``[0, V)`` codes, ``[V, V+K)`` cond tokens, ``V+K`` separator, ``V+K+1`` [MASK].
+
+    ``special_tokens`` > 0 (set by the DiGIT converter: fairseq's 5) adds ``special_head``, the
+    output rows of tokens that are never drawn; their logits only enter the normaliser that AR
+    top-p measures its nucleus in, as fairseq's sampler does. Our own models have none (0).
+    """
 
     def __init__(
         self,
@@ -68,12 +73,14 @@ class DiGITStage2(nn.Module):
         dropout: float = 0.0,
         label_smoothing: float = 0.1,
         norm_eps: float = 1e-5,
+        special_tokens: int = 0,
     ):
         super().__init__()
         if mode not in MODES:
             raise InputError(f"unknown stage-2 mode {mode!r}; expected one of {MODES}")
         owner = "DiGITStage2"
         check_ints(owner, vocab_size=vocab_size, cond_vocab_size=cond_vocab_size)
+        check_ints(owner, minimum=0, special_tokens=special_tokens)
         check_sizes(
             owner, dim=dim, depth=depth, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
             label_smoothing=label_smoothing, norm_eps=norm_eps,
@@ -109,6 +116,8 @@ class DiGITStage2(nn.Module):
             norm_eps,
         )
         self.head = nn.Linear(dim, vocab_size, bias=False)
+        # no parameter (so no state-dict key) without specials: our own checkpoints load strictly
+        self.special_head = nn.Linear(dim, special_tokens, bias=False) if special_tokens else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -118,15 +127,21 @@ class DiGITStage2(nn.Module):
     def input_shape(self) -> tuple[int, int]:
         return self.grid
 
-    def forward_ids(
+    def hidden_ids(
         self, ids: torch.Tensor, cache: KVCache | None = None, causal: bool = True
     ) -> torch.Tensor:
-        """Ids of [cond | sep | codes] (continuing ``cache``) → logits ``[B, N, V]``."""
+        """Ids of [cond | sep | codes] (continuing ``cache``) → final hidden states ``[B, N, D]``."""
         start = 0 if cache is None else cache.length
         self.transformer.check_length(start + ids.shape[1])
         pos = torch.cat([self.pos_cond[: self.cond_len], self.pos_gen[: self.seq_len + 1]])
         x = self.tok_embed(ids) * self.embed_scale + pos[start : start + ids.shape[1]]  # B N D
-        return self.head(self.transformer(self.drop(x), cache=cache, causal=causal))
+        return self.transformer(self.drop(x), cache=cache, causal=causal)
+
+    def forward_ids(
+        self, ids: torch.Tensor, cache: KVCache | None = None, causal: bool = True
+    ) -> torch.Tensor:
+        """Ids of [cond | sep | codes] (continuing ``cache``) → logits ``[B, N, V]``."""
+        return self.head(self.hidden_ids(ids, cache, causal))
 
     def prefix(self, y: torch.Tensor) -> torch.Tensor:
         """K-Means tokens ``[B, hc, wc]`` → ids of [cond | sep] ``[B, hc*wc + 1]``."""
@@ -202,8 +217,9 @@ class DiGITStage2(nn.Module):
         for _ in range(self.seq_len):
             if cache is None:
                 inputs = torch.cat([prefix, codes], dim=1)
-            logits = self.forward_ids(inputs, cache)[:, -1]  # B V
-            nxt = sample_logits(logits, temperature, top_k, top_p, generator)
+            h = self.hidden_ids(inputs, cache)[:, -1]  # B D
+            specials = None if self.special_head is None else self.special_head(h)  # B S
+            nxt = sample_logits(self.head(h), temperature, top_k, top_p, generator, specials)
             codes = torch.cat([codes, nxt[:, None]], dim=1)
             inputs = nxt[:, None]
         return codes.view(batch, *self.grid)
@@ -220,7 +236,8 @@ def convert_digit_stage2(state, num_heads: int = 16) -> tuple[dict[str, torch.Te
     """DiGIT's ``st2vtlm`` / ``st2vtlm_nar`` weights → (our state dict, kwargs without ``mode``).
 
     The shared table holds the VQGAN dictionary then the K-Means one, each led by 5 specials;
-    ``</s>`` becomes the separator, ``<unk>`` the [MASK], other specials are dropped.
+    ``</s>`` becomes the separator, ``<unk>`` the [MASK], other specials are dropped. The specials'
+    output rows become ``special_head``: fairseq measures top-p in full-dictionary mass.
     """
     sd = fairseq_state(state)
     depth = fairseq_depth(sd)
@@ -247,8 +264,10 @@ def convert_digit_stage2(state, num_heads: int = 16) -> tuple[dict[str, torch.Te
     ours["transformer.norm.weight"] = sd["decoder.layer_norm.weight"]
     ours["transformer.norm.bias"] = sd["decoder.layer_norm.bias"]
     ours["head.weight"] = head[FAIRSEQ_SPECIALS:]
+    ours["special_head.weight"] = head[:FAIRSEQ_SPECIALS]
     config = dict(
         vocab_size=tgt - FAIRSEQ_SPECIALS,
+        special_tokens=FAIRSEQ_SPECIALS,
         cond_vocab_size=cond_vocab,
         dim=emb.shape[1],
         depth=depth,

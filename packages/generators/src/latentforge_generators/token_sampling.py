@@ -69,7 +69,10 @@ def as_sequence(tokens: torch.Tensor, grid: tuple[int, int], vocab_size: int) ->
 
 
 def top_candidates(
-    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+    logits: torch.Tensor,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    log_norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The logits that survive top-k and the nucleus of mass ``top_p``: ``(values, ids)``.
 
@@ -79,6 +82,12 @@ def top_candidates(
     sorted. The nucleus keeps the tokens whose preceding cumulative probability is below
     ``top_p`` (so the token that crosses ``top_p`` stays), fairseq's rule that DiGIT's stage 2
     samples with; dropped ones become -inf.
+
+    ``log_norm [..., 1]`` (optional) is the log-normaliser the nucleus is measured in, for logits
+    that are a slice of a larger vocabulary whose other entries may never be drawn: fairseq takes
+    the log-softmax over its whole dictionary, sets the specials to -inf and applies top-p to those
+    probabilities without renormalising, so the codes' mass is ``exp(logits - log_norm)`` and sums
+    to less than 1. Without it the nucleus is measured in ``softmax(logits)``.
     """
     ids = None
     if top_k is not None and top_k < logits.shape[-1]:
@@ -86,7 +95,7 @@ def top_candidates(
     if top_p is not None and top_p < 1.0:
         if ids is None:
             logits, ids = logits.sort(dim=-1, descending=True)
-        probs = logits.softmax(dim=-1)
+        probs = logits.softmax(dim=-1) if log_norm is None else (logits - log_norm).exp()
         logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
     return logits, ids
 
@@ -105,8 +114,14 @@ def sample_logits(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    excluded_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one id per row of ``logits [..., V]`` → ``[...]``.
+
+    ``excluded_logits [..., S]`` (optional): logits of vocabulary entries that are never drawn but
+    share the softmax with ``logits`` (fairseq's specials, set to -inf after its log-softmax); the
+    nucleus of ``top_p`` is then measured in that full-vocabulary mass at ``temperature``
+    (``top_candidates``' ``log_norm``). Without them, or without ``top_p``, nothing changes.
 
     Gumbel-max: argmax(logits/T + Gumbel noise) is an exact draw from softmax(logits/T) that needs
     neither the softmax nor the exponential draw inside ``multinomial`` (which cost as much as a
@@ -116,9 +131,13 @@ def sample_logits(
     logits = logits.float().flatten(0, -2)  # (B*), V
     if top_k == 1:
         return logits.argmax(dim=-1).view(shape)
+    log_norm = None
+    if excluded_logits is not None and top_p is not None and top_p < 1.0:
+        full = torch.cat([logits, excluded_logits.float().flatten(0, -2)], dim=-1) / temperature
+        log_norm = full.logsumexp(dim=-1, keepdim=True)  # (B*), 1
     if temperature != 1.0:
         logits = logits / temperature
-    values, ids = top_candidates(logits, top_k, top_p)
+    values, ids = top_candidates(logits, top_k, top_p, log_norm)
     u = torch.rand(values.shape, device=values.device, generator=generator)
     pick = (values - u.log_().neg_().log_()).argmax(dim=-1, keepdim=True)  # -log(-log u) ~ Gumbel
     if ids is not None:

@@ -54,7 +54,10 @@ def init(device: str | None = "auto") -> DistInfo:
 
 
 def cleanup() -> None:
+    """Leave the process group together: a process that tears it down while another still works in
+    it can abort at exit (gloo's threads), so every process first waits for the others."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -687,11 +687,18 @@ class TrainState:
         Under torchrun every process stops at the same step (the request is all-reduced each step).
         The handlers are installed while this iterates, from the main thread only, and then restored."""
         with _StopRequests(self.dist) as stop:
-            for batch in self.batches:
-                yield batch
-                signum = stop.requested()
+            batches = iter(self.batches)
+            while self.batches.handed_out < self.t.steps:
+                # Agreed before the next batch is drawn (its data position would be in a checkpoint),
+                # and never after the last step: no collective is left pending when processes exit.
+                signum = stop.requested() if self.batches.handed_out > 0 else 0
                 if signum:
                     self._stop(signum)
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                yield batch
+            next(batches, None)  # the data's end: it reports the images it skipped
 
     def _stop(self, signum: int) -> NoReturn:
         folder = self.checkpointer.folder / f"{self.step:08d}"

@@ -22,6 +22,14 @@ first index), so ``samples.npz`` is the same for any number of processes (at a g
 
     torchrun --nproc-per-node 8 -m latentforge_runner.cli run sample generator_run=runs/rae-ditdh-xl
 
+A ``paper`` block (the ``repro-*`` configs: one per published figure, the official protocol of the
+released files) is copied into ``protocol.json`` beside ``samples.npz``, where ``evaluate`` finds it
+and reports ours beside the paper's figure:
+
+    latentforge run sample --config repro-rae-ditdh-xl-256-ag generator.params.pretrained=... \\
+        tokenizer.params.pretrained_decoder=... tokenizer.params.stats=... \\
+        guidance_model.params.pretrained=...
+
 DiGIT samples in two stages: ``generator_run`` (the GPT over K-Means tokens) gives token grids,
 ``stage2_run`` (a run with a ``condition_tokenizer``) turns them into VQGAN codes, its VQGAN decodes:
 

@@ -1,0 +1,124 @@
+"""The repro-* configs: one per headline number, each the official sampling protocol of released files
+with the paper's figure as data; sample copies the figure beside samples.npz, evaluate reports ours
+beside it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_runner_evaluate import _random_inception_state
+
+from latentforge_core import registry
+from latentforge_runner import cli
+
+# config → (paper's FID, Euler steps, guidance scale, labels)
+REPRO = {
+    "repro-lightningdit-xl-800ep": (1.35, 249, 6.7, "random"),
+    "repro-lightningdit-xl-64ep": (2.11, 249, 10.0, "random"),
+    "repro-rae-ditdh-xl-256": (1.51, 49, 1.0, "equal"),
+    "repro-rae-ditdh-xl-256-ag": (1.13, 49, 1.42, "equal"),
+    "repro-rae-ditdh-xl-512-ag": (1.13, 49, 1.5, "equal"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPRO))
+def test_repro_configs_carry_the_protocol_and_the_papers_figure(name):
+    fid, steps, scale, labels = REPRO[name]
+    assert name in cli.shipped_configs()
+    recipe, cfg = cli.load_settings(None, name, [])
+    assert recipe == "sample" and cfg.generator.params["pretrained"].startswith("/path/to/")
+    assert cfg.num_samples == 50_000 and cfg.labels == labels and cfg.num_classes == 1000
+    assert (cfg.sampler["sampler"], cfg.sampler["steps"], cfg.sampler["cfg_scale"]) == ("euler", steps, scale)
+    assert cfg.sampler["amp"] is False
+    assert cfg.paper["fid"] == fid and cfg.paper["protocol"] == "adm" and cfg.paper["source"]
+    assert (cfg.guidance_model is not None) == name.endswith("-ag")
+    if name.startswith("repro-lightningdit"):
+        assert cfg.sampler["cfg_channels"] == 3 and cfg.sampler["shift"] == pytest.approx(1 / 0.3)
+    assert cli.main(["validate", name]) == 0
+
+
+@pytest.fixture
+def release(tmp_path):
+    """RAE's layouts with random weights: the main model's {"model", "ema"} checkpoint, the weak model's
+    raw state dict, stat.pt."""
+    torch.manual_seed(0)
+    shape = dict(in_channels=64, input_size=8, num_classes=10)
+    main = registry.generators.build("test-ditdh", **shape)
+    noise = {k: torch.randn_like(v) for k, v in main.backbone.state_dict().items()}
+    torch.save({"model": noise, "ema": main.backbone.state_dict()}, tmp_path / "stage2_model.pt")
+    weak = registry.generators.build("test-ditdh", **shape)
+    torch.save(weak.backbone.state_dict(), tmp_path / "weak.pt")
+    torch.save({"mean": torch.randn(64, 8, 8), "var": torch.rand(64, 8, 8) + 0.5}, tmp_path / "stat.pt")
+    torch.save(_random_inception_state(), tmp_path / "inception.pth")
+    ref = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "reference.npz", arr_0=ref)
+    return tmp_path
+
+
+@pytest.mark.filterwarnings("ignore:the covariance of 10 samples")
+def test_repro_config_samples_then_evaluates_beside_the_papers_figure(release):
+    """The autoguided RAE protocol, pointed at tiny files: sample writes protocol.json, evaluate puts
+    our FID and IS beside the paper's 1.13 / 262.6 in evaluation.json."""
+    out = release / "sample"
+    recipe, cfg = cli.load_settings(
+        None,
+        "repro-rae-ditdh-xl-256-ag",
+        [
+            "generator.name=test-ditdh",
+            f"generator.params.pretrained={release / 'stage2_model.pt'}",
+            "tokenizer.name=test-rae-tiny",
+            f"tokenizer.params={{stats: {release / 'stat.pt'}}}",
+            "guidance_model.name=test-ditdh",
+            f"guidance_model.params.pretrained={release / 'weak.pt'}",
+            "num_classes=10",
+            "num_samples=10",
+            "batch_size=5",
+            "sampler.steps=3",
+            f"run.output_dir={out}",
+        ],
+    )
+    cli.run_recipe(recipe, cfg)
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["paper"]["fid"] == 1.13 and protocol["sampler"]["cfg_scale"] == 1.42
+    assert protocol["guidance_model"]["name"] == "test-ditdh" and protocol["num_samples"] == 10
+
+    recipe, cfg = cli.load_settings(
+        "evaluate",
+        None,
+        [
+            f"samples={out / 'samples.npz'}",
+            f"reference={release / 'reference.npz'}",
+            "metrics=[fid,inception-score]",
+            "protocol=adm",
+            f"weights={release / 'inception.pth'}",
+            "batch_size=5",
+            f"run.output_dir={release / 'evaluate'}",
+        ],
+    )
+    cli.run_recipe(recipe, cfg)
+    report = json.loads((release / "evaluate" / "evaluation.json").read_text())
+    assert report["paper"]["fid"] == 1.13 and report["paper"]["inception_score"] == 262.6
+    assert set(report["ours"]) == {"fid", "inception_score"}
+    assert report["ours"]["fid"] == report["metrics"]["fid"]
+    assert report["ours"]["inception_score"] == report["metrics"]["inception-score"]["inception_score"]
+    log = (release / "evaluate" / "log.txt").read_text()
+    assert f"fid ours {report['ours']['fid']:.4g} vs paper 1.13" in log and "RAE paper" in log
+
+
+def test_evaluate_without_protocol_json_reports_no_paper(release):
+    np.savez(release / "plain.npz", arr_0=np.load(release / "reference.npz")["arr_0"])
+    recipe, cfg = cli.load_settings(
+        "evaluate",
+        None,
+        [
+            f"samples={release / 'plain.npz'}",
+            "metrics=[inception-score]",
+            f"weights={release / 'inception.pth'}",
+            "batch_size=5",
+            f"run.output_dir={release / 'evaluate'}",
+        ],
+    )
+    cli.run_recipe(recipe, cfg)
+    report = json.loads((release / "evaluate" / "evaluation.json").read_text())
+    assert "paper" not in report and "ours" not in report
