@@ -64,7 +64,7 @@ def test_first_line():
     assert first_line(KeyError()) == "KeyError"
 
 
-@pytest.mark.parametrize("package", ["core", "encoders", "tokenizers", "generators", "metrics"])
+@pytest.mark.parametrize("package", ["core", "encoders", "tokenizers", "generators", "metrics", "runner"])
 def test_no_package_raises_a_bare_builtin_on_purpose(package):
     """A ``raise ValueError(...)`` (or TypeError, …) in the components' sources would escape the CLI's
     one catch as a traceback; each is a class of the hierarchy."""

@@ -82,19 +82,19 @@ def fit_latent_stats(tokenizer, dataset, num_batches: int, reduce: str, device: 
     """Set ``tokenizer``'s latent statistics from the first ``num_batches`` × 64 images (or cached
     latents, flips excluded); returns the count.  ``sample`` calls this too, so it recomputes exactly
     the statistics the generator was trained on."""
-    n = min(len(dataset.values) if isinstance(dataset, LatentShards) else len(dataset), num_batches * 64)
-    if isinstance(dataset, LatentShards):
+    cached = isinstance(dataset, LatentShards)
+    n = min(len(dataset.values) if cached else len(dataset), num_batches * 64)
+    skipped: list[str] = []  # unreadable images (none for cached latents)
+    if cached:
         batches = (dataset.values[s : s + 64].to(device) for s in range(0, n, 64))
         encode = lambda z: z  # noqa: E731
     else:
-        skipped: list[str] = []
         batches = (images.to(device) for images in _readable(dataset, n, skipped))
         encode = tokenizer.encode
     tokenizer.set_stats(compute_latent_stats(encode, batches, reduce=reduce))
-    if not isinstance(dataset, LatentShards) and skipped:
+    if skipped:
         log.warning("latent statistics: skipped %d unreadable image(s), first: %s", len(skipped), skipped[0])
-        return n - len(skipped)
-    return n
+    return n - len(skipped)
 
 
 def _readable(dataset, n: int, skipped: list[str]) -> Iterator[torch.Tensor]:

@@ -48,7 +48,7 @@ def _resume_mode(value: Any) -> str:
     if value is True or value is False:
         return "auto" if value else "never"
     if value not in RESUME_MODES:
-        raise ValueError(f"run.resume: expected one of auto, never, force, got {value!r}")
+        raise ConfigError(f"run.resume: expected one of auto, never, force, got {value!r}")
     return value
 
 

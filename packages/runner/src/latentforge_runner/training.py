@@ -59,7 +59,7 @@ from latentforge_core.checkpoint import (
     save_torch,
 )
 from latentforge_core.device import rng_state, set_rng_state
-from latentforge_core.errors import RunInterrupted, first_line
+from latentforge_core.errors import InputError, InputTypeError, NumericalError, RunInterrupted, first_line
 from latentforge_runner import distributed
 from latentforge_runner.config import ConfigError, SettingError, Settings, setting, settings
 from latentforge_runner.data import ResumableBatchSampler, collate
@@ -150,7 +150,7 @@ class Optimization:
     def __init__(self, params: Iterable[torch.nn.Parameter], t: TrainingSettings, what: str = "model"):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
-            raise ValueError(f"the {what} has no trainable parameters")
+            raise InputError(f"the {what} has no trainable parameters: expected some with requires_grad")
         self.grad_clip = t.grad_clip
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay
@@ -302,14 +302,16 @@ def sync_contexts(
 
 
 def backward(loss: torch.Tensor, parts: int, step: int, what: str = "loss") -> float:
-    """``(loss / parts).backward()`` after checking it is finite; returns its share of the step's loss."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"the {what} is {loss.item()} at step {step}; lower training.lr or set training.grad_clip "
+    """``(loss / parts).backward()`` after checking it is finite; returns its share of the step's loss
+    (one read of the value: the check and the log share the device sync)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NumericalError(
+            f"the {what} is {value} at step {step}; lower training.lr or set training.grad_clip "
             "(the last checkpoint is intact)"
         )
     (loss / parts).backward()
-    return float(loss.detach()) / parts
+    return value / parts
 
 
 def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
@@ -319,7 +321,7 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
     for key, value in batch.items():
         chunks = value.chunk(parts) if isinstance(value, torch.Tensor) else [value] * parts
         if len(chunks) != parts:
-            raise ValueError(
+            raise InputError(
                 f"batch field {key!r} of {len(value)} cannot be split into {parts} micro-batches"
             )
         for d, c in zip(out, chunks, strict=True):
@@ -376,7 +378,7 @@ class ProgressLines:
 
     def __iter__(self) -> Iterator[Any]:
         if self.iterable is None:
-            raise TypeError("ProgressLines was given nothing to iterate over")
+            raise InputTypeError("ProgressLines was given nothing to iterate over")
         for item in self.iterable:
             yield item
             self.update(1)
