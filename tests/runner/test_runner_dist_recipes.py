@@ -51,19 +51,20 @@ def test_sample_two_processes_write_the_samples_of_one(tmp_path):
         f"run.output_dir={gen}",
     ]
     cli.run_recipe(*cli.load_settings("train-generator", "tiny-rae", train))
-    # 20 samples in batches of 8: rank 0 takes batches 0 and 2, rank 1 batch 1 (an uneven last round).
-    common = [f"generator_run={gen}", "num_samples=20", "batch_size=8", "labels=random", "run.seed=3"]
+    # 20 samples in shards of 8: rank 0 takes shards 0 and 2, rank 1 shard 1 (an uneven last round).
+    common = [f"generator_run={gen}", "num_samples=20", "shard_size=8", "batch_size=4", "labels=random"]
+    common.append("run.seed=3")
     _run("sample", [*common, f"run.output_dir={tmp_path / 'one'}"])
     _run("sample", [*common, f"run.output_dir={tmp_path / 'two'}"], nproc=2)
     one, two = _npz(tmp_path / "one" / "samples.npz"), _npz(tmp_path / "two" / "samples.npz")
     assert two["arr_0"].shape == (20, 32, 32, 3)
     np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
     np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
-    assert not np.array_equal(one["arr_0"][:4], one["arr_0"][8:12])  # each batch draws its own noise
+    assert not np.array_equal(one["arr_0"][:4], one["arr_0"][8:12])  # each sample draws its own noise
     # Each rank wrote its own PNGs: together every index, holding the npz's pixels.
     pngs = sorted((tmp_path / "two" / "images").glob("*.png"))
     assert [p.stem for p in pngs] == [f"{i:06d}" for i in range(20)]
-    for i in (3, 12, 19):  # batches 0 and 2 (rank 0), 1 (rank 1)
+    for i in (3, 12, 19):  # shards 0 and 2 (rank 0), 1 (rank 1)
         np.testing.assert_array_equal(np.asarray(Image.open(pngs[i]).convert("RGB")), one["arr_0"][i])
     grid_one = np.asarray(Image.open(tmp_path / "one" / "grid.png"))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "two" / "grid.png")), grid_one)

@@ -7,7 +7,7 @@ import torch
 
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint
 from latentforge_runner import cli
-from latentforge_runner.distributed import seed_batch
+from latentforge_runner.generation import initial_noise
 from latentforge_runner.recipes.sample import SampleRecipe
 
 TRAIN = [
@@ -73,11 +73,17 @@ def test_sample_uses_the_runs_autoguidance(runs, tmp_path):
     expected = load_checkpoint(weights)[0]
     assert all(torch.equal(v, expected[k]) for k, v in guide.state_dict().items())
     # The same draw by hand: v = v_weak + 1.42 (v_main - v_weak), 3 Euler steps.
-    seed_batch(0, 0)  # sample seeds each batch by (run seed, its first index)
     with torch.no_grad():
         y = torch.as_tensor(labels)
+        noise = initial_noise(0, range(len(y)), recipe.generator.input_shape)  # sample's, per index
         z = recipe.generator.sample(
-            y, sampler="euler", steps=3, cfg_scale=1.42, guidance="autoguidance", guidance_model=guide
+            y,
+            sampler="euler",
+            steps=3,
+            cfg_scale=1.42,
+            guidance="autoguidance",
+            guidance_model=guide,
+            noise=noise,
         )
         images = recipe.tokenizer.decode(z, normalize=True).clamp(0, 1)
     by_hand = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -86,9 +92,9 @@ def test_sample_uses_the_runs_autoguidance(runs, tmp_path):
     _, plain, _ = _sample(
         run, tmp_path / "p", "sampler.cfg_scale=1.0", "sampler.sampler=euler", "sampler.steps=3"
     )
-    seed_batch(0, 0)  # sample seeds each batch by (run seed, its first index)
     with torch.no_grad():
-        alone = recipe.tokenizer.decode(recipe.generator.sample(y, sampler="euler", steps=3), normalize=True)
+        z = recipe.generator.sample(y, sampler="euler", steps=3, noise=noise)
+        alone = recipe.tokenizer.decode(z, normalize=True)
     alone = (alone.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     assert np.abs(alone.astype(int) - plain.astype(int)).max() <= 1
     assert (plain != guided).mean() > 0.05

@@ -8,7 +8,7 @@ import torch
 from latentforge_core import registry
 from latentforge_runner import cli
 from latentforge_runner.config import ConfigError
-from latentforge_runner.distributed import seed_batch
+from latentforge_runner.generation import initial_noise
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -46,8 +46,8 @@ def _sample(out, generator_weights, stats, *extra):
 
 
 def _by_hand(generator, stats_file):
-    """The released EMA over the tokenizer normalised by the release's statistics, seeded as sample
-    seeds each batch (run seed, first index)."""
+    """The released EMA over the tokenizer normalised by the release's statistics, from the starting
+    noise sample draws for each index (run seed, index)."""
     from latentforge_tokenizers.stats import LatentStats
 
     torch.manual_seed(0)  # sample builds the (random test) tokenizer after seeding with run.seed
@@ -56,8 +56,8 @@ def _by_hand(generator, stats_file):
     parts = []
     with torch.no_grad():
         for start, y in zip((0, 5), torch.arange(10).split(5), strict=True):
-            seed_batch(0, start)
-            z = generator.eval().sample(y, steps=3)
+            noise = initial_noise(0, range(start, start + 5), generator.input_shape)
+            z = generator.eval().sample(y, steps=3, noise=noise)
             parts.append(tokenizer.decode(z, normalize=True).float().clamp(0, 1))
     return (torch.cat(parts) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 

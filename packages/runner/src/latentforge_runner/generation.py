@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
+import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
@@ -42,6 +43,7 @@ log = logging.getLogger("latentforge")
 
 # The run-folder recipes whose generators ``sample`` reads.
 GENERATOR_RECIPES = ("train-generator", "train-tokens", "train-stage2")
+NOISE_STREAM = 1  # keeps a sample's starting noise apart from the draws seeded by its batch's first index
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,6 +100,16 @@ def generator_shapes(tokenizer, num_classes: int, condition=None) -> dict[str, A
     return shape | dict(
         cond_vocab_size=condition.vocab_size, cond_grid_size=tuple(condition.latent_shape[-2:])
     )
+
+
+def initial_noise(seed: int, indices: range, shape: tuple[int, ...]) -> torch.Tensor:
+    """A flow sampler's starting noise ``[len(indices), *shape]``: sample i's from (``seed``, i) alone,
+    drawn on the CPU, so it is the same in any batch, on any process and on any device."""
+    out = torch.empty(len(indices), *shape)
+    for row, i in zip(out, indices, strict=True):
+        state = np.random.SeedSequence([seed, i, NOISE_STREAM]).generate_state(1)[0]
+        torch.randn(shape, generator=torch.Generator().manual_seed(int(state)), out=row)
+    return out
 
 
 def check_image_size(tokenizer, image_size: int, name: str) -> None:

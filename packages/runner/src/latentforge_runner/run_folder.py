@@ -229,9 +229,14 @@ def config_differences(run_dir: Path, recipe: str, cfg: Any) -> list[str] | None
     if old_recipe == recipe:
         with contextlib.suppress(ConfigError):  # else compared as written
             old = type(cfg).from_dict(old).to_dict()
-    before = _flatten({"recipe": old_recipe, **old})
-    after = _flatten({"recipe": recipe, **cfg.to_dict()})
-    ignored = _run_only(cfg)
+    return differences({"recipe": old_recipe, **old}, {"recipe": recipe, **cfg.to_dict()}, _run_only(cfg))
+
+
+def differences(
+    before: Mapping[str, Any], after: Mapping[str, Any], ignored: Collection[str] = ()
+) -> list[str]:
+    """``["key: old → new", …]`` between two nested settings mappings, by dotted key, but ``ignored``."""
+    before, after = _flatten(before), _flatten(after)
     out = []
     for key in [*after, *(k for k in before if k not in after)]:
         a, b = before.get(key, _ABSENT), after.get(key, _ABSENT)

@@ -17,8 +17,14 @@ A run whose ``eval.guidance_model`` names a weak generator (RAE: DiT-DH-S) sampl
 Labels are ``equal`` (the same count per class, cycling 0, 1, …, K−1 so a grid of K columns shows one
 class per column) or ``random``.  Writes ``images/<index>.png``, ``grid.png`` and ``samples.npz``
 (``arr_0`` uint8 ``[N, H, W, 3]``, ``arr_1`` labels), the file ``evaluate`` and the ADM evaluator read.
-Under ``torchrun`` the processes share the batches; each batch's noise is seeded by (``run.seed``, its
-first index), so ``samples.npz`` is the same for any number of processes (at a given ``batch_size``):
+
+Samples are made in shards of ``shard_size`` (``shards/<first index>.npz``, each written whole or not
+at all, under the plan in ``manifest.json``); under ``torchrun`` each process takes its share of the
+shards.  A killed run, rerun with the same settings, samples only the missing shards.  A flow
+generator's starting noise is drawn per sample index from (``run.seed``, index), and every other draw
+(SDE noise, token sampling) per batch from (``run.seed``, its first index), batches never crossing a
+shard: ``samples.npz`` is byte for byte the same for any number of processes and interruptions (and,
+for the ODE samplers, the same noise for any ``batch_size``)::
 
     torchrun --nproc-per-node 8 -m latentforge_runner.cli run sample generator_run=runs/rae-ditdh-xl
 
@@ -38,8 +44,8 @@ DiGIT samples in two stages: ``generator_run`` (the GPT over K-Means tokens) giv
 
 from __future__ import annotations
 
+import inspect
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +56,7 @@ from PIL import Image
 from latentforge_core.device import seed_everything
 from latentforge_core.errors import InputError
 from latentforge_metrics.inception import to_uint8
-from latentforge_metrics.npz import SampleWriter
+from latentforge_metrics.npz import iter_npz_images
 from latentforge_runner import distributed
 from latentforge_runner.config import (
     Component,
@@ -69,16 +75,20 @@ from latentforge_runner.generation import (
     frozen_tokenizer,
     generator_shapes,
     image_grid,
+    initial_noise,
     load_generator,
 )
 from latentforge_runner.latents import STATS_FILE, restore_latent_stats
 from latentforge_runner.reports import PROTOCOL_FILE, write_report
-from latentforge_runner.run_folder import RunSettings, open_run, read_run
-from latentforge_runner.training import progress_bar
+from latentforge_runner.run_folder import RUN_ONLY_KEYS, RunSettings, open_run, read_run
+from latentforge_runner.shards import SampleShards
+from latentforge_runner.training import list_checkpoints, progress_bar
 
 log = logging.getLogger("latentforge")
 
 LABEL_MODES = ("equal", "random")
+# Keys that change how samples are shown or kept, not what they are: not part of a shard plan.
+PRESENTATION_KEYS = ("write_png", "grid_images", "keep_shards", "paper")
 
 
 @settings
@@ -99,6 +109,8 @@ class SampleSettings(Settings):
     num_samples: int = setting(50_000, ge=1)  # images to generate (a multiple of the classes for equal)
     labels: Literal["equal", "random"] = "equal"  # equal: each class as often; random: uniform, seeded
     batch_size: int = setting(64, ge=1)  # samples generated at once
+    shard_size: int = setting(1000, ge=1)  # samples per shard file: the unit a killed run loses
+    keep_shards: bool = False  # keep shards/ once samples.npz is assembled from it
     # keyword arguments of generator.sample; default: the run's eval.sampler
     sampler: dict | None = sampler_block("generator", run="generator_run", default=None)
     # Autoguidance by a weak generator (default: the run's eval.guidance_model / guidance_weights).
@@ -151,13 +163,42 @@ class SampleRecipe:
                 "generator_run=<a training run folder>, or generator.name=<a registered generator> with "
                 "generator.params.pretrained=<its released weights>"
             )
+        self.shards = SampleShards(Path(cfg.run.output_dir), cfg.num_samples, cfg.shard_size, self._plan())
+        self.state = self.shards.check(cfg.run.resume)  # before open_run writes into the folder
         self.run_dir, self.dist, self.logger = open_run("sample", cfg)
         self.device = self.dist.device
         if cfg.generator is not None:
             self._setup_release()
-            seed_everything(cfg.run.seed + self.dist.rank)
-            return
-        run = Path(cfg.generator_run)
+        else:
+            self._setup_run(Path(cfg.generator_run))
+        seed_everything(cfg.run.seed + self.dist.rank)
+        self._todo: list[int] = []
+        if self.state != "complete":
+            if self.dist.is_main:
+                self.shards.start(self.state)
+            distributed.barrier()
+            todo = self.shards.todo()
+            self._todo = distributed.shard(todo)
+            distributed.barrier()  # every process has listed the shards before any is written
+            if self.state == "resumed":
+                done, total = len(self.shards.ranges) - len(todo), len(self.shards.ranges)
+                log.info("%d of %d shards are on disk: sampling the other %d", done, total, total - done)
+
+    def _plan(self) -> dict[str, Any]:
+        """Every setting the samples depend on, with the checkpoint a run folder resolves to."""
+        cfg = self.cfg
+        plan = {"recipe": "sample", **cfg.to_dict()}
+        for key in PRESENTATION_KEYS:
+            plan.pop(key)
+        plan["run"] = {k: v for k, v in plan["run"].items() if f"run.{k}" not in RUN_ONLY_KEYS}
+        if cfg.generator_run is not None and cfg.checkpoint is None:
+            found = list_checkpoints(Path(cfg.generator_run) / "checkpoints")
+            plan["checkpoint"] = str(found[-1]) if found else None
+        return plan
+
+    def _setup_run(self, run: Path) -> None:
+        """A generator from its training run folder, with the run's tokenizer and statistics."""
+        cfg = self.cfg
         _, self.train = read_run(run, "generator_run", ("train-generator", "train-tokens"))
         k = self.num_classes = self.train.data.num_classes
         self.sampler, self.image_size = self.train.eval.sampler, self.train.data.image_size
@@ -185,7 +226,6 @@ class SampleRecipe:
             k,
             self.device,
         )
-        seed_everything(cfg.run.seed + self.dist.rank)
 
     def _setup_release(self) -> None:
         """A released generator (``generator.params.pretrained``) over the tokenizer it was trained on,
@@ -253,30 +293,36 @@ class SampleRecipe:
         generator = load_generator(run, train, checkpoint, self.cfg.weights, shape)
         return generator.to(self.device).eval()
 
-    def _images(self, y: torch.Tensor, sampler: dict[str, Any], sampler2: dict[str, Any]) -> torch.Tensor:
+    def _images(
+        self, indices: range, y: torch.Tensor, sampler: dict[str, Any], sampler2: dict[str, Any]
+    ) -> torch.Tensor:
         """Labels → images in [0, 1] ``[B, 3, H, W]``, through stage 2 when there is one."""
+        if self.noise_shape is not None:
+            noise = initial_noise(self.cfg.run.seed, indices, self.noise_shape).to(self.device)
+            sampler = {**sampler, "noise": noise}
         out = self.generator.sample(y.to(self.device), **sampler, **self.guidance)
         if self.stage2 is not None:
             return self.decoder.decode(self.stage2.sample(out, **sampler2))
         return self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)
 
     def _batch(
-        self, start: int, sampler: dict[str, Any], sampler2: dict[str, Any]
+        self, indices: range, sampler: dict[str, Any], sampler2: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples ``start … start+B−1`` (PNGs written here); their randomness is seeded by (run seed,
-        start) alone, so a sample does not depend on how many processes share the work."""
+        """The samples ``indices`` (PNGs written here), whose randomness is seeded by (run seed, index):
+        a sample does not depend on which process makes it, or when."""
         cfg = self.cfg
-        y = self.labels[start : start + cfg.batch_size]
-        distributed.seed_batch(cfg.run.seed, start)
-        images = self._images(y, sampler, sampler2).float().clamp(0, 1).cpu()  # [B, 3, H, W]
+        y = self.labels[indices.start : indices.stop]
+        distributed.seed_batch(cfg.run.seed, indices.start)
+        images = self._images(indices, y, sampler, sampler2).float().clamp(0, 1).cpu()  # [B, 3, H, W]
         if cfg.write_png:
-            for i, img in enumerate(to_uint8(images).permute(0, 2, 3, 1).numpy()):  # the npz's pixels
-                Image.fromarray(img).save(self.run_dir / "images" / f"{start + i:06d}.png")
+            pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # the npz's pixels
+            for i, img in zip(indices, pixels, strict=True):
+                Image.fromarray(img).save(self.run_dir / "images" / f"{i:06d}.png")
         return images, y
 
     @torch.no_grad()
     def run(self) -> dict[str, Any]:
-        """Rank r of w samples the batches r, r+w, …; the main process writes them in order."""
+        """Each process samples its share of the missing shards; the main process then assembles them."""
         cfg, k = self.cfg, self.num_classes
         self.labels = class_labels(cfg.labels, cfg.num_samples, k, cfg.run.seed)
         sampler = self.sampler if cfg.sampler is None else cfg.sampler
@@ -284,21 +330,31 @@ class SampleRecipe:
         if self.stage2 is not None:
             sampler2 = self.train2.eval.sampler if cfg.stage2_sampler is None else cfg.stage2_sampler
             size = self.train2.data.image_size
-        (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
-        starts = range(0, cfg.num_samples, cfg.batch_size)
-        mine = (self._batch(start, sampler, sampler2) for start in distributed.shard(starts))
-        main = self.dist.is_main
-        grid: list[torch.Tensor] = []
-        bar = progress_bar(total=len(starts), desc="sample", unit="batch", disable=not main)
-        npz = SampleWriter(self.run_dir / "samples.npz", cfg.num_samples, size) if main else nullcontext()
-        with npz as writer:
-            for images, y in distributed.gather_in_order(mine, len(starts)):
-                grid.append(images[: max(0, cfg.grid_images - writer.written)])
-                writer.write(images, y)
-                bar.update()
-        bar.close()
-        self.grid = torch.cat(grid) if main else None
         self.used_sampler = sampler
+        self.noise_shape = None  # a flow generator's latents, whose starting noise is drawn per sample
+        if not self.discrete and "noise" in inspect.signature(self.generator.sample).parameters:
+            self.noise_shape = tuple(self.tokenizer.latent_shape)
+        samples = self.run_dir / "samples.npz"
+        if self.state == "complete":
+            log.info("%s is complete (%s): nothing to sample", samples, self.shards.manifest)
+        else:
+            (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
+            main = self.dist.is_main
+            total = sum(len(self.shards.ranges[i]) for i in self._todo)
+            bar = progress_bar(total=total, desc="sample", unit="img", disable=not main)
+            for index in self._todo:
+                span = self.shards.ranges[index]
+                with self.shards.writer(index, size) as shard:
+                    for start in range(span.start, span.stop, cfg.batch_size):
+                        images, y = self._batch(
+                            range(start, min(start + cfg.batch_size, span.stop)), sampler, sampler2
+                        )
+                        shard.write(images, y)
+                        bar.update(len(y))
+            bar.close()
+            distributed.barrier()  # every shard is on disk
+            if main:
+                self.shards.assemble(samples, self.labels, size, keep=cfg.keep_shards)
         counts = torch.bincount(self.labels, minlength=k)
         return {
             "num_samples": cfg.num_samples,
@@ -309,8 +365,9 @@ class SampleRecipe:
     def save(self) -> None:
         if not self.dist.is_main:
             return
+        first = next(iter_npz_images(self.run_dir / "samples.npz", batch_size=self.cfg.grid_images))
         columns = min(self.num_classes, 10) if self.cfg.labels == "equal" else 10
-        image_grid(self.grid, min(columns, self.grid.shape[0])).save(self.run_dir / "grid.png")
+        image_grid(first / 255.0, min(columns, first.shape[0])).save(self.run_dir / "grid.png")
         if self.cfg.paper:
             self._write_protocol()
         log.info("%d samples written to %s", self.cfg.num_samples, self.run_dir / "samples.npz")
