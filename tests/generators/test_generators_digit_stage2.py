@@ -3,6 +3,7 @@ MaskGIT schedule over 256 codes, attention direction per variant, and bad input.
 
 import math
 
+import layouts
 import pytest
 import torch
 
@@ -24,32 +25,7 @@ def one_thread():
 
 
 def random_fairseq_stage2(seed=0, positions=1024):
-    """DiGIT's ``st2vtlm`` layout: one table [5 specials + V codes | 5 specials + K tokens], two position
-    tables, pre-LN layers and a final LayerNorm, plus the frozen VQGAN/encoder/centroids it carries."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2
-    sd = {
-        "decoder.embed_tokens.weight": r(V + 5 + K + 5, DIM),
-        "decoder.embed_positions.weight": r(positions + 2, DIM),
-        "decoder.embed_positions_1.weight": r(positions + 2, DIM),
-        "decoder.layer_norm.weight": 1 + r(DIM),
-        "decoder.layer_norm.bias": r(DIM),
-        "decoder.output_projection.weight": r(V + 5, DIM),
-        "decoder.version": torch.tensor([3.0]),
-        "centroids": r(8, K),
-        "centroid_norm": r(1, K),
-        "vqgan.quantize.embedding.weight": r(V, 4),
-        "pretrained_encoder.pos_embed": r(1, 5, 8),
-    }
-    for i in range(DEPTH):
-        p = f"decoder.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd[p + f"self_attn.{name}.weight"], sd[p + f"self_attn.{name}.bias"] = r(DIM, DIM), r(DIM)
-        sd[p + "fc1.weight"], sd[p + "fc1.bias"] = r(4 * DIM, DIM), r(4 * DIM)
-        sd[p + "fc2.weight"], sd[p + "fc2.bias"] = r(DIM, 4 * DIM), r(DIM)
-        for ln in ("self_attn_layer_norm", "final_layer_norm"):
-            sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"] = 1 + r(DIM), r(DIM)
-    return sd
+    return layouts.random_fairseq_stage2(V, K, DIM, DEPTH, positions, seed)
 
 
 def tiny(mode, grid=GRID):

@@ -3,6 +3,7 @@ DiGIT stage-1 checkpoints, sampling filters vs transformers' warpers, and bad in
 
 import math
 
+import layouts
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,27 +24,7 @@ def tiny(style, **kw):
 
 
 def random_fairseq_stage1(K=V, classes=C, dim=DIM, depth=DEPTH, positions=1024, seed=0):
-    """A state dict in DiGIT's fairseq stage-1 layout (random values), as in checkpoint['model']."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2
-    sd = {
-        "decoder.embed_tokens.weight": r(K + 5 + classes, dim),
-        "decoder.embed_positions.weight": r(positions + 2, dim),
-        "decoder.output_projection.weight": r(K + 5, dim),
-        "decoder.version": torch.tensor([3.0]),
-        "centroids": r(8, K),
-        "centroid_norm": r(1, K),
-        "pretrained_encoder.cls_token": r(1, 1, 8),
-    }
-    for i in range(depth):
-        p = f"decoder.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd[p + f"self_attn.{name}.weight"], sd[p + f"self_attn.{name}.bias"] = r(dim, dim), r(dim)
-        sd[p + "fc1.weight"], sd[p + "fc1.bias"] = r(4 * dim, dim), r(4 * dim)
-        sd[p + "fc2.weight"], sd[p + "fc2.bias"] = r(dim, 4 * dim), r(dim)
-        for ln in ("self_attn_layer_norm", "final_layer_norm"):
-            sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"] = 1 + r(dim), r(dim)
-    return sd
+    return layouts.random_fairseq_stage1(K, classes, dim, depth, positions, seed)
 
 
 # ------------------------------------------------------------------------------------------------

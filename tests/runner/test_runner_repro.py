@@ -38,6 +38,27 @@ def test_repro_configs_carry_the_protocol_and_the_papers_figure(name):
     assert cli.main(["validate", name]) == 0
 
 
+@pytest.mark.parametrize(
+    ("name", "fid", "num_classes"),
+    [("repro-digit-large-cond", 3.39, 1000), ("repro-digit-large-uncond", 4.59, 0)],
+)
+def test_digit_repro_configs_chain_both_released_stages(name, fid, num_classes):
+    recipe, cfg = cli.load_settings(None, name, [])
+    assert recipe == "sample" and cfg.num_samples == 50_000 and cfg.num_classes == num_classes
+    assert (cfg.generator.name, cfg.stage2.name, cfg.stage2_tokenizer.name) == (
+        "gpt-digit-large",
+        "digit-stage2-ar-base",
+        "vqgan-f16-1024",
+    )
+    for block in (cfg.generator, cfg.stage2, cfg.stage2_tokenizer):
+        assert block.params["pretrained"].startswith("/path/to/")
+    assert cfg.tokenizer.params["centroids"].endswith("km_16k.npy")
+    assert cfg.sampler == {"top_k": 400, "temperature": 1.0}
+    assert cfg.stage2_sampler == {"top_p": 0.8, "temperature": 1.0}
+    assert cfg.paper["fid"] == fid and cfg.paper["protocol"] == "torch-fidelity"
+    assert cli.main(["validate", name]) == 0
+
+
 @pytest.fixture
 def release(tmp_path):
     """RAE's layouts with random weights: the main model's {"model", "ema"} checkpoint, the weak model's

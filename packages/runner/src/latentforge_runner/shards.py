@@ -88,21 +88,22 @@ class SampleShards:
     def writer(self, index: int, image_size: int | tuple[int, int]) -> SampleWriter:
         return SampleWriter(self.path(index), len(self.ranges[index]), image_size)
 
-    def assemble(self, out: Path, labels: torch.Tensor, image_size: int, keep: bool) -> None:
-        """Every shard, in order, into ``out``; each shard's labels must be the plan's."""
+    def assemble(self, out: Path, labels: torch.Tensor | None, image_size: int, keep: bool) -> None:
+        """Every shard, in order, into ``out``; each shard's labels must be the plan's (None: none)."""
         with SampleWriter(out, self.ranges[-1].stop, image_size) as writer:
             for index, span in enumerate(self.ranges):
                 path = self.path(index)
                 with np.load(path) as f:
-                    shard_labels = f["arr_1"]
-                if not np.array_equal(shard_labels, labels[span.start : span.stop].numpy()):
+                    found = f["arr_1"] if "arr_1" in f.files else None
+                expected = None if labels is None else labels[span.start : span.stop].numpy()
+                if (found is None) != (expected is None) or not np.array_equal(found, expected):
                     raise ReferenceFileError(
                         f"{path} holds the labels of other samples than {span.start}…{span.stop - 1} of "
                         f"this plan: remove it and run sample again to remake it"
                     )
                 for images in iter_npz_images(path, batch_size=256):
-                    writer.write(images, torch.from_numpy(shard_labels[: len(images)]))
-                    shard_labels = shard_labels[len(images) :]
+                    writer.write(images, None if found is None else torch.from_numpy(found[: len(images)]))
+                    found = None if found is None else found[len(images) :]
         self._write_manifest(complete=True)
         if not keep:
             shutil.rmtree(self.folder)

@@ -104,7 +104,7 @@ class SampleSettings(Settings):
         default=None,
         injected=("in_channels", "input_size", "num_classes", "vocab_size", "grid_size"),
     )
-    num_classes: int | None = setting(None, ge=1)  # with generator: the classes it was trained on
+    num_classes: int | None = setting(None, ge=0)  # with generator: its classes (0: unconditional)
     tokenizer: Component | None = component("tokenizers", default=None)  # default: the run's own
     num_samples: int = setting(50_000, ge=1)  # images to generate (a multiple of the classes for equal)
     labels: Literal["equal", "random"] = "equal"  # equal: each class as often; random: uniform, seeded
@@ -121,7 +121,13 @@ class SampleSettings(Settings):
     # DiGIT: a train-generator run of stage 2 (condition_tokenizer set) that turns generator_run's
     # K-Means tokens into VQGAN codes, and its sampler settings (default: its eval.sampler).
     stage2_run: str | None = None  # the stage-2 run folder (DiGIT only)
-    stage2_sampler: dict | None = sampler_block(run="stage2_run", default=None)  # its sample() options
+    stage2_sampler: dict | None = sampler_block("stage2", run="stage2_run", default=None)  # its options
+    # DiGIT's released stage 2 instead of a run: its registry name and params.pretrained (the fairseq
+    # checkpoint), over stage2_tokenizer, the VQGAN whose codes it generates.
+    stage2: Component | None = component(
+        "generators", default=None, injected=("vocab_size", "grid_size", "cond_vocab_size", "cond_grid_size")
+    )
+    stage2_tokenizer: Component | None = component("tokenizers", default=None)
     grid_images: int = setting(100, ge=1)  # how many of the first samples go into grid.png
     write_png: bool = True  # also write each sample as a PNG file
     # The published figure this run reproduces ({fid: 1.35, inception_score: …, source: …, reference: …}):
@@ -157,6 +163,11 @@ class SampleRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.stage2 is not None and cfg.generator is None:
+            raise ConfigError(
+                "stage2 (a released stage-2 decoder) continues a released stage 1 (generator=...); a run "
+                "folder's stage 1 continues with stage2_run"
+            )
         if (cfg.generator_run is None) == (cfg.generator is None):
             raise ConfigError(
                 "sample needs one generator (generator_run or generator is required, not both): "
@@ -240,15 +251,20 @@ class SampleRecipe:
             raise ConfigError("stage2_run continues a token generator run: use it with generator_run")
         self.tokenizer = frozen_tokenizer(cfg.tokenizer, cfg.run.seed, self.device)
         self.discrete, self.stage2 = self.tokenizer.vocab_size is not None, None
-        if not self.tokenizer.can_decode:
-            raise ConfigError(f"tokenizer {cfg.tokenizer.name!r} has no pixel decoder to make images from")
+        self.sampler, self.image_size = {}, self.tokenizer.preprocessing.input_size
+        if cfg.stage2 is not None:
+            self._setup_released_stage2()
+        elif not self.tokenizer.can_decode:
+            raise ConfigError(
+                f"tokenizer {cfg.tokenizer.name!r} has no pixel decoder to make images from (DiGIT: give "
+                "stage2 and stage2_tokenizer, its released stage-2 decoder and VQGAN)"
+            )
         if not self.discrete and self.tokenizer.stats is None:
             raise ConfigError(
                 f"tokenizer {cfg.tokenizer.name!r} has no latent statistics: give the release's file "
                 "(RAE: tokenizer.params.stats=<stat.pt>; VA-VAE: its latents_stats.pt)"
             )
         k = self.num_classes = cfg.num_classes
-        self.sampler, self.image_size = {}, self.tokenizer.preprocessing.input_size
         shape = generator_shapes(self.tokenizer, k)
         self.generator = cfg.generator.build("generators", **shape).to(self.device).eval()
         self.guidance = autoguidance(cfg.guidance_model, cfg.guidance_weights, self.tokenizer, k, self.device)
@@ -267,6 +283,21 @@ class SampleRecipe:
         self.decoder = frozen_tokenizer(self.train2.tokenizer, self.train2.run.seed, self.device)
         shape = generator_shapes(self.decoder, self.train2.data.num_classes, condition=self.tokenizer)
         self.stage2 = self._load_generator(run, self.train2, None, shape)
+        self.sampler2, self.image_size = self.train2.eval.sampler, self.train2.data.image_size
+
+    def _setup_released_stage2(self) -> None:
+        """DiGIT's released stage 2 over its VQGAN, conditioned on the released stage 1's tokens."""
+        cfg = self.cfg
+        if cfg.stage2_tokenizer is None or not self.discrete:
+            raise ConfigError(
+                "stage2 (DiGIT's released stage-2 decoder) continues a token generator over K-Means tokens "
+                "and needs stage2_tokenizer, the VQGAN whose codes it generates (e.g. vqgan-f16-1024 with "
+                "params.pretrained=<vqgan_jax_strongaug.ckpt>)"
+            )
+        self.decoder = frozen_tokenizer(cfg.stage2_tokenizer, cfg.run.seed, self.device)
+        shape = generator_shapes(self.decoder, 0, condition=self.tokenizer)
+        self.stage2 = cfg.stage2.build("generators", **shape).to(self.device).eval()
+        self.sampler2, self.image_size = {}, self.decoder.preprocessing.input_size
 
     def _latent_stats(self, run: Path) -> None:
         """The statistics the training run saved in its folder; recomputed (the same images, the same
@@ -300,18 +331,19 @@ class SampleRecipe:
         if self.noise_shape is not None:
             noise = initial_noise(self.cfg.run.seed, indices, self.noise_shape).to(self.device)
             sampler = {**sampler, "noise": noise}
-        out = self.generator.sample(y.to(self.device), **sampler, **self.guidance)
+        labels = len(indices) if y is None else y.to(self.device)  # a count: unconditional
+        out = self.generator.sample(labels, **sampler, **self.guidance)
         if self.stage2 is not None:
             return self.decoder.decode(self.stage2.sample(out, **sampler2))
         return self.tokenizer.decode(out) if self.discrete else self.tokenizer.decode(out, normalize=True)
 
     def _batch(
         self, indices: range, sampler: dict[str, Any], sampler2: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The samples ``indices`` (PNGs written here), whose randomness is seeded by (run seed, index):
         a sample does not depend on which process makes it, or when."""
         cfg = self.cfg
-        y = self.labels[indices.start : indices.stop]
+        y = None if self.labels is None else self.labels[indices.start : indices.stop]
         distributed.seed_batch(cfg.run.seed, indices.start)
         images = self._images(indices, y, sampler, sampler2).float().clamp(0, 1).cpu()  # [B, 3, H, W]
         if cfg.write_png:
@@ -324,12 +356,11 @@ class SampleRecipe:
     def run(self) -> dict[str, Any]:
         """Each process samples its share of the missing shards; the main process then assembles them."""
         cfg, k = self.cfg, self.num_classes
-        self.labels = class_labels(cfg.labels, cfg.num_samples, k, cfg.run.seed)
+        self.labels = class_labels(cfg.labels, cfg.num_samples, k, cfg.run.seed) if k else None
         sampler = self.sampler if cfg.sampler is None else cfg.sampler
         sampler2, size = {}, self.image_size
         if self.stage2 is not None:
-            sampler2 = self.train2.eval.sampler if cfg.stage2_sampler is None else cfg.stage2_sampler
-            size = self.train2.data.image_size
+            sampler2 = self.sampler2 if cfg.stage2_sampler is None else cfg.stage2_sampler
         self.used_sampler = sampler
         self.noise_shape = None  # a flow generator's latents, whose starting noise is drawn per sample
         if not self.discrete and "noise" in inspect.signature(self.generator.sample).parameters:
@@ -346,15 +377,16 @@ class SampleRecipe:
                 span = self.shards.ranges[index]
                 with self.shards.writer(index, size) as shard:
                     for start in range(span.start, span.stop, cfg.batch_size):
-                        images, y = self._batch(
-                            range(start, min(start + cfg.batch_size, span.stop)), sampler, sampler2
-                        )
+                        batch = range(start, min(start + cfg.batch_size, span.stop))
+                        images, y = self._batch(batch, sampler, sampler2)
                         shard.write(images, y)
-                        bar.update(len(y))
+                        bar.update(len(batch))
             bar.close()
             distributed.barrier()  # every shard is on disk
             if main:
                 self.shards.assemble(samples, self.labels, size, keep=cfg.keep_shards)
+        if self.labels is None:
+            return {"num_samples": cfg.num_samples}
         counts = torch.bincount(self.labels, minlength=k)
         return {
             "num_samples": cfg.num_samples,
@@ -366,7 +398,7 @@ class SampleRecipe:
         if not self.dist.is_main:
             return
         first = next(iter_npz_images(self.run_dir / "samples.npz", batch_size=self.cfg.grid_images))
-        columns = min(self.num_classes, 10) if self.cfg.labels == "equal" else 10
+        columns = min(self.num_classes, 10) if self.cfg.labels == "equal" and self.num_classes else 10
         image_grid(first / 255.0, min(columns, first.shape[0])).save(self.run_dir / "grid.png")
         if self.cfg.paper:
             self._write_protocol()
