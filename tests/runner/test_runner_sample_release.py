@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from latentforge_core import registry
+from latentforge_core.checkpoint import CheckpointError
 from latentforge_runner import cli
 from latentforge_runner.config import ConfigError
 from latentforge_runner.generation import initial_noise
@@ -92,6 +93,34 @@ def test_released_files_by_hub_id_offline(release, tmp_path, monkeypatch):
     assert np.abs(arr.astype(int) - _by_hand(generator, folder / "stat.pt").astype(int)).max() <= 1
     with pytest.raises(Exception, match="not in the local hub cache"):
         _sample(tmp_path / "x", "hf:nyu-visionx/RAE-tiny/absent.pt", folder / "stat.pt")
+    # The 512-px release (16×16 latents here) given to the 256-px protocol: named by hub id and size.
+    torch.save({"ema": _backbone_state(input_size=16)}, snap / "stage2_512.pt")
+    with pytest.raises(CheckpointError, match="RAE-tiny/stage2_512.pt holds weights for .*input_size=16"):
+        _sample(tmp_path / "y", "hf:nyu-visionx/RAE-tiny/stage2_512.pt", folder / "stat.pt")
+
+
+def _backbone_state(**shape):
+    generator = registry.generators.build("test-ditdh", **{"in_channels": 64, "input_size": 8, **shape})
+    return generator.backbone.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("shape", "named"),
+    [
+        ({"input_size": 16}, "input_size=16, but this DiTDH is built for in_channels=64, input_size=8"),
+        ({"in_channels": 32}, "in_channels=32, input_size=8, but this DiTDH is built for in_channels=64"),
+    ],
+    ids=["another-resolution", "another-latent-width"],
+)
+def test_weights_of_another_resolution_or_latent_size_are_named(release, tmp_path, shape, named):
+    """A protocol given the release of another resolution (or another tokenizer's latents): one error
+    naming the file, both latent shapes and what to do, not a list of tensor mismatches."""
+    folder, _ = release
+    torch.save({"ema": _backbone_state(**shape)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="another resolution or on another tokenizer") as err:
+        _sample(tmp_path / "o", tmp_path / "other.pt", folder / "stat.pt")
+    assert str(tmp_path / "other.pt") in str(err.value) and named in str(err.value)
+    assert "mismatch" not in str(err.value)
 
 
 def test_a_release_needs_its_tokenizer_statistics_and_classes(release):

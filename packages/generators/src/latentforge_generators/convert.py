@@ -59,8 +59,33 @@ def official_state_dict(obj: Mapping | str | os.PathLike) -> dict[str, torch.Ten
 
 def load_official(model: nn.Module, source: Mapping | str | os.PathLike) -> nn.Module:
     """Strictly load an official checkpoint (path or object) into ``model``; returns ``model``."""
-    load_into(model, official_state_dict(source), strict=True)
+    state = official_state_dict(source)
+    check_latent_shape(model, state, source if isinstance(source, (str, os.PathLike)) else "the checkpoint")
+    load_into(model, state, strict=True)
     return model
+
+
+def check_latent_shape(model: nn.Module, state: Mapping[str, torch.Tensor], source: object) -> None:
+    """Weights for latents of another size or channel count (a 512-px release in a 256-px protocol, a
+    generator of another tokenizer's latents), said in those words rather than as shape mismatches."""
+    ours = model.state_dict()
+    found, built = {}, {}
+    if "x_embedder.proj.weight" in state and "x_embedder.proj.weight" in ours:
+        found["in_channels"] = state["x_embedder.proj.weight"].shape[1]
+        built["in_channels"] = ours["x_embedder.proj.weight"].shape[1]
+    if "pos_embed" in state and "pos_embed" in ours:
+        patch = ours["x_embedder.proj.weight"].shape[-1] if "x_embedder.proj.weight" in ours else 1
+        for shapes, table in ((found, state["pos_embed"]), (built, ours["pos_embed"])):
+            shapes["input_size"] = round(table.shape[-2] ** 0.5) * patch  # a square grid of patches
+    if found == built:
+        return
+    shown = lambda shapes: ", ".join(f"{k}={v}" for k, v in shapes.items())  # noqa: E731
+    raise CheckpointError(
+        f"{source} holds weights for latents with {shown(found)}, but this {type(model).__name__} is "
+        f"built for {shown(built)} (the tokenizer's latents): the weights were trained at another "
+        "resolution or on another tokenizer's latents. Give the tokenizer and image size they were "
+        "trained with (for a repro-* config: the config of their resolution, e.g. the -512 one)"
+    )
 
 
 #################################################################################
