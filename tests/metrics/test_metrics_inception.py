@@ -135,8 +135,8 @@ def test_bad_images_are_rejected(images, match):
 def test_bad_dtype_and_protocol_are_rejected():
     with pytest.raises(TypeError, match="uint8 .* or float"):
         preprocess(torch.zeros(1, 3, 8, 8, dtype=torch.int32), "pytorch-fid")
-    with pytest.raises(ValueError, match="unknown Inception protocol 'clean'"):
-        FIDInceptionV3("clean")
+    with pytest.raises(ValueError, match="unknown Inception protocol 'legacy_tensorflow'.*'clean'"):
+        FIDInceptionV3("legacy_tensorflow")
 
 
 def test_weights_missing_or_wrong(tmp_path):

@@ -3483,3 +3483,55 @@ def test_bad_input(case: Case, env: Env, tmp_path_factory, capsys):
             for undo in ctx.on_exit:
                 undo()
     assert not env.sentinel.exists(), "OBSERVED a pickle was executed: the sentinel file exists"
+
+
+# ------------------------------------------------------------------------------------------------
+# A file saved under a known ADM reference batch's name is checked against the published SHA-256
+# ------------------------------------------------------------------------------------------------
+NOT_ADM = b"other bytes saved under the name of the ADM ImageNet 256 reference batch\n"
+NOT_ADM_SHA256 = hashlib.sha256(NOT_ADM).hexdigest()
+ADM_256_SHA256 = "b32732719497e42660a9affb4a966068cba0855ac449b82015e34ec376d20758"
+fake_adm_reference = file("adm_ref", "VIRTUAL_imagenet256_labeled.npz", NOT_ADM)
+
+
+def reference_metric(name: str) -> Callable[[Ctx], Any]:
+    def call(ctx: Ctx) -> Any:
+        import latentforge_metrics
+
+        return getattr(latentforge_metrics, name)(ctx.path("adm_ref"))
+
+    return call
+
+
+REFERENCE_HASH_CASES: list[Case] = [
+    C(
+        "evaluate-reference-sha256-mismatch",
+        evaluate("samples=<samples>", "reference=<adm_ref>", "metrics=[psnr]"),
+        ReferenceFileError,
+        "VIRTUAL_imagenet256_labeled.npz",
+        NOT_ADM_SHA256,
+        ("expected " + ADM_256_SHA256,),
+        "check_reference=false",
+        setup=fake_adm_reference,
+        early=False,
+    ),
+    *(
+        A(
+            f"{name.lower()}-reference-sha256-mismatch",
+            reference_metric(name),
+            ReferenceFileError,
+            "VIRTUAL_imagenet256_labeled.npz",
+            NOT_ADM_SHA256,
+            ADM_256_SHA256,
+            "check_reference=False",
+            setup=fake_adm_reference,
+        )
+        for name in ("FID", "KID", "PrecisionRecall")
+    ),
+]
+
+
+@pytest.mark.parametrize("case", REFERENCE_HASH_CASES, ids=[c.id for c in REFERENCE_HASH_CASES])
+def test_bad_reference_hash(case: Case, env: Env, tmp_path_factory, capsys):
+    assert case.id not in {c.id for c in CASES}
+    test_bad_input(case, env, tmp_path_factory, capsys)

@@ -1,5 +1,6 @@
 """evaluate: the recipe's FID/IS/P-R equal latentforge_metrics computed directly on the same arrays."""
 
+import hashlib
 import json
 import warnings
 
@@ -9,8 +10,20 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from latentforge_metrics import FID, PSNR, InceptionScore, PrecisionRecall, save_reference, save_samples
+from latentforge_metrics import (
+    FID,
+    KID,
+    KNOWN_REFERENCES,
+    PSNR,
+    InceptionScore,
+    PrecisionRecall,
+    ReferenceFileError,
+    save_reference,
+    save_samples,
+)
+from latentforge_metrics import npz as npz_module
 from latentforge_metrics.inception import FIDInceptionV3
+from latentforge_metrics.npz import KnownReference
 from latentforge_runner import cli
 from latentforge_runner.config import ConfigError
 from latentforge_runner.data import DataError
@@ -139,3 +152,51 @@ def test_evaluate_bad_input(tmp_path, weights):
         _evaluate(tmp_path, f"samples={tmp_path}", "metrics=[psnr]")
     with pytest.raises(ConfigError, match="FID Inception weights not found"):
         _evaluate(tmp_path, f"samples={tmp_path / 's.npz'}", f"weights={tmp_path / 'none.pth'}")
+
+
+def test_evaluate_kid_and_fid_share_the_clean_protocol_pass(tmp_path, weights):
+    n = 6
+    fake, real = _digits(0, n), _digits(500, n)
+    save_samples(tmp_path / "samples.npz", _nchw(fake))
+    save_samples(tmp_path / "real.npz", _nchw(real))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # fewer samples than 2048 dimensions
+        report = _evaluate(
+            tmp_path,
+            f"samples={tmp_path / 'samples.npz'}",
+            f"reference={tmp_path / 'real.npz'}",
+            f"weights={weights}",
+            "protocol=clean",
+            "metrics=[fid,kid]",
+            f"params={{kid: {{subsets: 3, subset_size: {n}}}}}",
+        )
+        # Directly, with clean-fid's preprocessing (PIL bicubic of float pixels) on the same arrays.
+        inception = FIDInceptionV3("clean").load_weights(weights)
+        fid, kid = FID(protocol="clean", inception=inception), KID(subsets=3, subset_size=n, protocol="clean")
+        f_fake = fid.inception_features(_nchw(fake))["pool3"]
+        f_real = fid.inception_features(_nchw(real))["pool3"]
+        for metric in (fid, kid):
+            metric.update_features(f_fake)
+            metric.update_features(f_real, real=True)
+        expected_fid = fid.compute()
+    assert report["protocol"] == "clean" and report["modes"] == {"fid": "real", "kid": "real"}
+    assert report["metrics"]["fid"] == pytest.approx(expected_fid, rel=1e-6)
+    assert report["metrics"]["kid"] == pytest.approx(kid.compute(), rel=1e-6)
+    assert report["metrics"]["kid"]["kid_std"] < 1e-12  # subsets of every sample: permutations of one set
+
+
+def test_evaluate_checks_a_known_reference_batch_sha256(tmp_path, monkeypatch):
+    images = _nchw(_digits(0, 4))
+    save_samples(tmp_path / "samples.npz", images)
+    reference = save_samples(tmp_path / "VIRTUAL_imagenet256_labeled.npz", images)  # the name, not the file
+    found = hashlib.sha256(reference.read_bytes()).hexdigest()
+    args = (f"samples={tmp_path / 'samples.npz'}", f"reference={reference}", "metrics=[psnr]")
+    with pytest.raises(ReferenceFileError) as err:
+        _evaluate(tmp_path, *args)
+    for words in ("VIRTUAL_imagenet256_labeled.npz", found, KNOWN_REFERENCES[reference.name].sha256):
+        assert words in str(err.value)
+    assert "check_reference=false" in str(err.value)
+    assert _evaluate(tmp_path, *args, "check_reference=false")["metrics"]["psnr"] == float("inf")
+    known = KnownReference(found, reference.stat().st_size, "https://example/VIRTUAL_imagenet256_labeled.npz")
+    monkeypatch.setitem(npz_module.KNOWN_REFERENCES, reference.name, known)
+    assert _evaluate(tmp_path, *args)["metrics"]["psnr"] == float("inf")  # the published file passes

@@ -1,8 +1,9 @@
-"""latentforge-metrics: FID, IS, sFID, precision/recall, rFID, PSNR/SSIM, FD-DINOv2 and linear probe,
+"""latentforge-metrics: FID, IS, sFID, KID, precision/recall, rFID, PSNR/SSIM, FD-DINOv2 and linear probe,
 numerically faithful to the reference tools, with the protocol of each number explicit."""
 
 from latentforge_metrics.generative import (
     FID,
+    KID,
     RFID,
     SFID,
     FDDINOv2,
@@ -11,10 +12,12 @@ from latentforge_metrics.generative import (
     evaluate_npz,
     inception_score,
     inception_score_adm,
+    kernel_inception_distance,
     precision_recall,
 )
 from latentforge_metrics.inception import PROTOCOLS, FIDInceptionV3, fid_inception_v3, preprocess
 from latentforge_metrics.npz import (
+    KNOWN_REFERENCES,
     ReferenceFileError,
     SampleWriter,
     iter_npz_images,
@@ -22,6 +25,7 @@ from latentforge_metrics.npz import (
     save_fid_stats,
     save_reference,
     save_samples,
+    verify_reference,
 )
 from latentforge_metrics.probe import LinearProbe
 from latentforge_metrics.reconstruction import PSNR, SSIM, psnr, ssim
@@ -35,6 +39,8 @@ __all__ = [
     "FIDInceptionV3",
     "GaussianStats",
     "InceptionScore",
+    "KID",
+    "KNOWN_REFERENCES",
     "LinearProbe",
     "PROTOCOLS",
     "PSNR",
@@ -50,6 +56,7 @@ __all__ = [
     "inception_score",
     "inception_score_adm",
     "iter_npz_images",
+    "kernel_inception_distance",
     "load_reference",
     "precision_recall",
     "preprocess",
@@ -58,4 +65,5 @@ __all__ = [
     "save_reference",
     "save_samples",
     "ssim",
+    "verify_reference",
 ]

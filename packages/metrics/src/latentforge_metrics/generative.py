@@ -1,4 +1,5 @@
-"""Distribution metrics of generated images: FID, sFID, rFID, FD-DINOv2, Inception Score, precision/recall.
+"""Distribution metrics of generated images: FID, sFID, rFID, FD-DINOv2, KID, Inception Score and
+precision/recall.
 
 Every metric has ``update`` / ``compute`` / ``reset`` / ``merge`` and states its protocol: which
 preprocessing feeds the Inception (``protocol=``, see ``inception.PROTOCOLS``), which reference
@@ -28,7 +29,7 @@ from latentforge_metrics.inception import (
     get_protocol,
     preprocess,
 )
-from latentforge_metrics.npz import ReferenceStats, iter_npz_images, load_reference
+from latentforge_metrics.npz import ReferenceStats, iter_npz_images, load_reference, verify_reference
 from latentforge_metrics.stats import (
     FeatureBank,
     GaussianStats,
@@ -119,6 +120,43 @@ def precision_recall(real, fake, k: int = 3, batch_size: int = 10000, device=Non
     }
 
 
+def _mmd2_cubic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unbiased MMD² of two sets of m rows under k(a, b) = (a·b / d + 1)³ (self-pairs left out)."""
+    m, d = x.shape
+    k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))  # [m, m] each
+    within = k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()
+    return within / (m * (m - 1)) - 2 * k_xy.sum() / m**2
+
+
+def kernel_inception_distance(
+    fake, real, subsets: int = 100, subset_size: int = 1000, seed: int = 2020, device=None
+) -> tuple[float, float]:
+    """(mean, std) of the unbiased MMD² over ``subsets`` random subsets, as torch-fidelity draws them:
+    ``RandomState(seed).choice(n, subset_size, replace=False)``, generated set first, then real;
+    float64; std with ddof 0 (torch-fidelity, torchmetrics). clean-fid's ``kernel_distance`` is the same
+    estimator on unseeded subsets and returns only the mean."""
+    device = resolve_device(device)
+    fake, real = (torch.as_tensor(f).to(device, torch.float64) for f in (fake, real))
+    if fake.ndim != 2 or real.ndim != 2 or fake.shape[1] != real.shape[1]:
+        raise InputError(
+            f"features must be [N, D] with one D, got {tuple(fake.shape)} and {tuple(real.shape)}"
+        )
+    if subsets < 1 or subset_size < 2:
+        raise InputError(f"KID needs subsets ≥ 1 and subset_size ≥ 2, got {subsets} and {subset_size}")
+    if min(fake.shape[0], real.shape[0]) < subset_size:
+        raise InputError(
+            f"KID with subset_size={subset_size} needs at least that many generated and reference samples, "
+            f"got {fake.shape[0]} and {real.shape[0]}: give more samples or a smaller subset_size"
+        )
+    rng = np.random.RandomState(seed)
+    mmds = []
+    for _ in range(subsets):
+        f = fake[torch.from_numpy(rng.choice(fake.shape[0], subset_size, replace=False)).to(device)]
+        r = real[torch.from_numpy(rng.choice(real.shape[0], subset_size, replace=False)).to(device)]
+        mmds.append(_mmd2_cubic(f, r).item())
+    return float(np.mean(mmds)), float(np.std(mmds))
+
+
 # ------------------------------------------------------------------------------------------------
 # Shared pieces
 # ------------------------------------------------------------------------------------------------
@@ -154,15 +192,18 @@ class FrechetMetric:
     dim: int | None = None
     reference_key = "fid"  # which statistics of a reference file this metric compares with
 
-    def __init__(self, reference=None):
+    def __init__(self, reference=None, check_reference: bool = True):
         self.fake, self.real = GaussianStats(self.dim), GaussianStats(self.dim)
         self.reference: GaussianStats | None = None
         if reference is not None:
-            self.set_reference(reference)
+            self.set_reference(reference, check_reference)
 
-    def set_reference(self, reference) -> None:
-        """A path (ADM or pytorch-fid ``.npz``), ``ReferenceStats``, ``GaussianStats`` or ``(mu, sigma)``."""
+    def set_reference(self, reference, check: bool = True) -> None:
+        """A path (ADM or pytorch-fid ``.npz``), ``ReferenceStats``, ``GaussianStats`` or ``(mu, sigma)``.
+        A path named like a known ADM reference batch must match its SHA-256 unless ``check=False``."""
         if isinstance(reference, str | os.PathLike):
+            if check:
+                verify_reference(reference)
             reference = load_reference(reference)
         if isinstance(reference, ReferenceStats):
             stats = getattr(reference, self.reference_key)
@@ -223,15 +264,23 @@ class FrechetMetric:
 # ------------------------------------------------------------------------------------------------
 class FID(FrechetMetric, _UsesInception):
     """FID on 2048-d pool3 features. ``protocol``: "torch-fidelity" (= "adm", TF graph), "pytorch-fid",
-    "torchmetrics"; references computed with one protocol only compare with images fed by it."""
+    "torchmetrics", "clean" (clean-fid); references computed with one protocol only compare with images
+    fed by it."""
 
     dim, feature = 2048, "pool3"
 
     def __init__(
-        self, reference=None, *, protocol="torch-fidelity", weights=None, inception=None, device=None
+        self,
+        reference=None,
+        *,
+        protocol="torch-fidelity",
+        weights=None,
+        inception=None,
+        device=None,
+        check_reference: bool = True,
     ):
         self._setup_inception(protocol, weights, inception, device)
-        super().__init__(reference)
+        super().__init__(reference, check_reference)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.inception_features(images, (self.feature,))[self.feature]
@@ -290,27 +339,18 @@ class InceptionScore(_UsesInception):
         self.logits.merge(other.logits)
 
 
-class PrecisionRecall(_UsesInception):
-    """Improved precision/recall on pool3 (k = 3). ``reference``: an ADM ``.npz`` with ``arr_0`` images,
-    a real-feature tensor ``[N, 2048]``, or real images given with ``update(images, real=True)``."""
+class _Pool3Sets(_UsesInception):
+    """Generated and real pool3 rows kept whole (P/R and KID need the samples, not moments). The real
+    set: an ADM ``.npz`` whose ``arr_0`` images are fed on first use, a feature tensor ``[N, 2048]``,
+    or real images given with ``update(images, real=True)``."""
 
-    def __init__(
-        self,
-        reference=None,
-        *,
-        k: int = 3,
-        batch_size: int = 10000,
-        protocol="torch-fidelity",
-        weights=None,
-        inception=None,
-        device=None,
-    ):
-        self.k, self.batch_size = k, batch_size
-        self._setup_inception(protocol, weights, inception, device)
+    def _setup_sets(self, reference, check_reference: bool) -> None:
         self.fake, self.real = FeatureBank(2048), FeatureBank(2048)
         self.reference_features: torch.Tensor | None = None
         self.reference_path = None
         if isinstance(reference, str | os.PathLike):
+            if check_reference:
+                verify_reference(reference)
             self.reference_path = Path(reference)
         elif reference is not None:
             self.reference_features = torch.as_tensor(reference).float()
@@ -324,7 +364,7 @@ class PrecisionRecall(_UsesInception):
 
     def update_features(self, features: torch.Tensor, real: bool = False) -> None:
         if real and (self.reference_path is not None or self.reference_features is not None):
-            raise InputError("PrecisionRecall has a fixed reference; real images are not accumulated")
+            raise InputError(f"{type(self).__name__} has a fixed reference; real images are not accumulated")
         (self.real if real else self.fake).update(features)
 
     def _reference(self) -> torch.Tensor:
@@ -336,20 +376,73 @@ class PrecisionRecall(_UsesInception):
         if self.reference_features is not None:
             return self.reference_features
         if not self.real.parts and distributed_world() == 1:
-            raise InputError("PrecisionRecall has no reference: pass reference= or update(images, real=True)")
+            raise InputError(
+                f"{type(self).__name__} has no reference: pass reference= or update(images, real=True)"
+            )
         return self.real.gathered()
-
-    def compute(self) -> dict[str, float]:
-        return precision_recall(self._reference(), self.fake.gathered(), self.k, self.batch_size, self.device)
 
     def reset(self) -> None:
         self.fake.reset()
         self.real.reset()
 
-    def merge(self, other: PrecisionRecall) -> None:
+    def merge(self, other: _Pool3Sets) -> None:
         _check_same(self, other)
         self.fake.merge(other.fake)
         self.real.merge(other.real)
+
+
+class PrecisionRecall(_Pool3Sets):
+    """Improved precision/recall on pool3 (k = 3). ``reference``: an ADM ``.npz`` with ``arr_0`` images,
+    a real-feature tensor ``[N, 2048]``, or real images given with ``update(images, real=True)``."""
+
+    def __init__(
+        self,
+        reference=None,
+        *,
+        k: int = 3,
+        batch_size: int = 10000,
+        protocol="torch-fidelity",
+        weights=None,
+        inception=None,
+        device=None,
+        check_reference: bool = True,
+    ):
+        self.k, self.batch_size = k, batch_size
+        self._setup_inception(protocol, weights, inception, device)
+        self._setup_sets(reference, check_reference)
+
+    def compute(self) -> dict[str, float]:
+        return precision_recall(self._reference(), self.fake.gathered(), self.k, self.batch_size, self.device)
+
+
+class KID(_Pool3Sets):
+    """Kernel Inception Distance (Bińkowski et al. 2018): unbiased MMD² under the cubic kernel
+    (x·y / 2048 + 1)³ on pool3, averaged over ``subsets`` random subsets of ``subset_size`` per set
+    (torch-fidelity, torchmetrics and clean-fid defaults: 100 × 1000), drawn as torch-fidelity draws
+    them. ``reference`` as for ``PrecisionRecall``; ``protocol="clean"`` feeds images as clean-fid."""
+
+    def __init__(
+        self,
+        reference=None,
+        *,
+        subsets: int = 100,
+        subset_size: int = 1000,
+        seed: int = 2020,
+        protocol="torch-fidelity",
+        weights=None,
+        inception=None,
+        device=None,
+        check_reference: bool = True,
+    ):
+        self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+        self._setup_inception(protocol, weights, inception, device)
+        self._setup_sets(reference, check_reference)
+
+    def compute(self) -> dict[str, float]:
+        mean, std = kernel_inception_distance(
+            self.fake.gathered(), self._reference(), self.subsets, self.subset_size, self.seed, self.device
+        )
+        return {"kid": mean, "kid_std": std}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,13 +507,18 @@ def evaluate_npz(
     inception=None,
     batch_size: int = 64,
     device=None,
+    check_reference: bool = True,
 ) -> dict[str, float]:
     """IS, FID, sFID, precision and recall of an ADM sample batch against an ADM reference batch,
-    with the evaluator's protocol (TF preprocessing, 5000-sample IS splits, k = 3)."""
-    fid = FID(reference, protocol="adm", weights=weights, inception=inception, device=device)
-    sfid = SFID(reference, protocol="adm", inception=fid.inception, device=device)
+    with the evaluator's protocol (TF preprocessing, 5000-sample IS splits, k = 3). A reference named
+    like a known ADM batch must match its SHA-256 unless ``check_reference=False``."""
+    if check_reference:
+        verify_reference(reference)
+    stats = load_reference(reference)
+    fid = FID(stats, protocol="adm", weights=weights, inception=inception, device=device)
+    sfid = SFID(stats, protocol="adm", inception=fid.inception, device=device)
     isc = InceptionScore(protocol="adm", inception=fid.inception)
-    prc = PrecisionRecall(reference, protocol="adm", inception=fid.inception)
+    prc = PrecisionRecall(reference, protocol="adm", inception=fid.inception, check_reference=False)
     for batch in iter_npz_images(samples, batch_size):
         out = fid.inception_features(batch, ("pool3", "logits", "spatial"))
         fid.update_features(out["pool3"])

@@ -3,8 +3,9 @@
 Every FID in the literature comes from this one set of weights, but the tools feed it differently:
 pytorch-fid resizes with PyTorch's half-pixel bilinear and maps [0, 1] to [-1, 1]; the TF graph (the
 ADM evaluator, TTUR) and torch-fidelity quantise to uint8, resize with TF1's bilinear (no half-pixel
-offset) and map 0..255 with (x - 128) / 128. The features differ by 1-3 % between these paths, so the
-protocol is an explicit argument here, never a hidden default of a helper.
+offset) and map 0..255 with (x - 128) / 128; clean-fid resizes with PIL's antialiased bicubic on float
+pixels. The features differ by 1-3 % between these paths, so the protocol is an explicit argument
+here, never a hidden default of a helper.
 
 The network differs from torchvision's InceptionV3 as the TF graph does: average pools in the
 A/C/E blocks leave the padded zeros out, and the last block (Mixed_7c) pools with a max. Parameter
@@ -42,7 +43,7 @@ class InceptionProtocol:
 
     name: str
     quantize: str | None  # float images → uint8 first: "round" (saved samples), "floor" (torchmetrics)
-    resize: str  # "tf1-bilinear" | "bilinear" | "bilinear-antialias"
+    resize: str  # "tf1-bilinear" | "bilinear" | "bilinear-antialias" | "pil-bicubic"
     normalize: str  # "tf": (x - 128) / 128 on 0..255;  "2x-1": 2x - 1 on [0, 1]
 
 
@@ -54,8 +55,15 @@ PROTOCOLS: dict[str, InceptionProtocol] = {
     "pytorch-fid": InceptionProtocol("pytorch-fid", None, "bilinear", "2x-1"),
     # torchmetrics >= 1.8 FrechetInceptionDistance(normalize=True) defaults: truncation, antialias.
     "torchmetrics": InceptionProtocol("torchmetrics", "floor", "bilinear-antialias", "tf"),
+    # clean-fid's default mode="clean": PIL bicubic of float pixels (antialiased), never quantised.
+    "clean": InceptionProtocol("clean", None, "pil-bicubic", "tf"),
 }
-PROTOCOL_ALIASES = {"adm": "torch-fidelity", "tf": "torch-fidelity", "ttur": "torch-fidelity"}
+PROTOCOL_ALIASES = {
+    "adm": "torch-fidelity",
+    "tf": "torch-fidelity",
+    "ttur": "torch-fidelity",
+    "clean-fid": "clean",
+}
 
 
 def get_protocol(protocol: str | InceptionProtocol) -> InceptionProtocol:
@@ -120,12 +128,31 @@ def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     return rows @ x @ cols.T  # [B, C, size, size]
 
 
+def resize_pil_bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
+    """PIL's ``resize(BICUBIC)`` of float ``[B, C, H, W]`` on 0..255, each channel an 'F'-mode image.
+
+    PIL filters horizontally, then vertically, with a = -0.5 cubic weights widened by the downscale factor
+    (antialias), sums in float64 and stores float32 after each pass; torch's antialiased bicubic has
+    PIL's weights, so two float64 passes with float32 rounding between them give PIL's values (clean-fid
+    ``make_resizer("PIL", False, "bicubic", ...)``, which then clips to 0..255).
+    """
+    x = x.double()
+    if x.shape[-1] != size:  # PIL skips a pass whose size does not change
+        x = F.interpolate(x, size=(x.shape[-2], size), mode="bicubic", antialias=True, align_corners=False)
+        x = x.float().double()
+    if x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.float().clamp_(0, 255)  # [B, C, size, size]
+
+
 def _resize(x: torch.Tensor, mode: str) -> torch.Tensor:
     if x.shape[-2:] == (INPUT_SIZE, INPUT_SIZE):
         return x  # every resize of these protocols is the identity at 299
     with torch.autocast(x.device.type, enabled=False):  # fp32 inside a caller's autocast too
         if mode == "tf1-bilinear":
             return resize_tf1_bilinear(x, INPUT_SIZE)
+        if mode == "pil-bicubic":
+            return resize_pil_bicubic(x, INPUT_SIZE)
         size = (INPUT_SIZE, INPUT_SIZE)
         return F.interpolate(
             x, size=size, mode="bilinear", align_corners=False, antialias=mode == "bilinear-antialias"

@@ -7,10 +7,15 @@
 
 ``SampleWriter`` streams samples into ``arr_0.npy`` inside the zip, as the evaluator streams them
 out, so 50,000 samples at 512 px never sit in memory at once.
+
+A reference whose file name is one of ``KNOWN_REFERENCES`` is checked against its published SHA-256
+before use (``verify_reference``): a truncated download or another file saved under that name would
+otherwise give a plausible but wrong FID.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from collections.abc import Iterator
@@ -28,6 +33,60 @@ from latentforge_metrics.stats import GaussianStats
 
 class ReferenceFileError(LatentforgeError, ValueError):
     """An ``.npz`` that is missing, truncated, corrupted or lacks the arrays a metric needs."""
+
+
+@attrs.frozen
+class KnownReference:
+    """A published reference file: what its bytes hash to, its size and where it is downloaded."""
+
+    sha256: str
+    size: int  # bytes
+    url: str
+
+
+ADM_REF_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches"
+
+# The ADM evaluator's reference batches (guided-diffusion evaluations/README.md), by file name. Only
+# hashes found in public material are listed; VIRTUAL_imagenet{64,128}_labeled.npz, VIRTUAL_imagenet512.npz
+# and the LSUN batches are not, so they are not checked.
+KNOWN_REFERENCES: dict[str, KnownReference] = {
+    # Git LFS pointer of github.com/ruizegao/efficient-dit @ 7431e920, VIRTUAL_imagenet256_labeled.npz;
+    # the same hash and size are pinned by other public evaluation scripts that download the ADM URL.
+    "VIRTUAL_imagenet256_labeled.npz": KnownReference(
+        "b32732719497e42660a9affb4a966068cba0855ac449b82015e34ec376d20758",
+        2_037_122_530,
+        f"{ADM_REF_BATCHES}/imagenet/256/VIRTUAL_imagenet256_labeled.npz",
+    ),
+}
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 16 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks: reference batches hold gigabytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_reference(path: str | os.PathLike) -> bool:
+    """Check a file named like a known ADM reference batch against its SHA-256; False if not known."""
+    path = Path(path)
+    known = KNOWN_REFERENCES.get(path.name)
+    if known is None:
+        return False
+    if not path.is_file():
+        raise MissingFileError(f"reference file not found: {path}")
+    found = file_sha256(path)
+    if found != known.sha256:
+        size = path.stat().st_size
+        sizes = f" ({size} bytes, the known file has {known.size})" if size != known.size else ""
+        raise ReferenceFileError(
+            f"{path} is not the ADM reference batch {path.name}: SHA-256 {found}{sizes}, expected "
+            f"{known.sha256}. Download it again from {known.url}; to use this file anyway, skip the "
+            "check with check_reference=false (evaluate) or check_reference=False (metrics)"
+        )
+    return True
 
 
 @attrs.frozen

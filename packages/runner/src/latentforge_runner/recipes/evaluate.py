@@ -2,15 +2,32 @@
 
     latentforge run evaluate samples=runs/sample/samples.npz reference=VIRTUAL_imagenet256_labeled.npz \\
         metrics=[fid,sfid,inception-score,precision-recall] protocol=adm weights=pt_inception-2015-12-05.pth
-    latentforge run evaluate samples=runs/sample/images reference=/data/imagenet/val image_size=256
+    latentforge run evaluate samples=runs/sample/images reference=/data/imagenet-val-256 image_size=256 \\
+        metrics=[fid,inception-score] protocol=torch-fidelity
 
 ``samples`` and ``reference`` are ADM-style ``.npz`` files (``arr_0`` uint8 ``[N, H, W, 3]``) or image
 folders (ADM center crop to ``image_size``).  A reference ``.npz`` with ``mu``/``sigma`` serves FID and
 sFID through its statistics, as the ADM evaluator does; otherwise its images are fed as real ones.
+A reference named like a known ADM batch (``VIRTUAL_imagenet256_labeled.npz``) must match its published
+SHA-256 (``check_reference=false`` skips the check).
+
 Metrics compare in one of three ways, read from their ``update`` signature: against real images
-(``real=``: FID, precision/recall, FD-DINOv2), pairwise with the reference image of the same index
+(``real=``: FID, KID, precision/recall, FD-DINOv2), pairwise with the reference image of the same index
 (``target``: rFID, PSNR, SSIM), or on the samples alone (Inception Score).  The Inception metrics
 share one network and one forward pass per batch.
+
+Which protocol each paper used (``protocol`` picks the Inception preprocessing; ``kid`` and every
+Inception metric follow it):
+
+* RAE, LightningDiT (the ADM suite): ``protocol=adm`` (TF preprocessing; the Inception Score then
+  splits as the evaluator, 5000 per split, no shuffle) against ``VIRTUAL_imagenet256_labeled.npz``,
+  ``metrics=[fid,sfid,inception-score,precision-recall]``; 50,000 samples.
+* DiGIT (torch-fidelity, MAGE's protocol): ``protocol=torch-fidelity``, ``metrics=[fid,inception-score]``
+  against the 50,000 ImageNet validation images resized to 256 (torchvision ``Resize(256)``, bilinear)
+  and center-cropped, saved as 256 px PNGs (DiGIT's ``prepare_imgnet_val.py``); ``image_size=256`` reads
+  them unchanged (the ADM crop of a 256 px image is the identity). Its numbers do not compare with the
+  ADM suite's (another reference set).
+* clean-fid: ``protocol=clean`` (PIL bicubic resize of float pixels), with ``kid`` for its KID.
 
 When the samples come from a ``sample`` run with a ``paper`` block (the ``repro-*`` configs), the
 ``protocol.json`` beside them holds the published figure: ``evaluation.json`` then gains ``paper`` (that
@@ -31,8 +48,9 @@ import attrs
 import torch
 
 from latentforge_core import registry
-from latentforge_metrics.generative import FID, InceptionScore, PrecisionRecall
+from latentforge_metrics.generative import FID, KID, InceptionScore, PrecisionRecall
 from latentforge_metrics.inception import fid_inception_v3
+from latentforge_metrics.npz import verify_reference
 from latentforge_runner import distributed
 from latentforge_runner.config import ConfigError, Settings, accepts, setting, settings
 from latentforge_runner.data import DataError, ImageSource, reference_statistics
@@ -50,11 +68,12 @@ class EvaluateSettings(Settings):
     reference: str | None = None  # an .npz (statistics and/or arr_0) or an image folder
     metrics: list[str] = attrs.field(factory=lambda: ["fid"])  # names in the metrics registry
     params: dict = attrs.field(factory=dict)  # per metric: {fid: {protocol: adm}, …}
-    protocol: str = "torch-fidelity"  # Inception preprocessing, for metrics that take one
+    protocol: str = "torch-fidelity"  # Inception preprocessing: torch-fidelity (= adm), pytorch-fid, clean, …
     weights: str | None = None  # FID Inception weights file (default: the torch hub cache); never downloaded
     image_size: int | None = setting(None, ge=1)  # ADM center crop for image folders
     batch_size: int = setting(64, ge=1)  # images per forward pass
     report: str | None = None  # default: <output_dir>/evaluation.json
+    check_reference: bool = True  # a known ADM reference batch must match its SHA-256
 
     def __attrs_post_init__(self):
         if not self.metrics:
@@ -78,7 +97,7 @@ def _inception_output(metric: Any) -> str | None:
         return metric.feature  # pool3 (FID, rFID) or spatial (sFID)
     if isinstance(metric, InceptionScore):
         return "logits"
-    if isinstance(metric, PrecisionRecall):
+    if isinstance(metric, PrecisionRecall | KID):
         return "pool3"
     return None
 
@@ -104,6 +123,8 @@ class EvaluateRecipe:
         self.reference = ImageSource(cfg.reference, cfg.image_size, "reference") if cfg.reference else None
         self.ref_stats = None
         if self.reference is not None and self.reference.folder is None:
+            if cfg.check_reference and verify_reference(self.reference.path):
+                log.info("%s matches the SHA-256 of the published file", self.reference.path)
             self.ref_stats = reference_statistics(self.reference.path)  # None: a file of images only
         factories = {name: registry.metrics.get(name) for name in cfg.metrics}
         shared = None
