@@ -16,6 +16,7 @@ from latentforge_runner.data import (
     ResumableBatchSampler,
     center_crop_arr,
     collate,
+    resize_center_crop_arr,
 )
 from latentforge_runner.training import TrainingSettings
 
@@ -29,6 +30,19 @@ def test_adm_center_crop_halves_with_box_then_bicubic():
     halved = wide.resize((150, 100), Image.BOX)  # 200 ≥ 128: one halving, 100 < 128: stop
     scaled = np.asarray(halved.resize((96, 64), Image.BICUBIC))
     assert out.shape == (64, 64, 3) and np.array_equal(out, scaled[:, 16:80])
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "rocket", "rocket-portrait"])
+@pytest.mark.parametrize("size", [64, 256])
+def test_resize_crop_equals_torchvision_resize_then_center_crop(name, size):
+    """DiGIT's ImageNet-val reference (prepare_imgnet_val.py): Resize(size) bilinear + CenterCrop(size)."""
+    import skimage.data
+    from torchvision import transforms
+
+    arr = getattr(skimage.data, name.removesuffix("-portrait"))()  # square, 300×451, 427×640
+    image = Image.fromarray(arr.transpose(1, 0, 2) if name.endswith("-portrait") else arr).convert("RGB")
+    theirs = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])(image)
+    assert np.array_equal(resize_center_crop_arr(image, size), np.asarray(theirs))
 
 
 def _folder(root, corrupt=0):

@@ -29,7 +29,11 @@ from latentforge_runner.config import ConfigError, SettingError, Settings, setti
 
 log = logging.getLogger("latentforge")
 
-CROPS = ("center", "random")
+CROPS = (
+    "center",
+    "random",
+    "resize",
+)  # ADM's center crop; short side → resize, random crop; torchvision Resize+CenterCrop
 # What PIL raises on a corrupt, truncated, unknown or oversized (decompression-bomb) image file.
 UNREADABLE = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".JPEG")
@@ -116,6 +120,18 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
     arr = np.asarray(image)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def resize_center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """torchvision's ``Resize(size)`` (bilinear, short side to ``size``) then ``CenterCrop(size)``: how
+    DiGIT prepares its ImageNet-val reference (``prepare_imgnet_val.py``)."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    long = int(size * long / short)
+    image = image.resize((size, long) if w <= h else (long, size), resample=Image.BILINEAR)
+    arr = np.asarray(image)
+    top, left = round((arr.shape[0] - size) / 2), round((arr.shape[1] - size) / 2)
     return arr[top : top + size, left : left + size]
 
 
@@ -207,6 +223,8 @@ class ImageFolder(torch.utils.data.Dataset):
                     )  # fmt: skip
                 if self.crop == "center":
                     arr = center_crop_arr(img.convert("RGB"), self.image_size)
+                elif self.crop == "resize":
+                    arr = resize_center_crop_arr(img.convert("RGB"), self.image_size)
                 else:
                     arr = random_crop_arr(img.convert("RGB"), self.image_size, self.resize, rng)
         except UNREADABLE as err:
@@ -395,16 +413,17 @@ def reference_statistics(path: str | os.PathLike):
 
 
 class ImageSource:
-    """``arr_0`` of an ``.npz``, or a folder read with the ADM crop (unreadable files skipped, counted)."""
+    """``arr_0`` of an ``.npz``, or a folder read with the ADM crop or ``crop="resize"`` (bilinear short
+    side, then the centre), unreadable files skipped and counted."""
 
-    def __init__(self, path: str | os.PathLike, image_size: int | None, what: str):
+    def __init__(self, path: str | os.PathLike, image_size: int | None, what: str, crop: str = "center"):
         self.path, self.image_size, self.skipped = Path(path), image_size, []
         if self.path.is_dir():
             if image_size is None:
                 raise ConfigError(
                     f"{what} {self.path} is an image folder: set image_size for its center crop"
                 )
-            self.folder = ImageFolder(self.path, image_size)
+            self.folder = ImageFolder(self.path, image_size, crop=crop)
         elif self.path.is_file():
             self.folder = None
         else:

@@ -24,9 +24,9 @@ Inception metric follow it):
   ``metrics=[fid,sfid,inception-score,precision-recall]``; 50,000 samples.
 * DiGIT (torch-fidelity, MAGE's protocol): ``protocol=torch-fidelity``, ``metrics=[fid,inception-score]``
   against the 50,000 ImageNet validation images resized to 256 (torchvision ``Resize(256)``, bilinear)
-  and center-cropped, saved as 256 px PNGs (DiGIT's ``prepare_imgnet_val.py``); ``image_size=256`` reads
-  them unchanged (the ADM crop of a 256 px image is the identity). Its numbers do not compare with the
-  ADM suite's (another reference set).
+  and center-cropped (DiGIT's ``prepare_imgnet_val.py``): ``reference=<val folder> image_size=256
+  crop=resize`` prepares them so from the raw JPEGs (a folder already prepared at 256 px reads
+  unchanged either way). Its numbers do not compare with the ADM suite's (another reference set).
 * clean-fid: ``protocol=clean`` (PIL bicubic resize of float pixels), with ``kid`` for its KID.
 
 When the samples come from a ``sample`` run with a ``paper`` block (the ``repro-*`` configs), the
@@ -42,7 +42,7 @@ import itertools
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -70,7 +70,9 @@ class EvaluateSettings(Settings):
     params: dict = attrs.field(factory=dict)  # per metric: {fid: {protocol: adm}, …}
     protocol: str = "torch-fidelity"  # Inception preprocessing: torch-fidelity (= adm), pytorch-fid, clean, …
     weights: str | None = None  # FID Inception weights file (default: the torch hub cache); never downloaded
-    image_size: int | None = setting(None, ge=1)  # ADM center crop for image folders
+    image_size: int | None = setting(None, ge=1)  # the crop size for image folders
+    # image folders: ADM's center crop, or torchvision's Resize (bilinear) + CenterCrop (DiGIT's val)
+    crop: Literal["center", "resize"] = "center"
     batch_size: int = setting(64, ge=1)  # images per forward pass
     report: str | None = None  # default: <output_dir>/evaluation.json
     check_reference: bool = True  # a known ADM reference batch must match its SHA-256
@@ -111,7 +113,7 @@ class EvaluateRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.run_dir, self.dist, self.logger = open_run("evaluate", cfg)
-        self.samples = ImageSource(cfg.samples, cfg.image_size, "samples")
+        self.samples = ImageSource(cfg.samples, cfg.image_size, "samples", cfg.crop)
         self.paper = _paper(Path(cfg.samples))
         if self.paper.get("protocol") not in (None, cfg.protocol):
             log.warning(
@@ -120,7 +122,9 @@ class EvaluateRecipe:
                 cfg.protocol,
                 self.paper["protocol"],
             )
-        self.reference = ImageSource(cfg.reference, cfg.image_size, "reference") if cfg.reference else None
+        self.reference = (
+            ImageSource(cfg.reference, cfg.image_size, "reference", cfg.crop) if cfg.reference else None
+        )
         self.ref_stats = None
         if self.reference is not None and self.reference.folder is None:
             if cfg.check_reference and verify_reference(self.reference.path):
