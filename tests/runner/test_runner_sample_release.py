@@ -210,3 +210,182 @@ def test_digit_release_bad_pairings(digit_release, tmp_path):
     without_stage2 = [a for a in argv if not a.startswith("stage2")]
     with pytest.raises(ConfigError, match="no pixel decoder .* give stage2 and stage2_tokenizer"):
         cli.run_recipe(*cli.load_settings("sample", None, without_stage2))
+
+
+# LightningDiT's protocol (repro-lightningdit-xl-800ep's sampler block) with a few steps.
+LIGHTNINGDIT_SAMPLER = {
+    "sampler": "euler",
+    "steps": 4,
+    "shift": 1 / 0.3,
+    "t_end": 0.0,
+    "cfg_scale": 6.7,
+    "cfg_interval": [0.0, 0.875],
+    "cfg_channels": 3,
+    "amp": False,
+}
+
+
+@pytest.fixture
+def lightningdit_release(tmp_path):
+    """LightningDiT's released files at tiny size: the DiT's {"model", "ema", "opt", "config"} .pt, the
+    VA-VAE's Lightning .pt ({"state_dict": …} with loss.*/foundation_model.*, no linear_proj) and
+    latents_stats.pt ({"mean", "std"}, each [1, C, 1, 1])."""
+    from layouts import write_latents_stats, write_lightningdit_release, write_vavae_release
+
+    torch.manual_seed(0)
+    generator = registry.generators.build("test-lightningdit", in_channels=8, input_size=8, num_classes=10)
+    ema = write_lightningdit_release(tmp_path / "lightningdit.pt", generator.backbone.state_dict(), seed=4)
+    torch.manual_seed(5)
+    write_vavae_release(tmp_path / "vavae.pt", registry.tokenizers.build("test-vavae-tiny").state_dict())
+    write_latents_stats(tmp_path / "latents_stats.pt", 8, seed=6)
+    return tmp_path, ema
+
+
+def _lightningdit_by_hand(folder, ema, labels, sampler):
+    """The released EMA (checked to be what the loader took) sampled from the per-index noise, decoded
+    by the released VA-VAE after z = z_n·std + mean."""
+    generator = registry.generators.build(
+        "test-lightningdit",
+        in_channels=8,
+        input_size=8,
+        num_classes=10,
+        pretrained=folder / "lightningdit.pt",
+    ).eval()
+    for k, v in generator.backbone.state_dict().items():
+        torch.testing.assert_close(v, ema[k], rtol=0, atol=0, msg=k)
+    tokenizer = registry.tokenizers.build(
+        "test-vavae-tiny", pretrained=folder / "vavae.pt", stats=folder / "latents_stats.pt"
+    ).eval()
+    parts = []
+    with torch.no_grad():
+        for start, y in zip((0, 5), labels.split(5), strict=True):
+            noise = initial_noise(0, range(start, start + 5), tokenizer.latent_shape)
+            z = generator.sample(y, noise=noise, **sampler)
+            parts.append(tokenizer.decode(z, normalize=True).float().clamp(0, 1))
+    return (torch.cat(parts) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("linear_proj", [False, True], ids=["vavae-inference-keys", "vavae-with-linear-proj"])
+def test_lightningdit_vavae_released_files_by_path(lightningdit_release, tmp_path, linear_proj):
+    """LightningDiT + VA-VAE from their released layouts with the official sampler's shape (Euler,
+    shift, CFG on the first 3 channels within an interval): samples.npz equals the chain by hand. The
+    VA-VAE file loads with or without the VF loss's linear_proj (training only)."""
+    import yaml
+    from layouts import write_vavae_release
+
+    folder, ema = lightningdit_release
+    if linear_proj:
+        torch.manual_seed(5)
+        state = registry.tokenizers.build("test-vavae-tiny").state_dict()
+        write_vavae_release(folder / "vavae.pt", state, linear_proj=True)
+    argv = [
+        "generator.name=test-lightningdit",
+        f"generator.params.pretrained={folder / 'lightningdit.pt'}",
+        "tokenizer.name=test-vavae-tiny",
+        f"tokenizer.params={{pretrained: {folder / 'vavae.pt'}, stats: {folder / 'latents_stats.pt'}}}",
+        "num_classes=10",
+        "num_samples=10",
+        "batch_size=5",
+        "write_png=false",
+        f"sampler={yaml.safe_dump(LIGHTNINGDIT_SAMPLER, default_flow_style=True).strip()}",
+        f"run.output_dir={tmp_path / 'o'}",
+    ]
+    cli.run_recipe(*cli.load_settings("sample", None, argv))
+    with np.load(tmp_path / "o" / "samples.npz") as f:
+        arr, labels = f["arr_0"], f["arr_1"]
+    assert arr.shape == (10, 32, 32, 3) and labels.tolist() == list(range(10))
+    by_hand = _lightningdit_by_hand(folder, ema, torch.arange(10), LIGHTNINGDIT_SAMPLER)
+    assert np.abs(arr.astype(int) - by_hand.astype(int)).max() <= 1
+    assert arr.std() > 5  # not one flat colour: the weights reached the pixels
+
+
+def _hub_cache(monkeypatch, cache, files):
+    """A local huggingface_hub cache holding ``files`` ({"org/repo/path": source}) at COMMIT, offline."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    for name, source in files.items():
+        org, repo, path = name.split("/", 2)
+        folder = cache / f"models--{org}--{repo}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(COMMIT)
+        (folder / "snapshots" / COMMIT / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "snapshots" / COMMIT / path).write_bytes(source.read_bytes())
+
+
+def test_lightningdit_repro_config_by_hub_id_offline(lightningdit_release, tmp_path, monkeypatch):
+    """The repro-lightningdit-xl-800ep config itself, its hub ids served from a local cache offline, with
+    only the sizes overridden (the tiny models, 10 classes, 10 samples, 4 steps): its protocol's
+    random labels, shift, CFG scale/channels/interval reach samples.npz as the chain by hand makes it."""
+    import json
+
+    folder, ema = lightningdit_release
+    dit = "hustvl/lightningdit-xl-imagenet256-800ep/lightningdit-xl-imagenet256-800ep.pt"
+    vae = "hustvl/vavae-imagenet256-f16d32-dinov2"
+    _hub_cache(
+        monkeypatch,
+        tmp_path / "hub",
+        {
+            dit: folder / "lightningdit.pt",
+            f"{vae}/vavae-imagenet256-f16d32-dinov2.pt": folder / "vavae.pt",
+            f"{vae}/latents_stats.pt": folder / "latents_stats.pt",
+        },
+    )
+    overrides = [
+        "generator.name=test-lightningdit",
+        f"generator.params.pretrained=hf:{dit}",
+        "tokenizer.name=test-vavae-tiny",
+        f"tokenizer.params.pretrained=hf:{vae}/vavae-imagenet256-f16d32-dinov2.pt",
+        f"tokenizer.params.stats=hf:{vae}/latents_stats.pt",
+        "num_classes=10",
+        "num_samples=10",
+        "batch_size=5",
+        "sampler.steps=4",
+        f"run.output_dir={tmp_path / 'o'}",
+    ]
+    recipe, cfg = cli.load_settings(None, "repro-lightningdit-xl-800ep", overrides)
+    assert recipe == "sample" and cfg.sampler == LIGHTNINGDIT_SAMPLER and cfg.labels == "random"
+    cli.run_recipe(recipe, cfg)
+    with np.load(tmp_path / "o" / "samples.npz") as f:
+        arr, labels = f["arr_0"], f["arr_1"]
+    # labels=random: uniform draws seeded by run.seed (0), as torch.randint over the classes
+    expected = torch.randint(10, (10,), generator=torch.Generator().manual_seed(0))
+    assert labels.tolist() == expected.tolist() and len(set(labels.tolist())) > 1
+    by_hand = _lightningdit_by_hand(folder, ema, expected, LIGHTNINGDIT_SAMPLER)
+    assert np.abs(arr.astype(int) - by_hand.astype(int)).max() <= 1
+    protocol = json.loads((tmp_path / "o" / "protocol.json").read_text())
+    assert protocol["paper"]["fid"] == 1.35 and protocol["sampler"] == LIGHTNINGDIT_SAMPLER
+    assert protocol["generator"]["params"]["pretrained"] == f"hf:{dit}"
+
+
+DIGIT_HUB = {  # each released file's setting and its hub id in the test cache
+    "stage1_cond.pt": "generator.params.pretrained",
+    "km_8k.npy": "tokenizer.params.centroids",
+    "stage2.pt": "stage2.params.pretrained",
+    "vqgan_jax_strongaug.ckpt": "stage2_tokenizer.params.pretrained",
+}
+
+
+@pytest.mark.parametrize(
+    "by_id",
+    [
+        pytest.param(("stage1_cond.pt", "stage2.pt", "vqgan_jax_strongaug.ckpt"), id="checkpoints"),
+        pytest.param(tuple(DIGIT_HUB), id="checkpoints-and-centroids"),
+    ],
+)
+def test_digit_released_files_by_hub_id_offline(digit_release, tmp_path, monkeypatch, by_id):
+    """DiGIT's released files (stage 1, the K-Means centroids, stage 2, MAGE's VQGAN) named by hub ids
+    served from a local cache offline (the local copies deleted): the same samples.npz as by path."""
+    folder, repo = digit_release, "DAMO-NLP-SG/DiGIT-tiny"
+    _hub_cache(monkeypatch, tmp_path / "hub", {f"{repo}/{n}": folder / n for n in DIGIT_HUB})
+    argv = _digit_argv(folder, "stage1_cond.pt", 10, tmp_path / "p")
+    cli.run_recipe(*cli.load_settings("sample", None, argv))
+    for name in by_id:  # only the cache has them now
+        (folder / name).unlink()
+    hub = [f"{DIGIT_HUB[n]}=hf:{repo}/{n}" for n in by_id]
+    cli.run_recipe(*cli.load_settings("sample", None, [*argv, *hub, f"run.output_dir={tmp_path / 'h'}"]))
+    with np.load(tmp_path / "p" / "samples.npz") as by_path, np.load(tmp_path / "h" / "samples.npz") as hub:
+        np.testing.assert_array_equal(hub["arr_0"], by_path["arr_0"])
+        np.testing.assert_array_equal(hub["arr_1"], by_path["arr_1"])

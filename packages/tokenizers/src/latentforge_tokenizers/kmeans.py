@@ -33,6 +33,7 @@ from latentforge_core.errors import (
     UnsupportedError,
     check_int,
 )
+from latentforge_core.hub import is_hub_id, resolve
 from latentforge_tokenizers.codebook import check_codebook, check_token_ids, nearest
 
 log = logging.getLogger(__name__)
@@ -346,7 +347,10 @@ def save_centroids(
 
 
 def load_centroids(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``(centroids [K, D] fp32, config)`` from our ``.safetensors`` or DiGIT's ``km_*.npy``."""
+    """``(centroids [K, D] fp32, config)`` from our ``.safetensors`` or DiGIT's ``km_*.npy`` (a path or
+    an ``hf:<org>/<repo>/<file>`` id)."""
+    if is_hub_id(path):
+        path = resolve(path)
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"centroid file not found: {path}")
