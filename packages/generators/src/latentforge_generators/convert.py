@@ -30,6 +30,7 @@ from latentforge_generators.dit import DiT
 from latentforge_generators.layers import Mlp, sincos_pos_embed_2d
 
 _PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, our FlowGenerator
+_TRAINING_ONLY = ("projectors.",)  # REPA's projector MLPs, saved inside its SiT checkpoints
 
 
 #################################################################################
@@ -53,7 +54,8 @@ def official_state_dict(obj: Mapping | str | os.PathLike) -> dict[str, torch.Ten
             raise CheckpointError(f"entry {name!r} is a {type(value).__name__}, expected a tensor")
         for prefix in _PREFIXES:
             name = name.removeprefix(prefix)
-        state[name] = value
+        if not name.startswith(_TRAINING_ONLY):
+            state[name] = value
     return state
 
 

@@ -136,6 +136,15 @@ class DiT(DiTBackbone):
         return unpatchify(h, self.patch_size, self.out_channels)  # B, C_out, H, W
 
 
+class SiT(DiT):
+    """REPA's SiT (sihyun-yu/REPA ``models/sit.py``): DiT's blocks trained as a linear flow with raw
+    t where t = 1 is the noise, and no σ head, so its released checkpoints load as they are (their
+    ``projectors.*`` are REPA's training-only projector).  ``DiT`` here, whose t = 0 is the noise, is
+    willisma/SiT's own convention: a ``dit-*`` flow generator is that SiT."""
+
+    time_convention = "noise_at_1"
+
+
 #################################################################################
 #                                   DiT sizes                                   #
 #################################################################################
@@ -150,4 +159,11 @@ SIZES: dict[str, dict] = {
     "dit-xl-2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
     # Tiny size for tests and CPU demos (not a published size).
     "test-dit": dict(depth=2, hidden_size=64, patch_size=2, num_heads=4),
+    # REPA's SiT (class SiT): the same sizes; /1 for f16d32 latents as in REPA-E.
+    "sit-s-2": dict(depth=12, hidden_size=384, patch_size=2, num_heads=6),
+    "sit-b-2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
+    "sit-l-2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
+    "sit-xl-2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+    "sit-xl-1": dict(depth=28, hidden_size=1152, patch_size=1, num_heads=16),
+    "test-sit": dict(depth=2, hidden_size=64, patch_size=2, num_heads=4),
 }

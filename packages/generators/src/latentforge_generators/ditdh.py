@@ -112,6 +112,11 @@ class DiTDH(DiTBackbone):
         self.final_layer = FinalLayer(head_hidden_size, patch_size**2 * in_channels, rmsnorm=True)
         self.initialize_weights()  # DiT's init and sin-cos table (DiTBackbone); compile_blocks() too
 
+    @property
+    def alignment_blocks(self) -> nn.ModuleList:
+        """The condition encoder's blocks: their tokens (width ``hidden_size``) are what REPA aligns."""
+        return self.blocks[: self.depth]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t, y = check_inputs(self, x, t, y)
         t_emb = self.t_embedder(t)  # B, D

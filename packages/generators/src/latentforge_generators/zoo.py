@@ -21,7 +21,7 @@ from torch import nn
 from latentforge_core.errors import InputTypeError
 from latentforge_generators import dit, ditdh, lightningdit
 from latentforge_generators.convert import load_official
-from latentforge_generators.dit import DiT
+from latentforge_generators.dit import DiT, SiT
 from latentforge_generators.ditdh import DiTDH
 from latentforge_generators.flow import FlowGenerator
 from latentforge_generators.lightningdit import LightningDiT
@@ -39,6 +39,8 @@ LIGHTNINGDIT = {"time_dist": "logit-normal", "cos_weight": 1.0, "sample_shift": 
 # sampling, sampler grid ending at shift(0.001).
 RAE = {"time_dist": "logit-normal", "t_max": 0.999, "shift": "auto", "sample_eps": 0.001}
 
+# REPA's SiT predicts the velocity only (out_channels = in_channels).
+NO_SIGMA = {"learn_sigma": False}
 # Tiny defaults of the test sizes, so ``build("test-dit")`` works with no arguments.
 TINY = {"in_channels": 4, "input_size": 8, "num_classes": 10}
 
@@ -115,6 +117,33 @@ def dit_xl_2(*, transport=None, **kwargs) -> FlowGenerator:
 
 def tiny_dit(*, transport=None, **kwargs) -> FlowGenerator:
     return _flow(DiT, dit.SIZES["test-dit"], SIT, transport, {**TINY, "learn_sigma": False}, kwargs)
+
+
+#################################################################################
+#                              SiT (REPA's)                                     #
+#################################################################################
+def sit_s_2(*, transport=None, **kwargs) -> FlowGenerator:
+    return _flow(SiT, dit.SIZES["sit-s-2"], SIT, transport, NO_SIGMA, kwargs)
+
+
+def sit_b_2(*, transport=None, **kwargs) -> FlowGenerator:
+    return _flow(SiT, dit.SIZES["sit-b-2"], SIT, transport, NO_SIGMA, kwargs)
+
+
+def sit_l_2(*, transport=None, **kwargs) -> FlowGenerator:
+    return _flow(SiT, dit.SIZES["sit-l-2"], SIT, transport, NO_SIGMA, kwargs)
+
+
+def sit_xl_2(*, transport=None, **kwargs) -> FlowGenerator:
+    return _flow(SiT, dit.SIZES["sit-xl-2"], SIT, transport, NO_SIGMA, kwargs)
+
+
+def sit_xl_1(*, transport=None, **kwargs) -> FlowGenerator:
+    return _flow(SiT, dit.SIZES["sit-xl-1"], SIT, transport, NO_SIGMA, kwargs)
+
+
+def tiny_sit(*, transport=None, **kwargs) -> FlowGenerator:
+    return _flow(SiT, dit.SIZES["test-sit"], SIT, transport, {**TINY, **NO_SIGMA}, kwargs)
 
 
 #################################################################################

@@ -11,6 +11,7 @@ as torchtune's ``config.validate`` does.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import inspect
 import io
@@ -248,12 +249,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # an optional value: its own error names the key inside it
+            return _convert(value, members[0], key)
+        for arg in members:
+            with contextlib.suppress(ConfigError):
                 return _convert(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
         if value not in args:

@@ -638,10 +638,16 @@ class TrainState:
         self.batches = Batches(data, num_items, t, dist)
         self.checkpointer = Checkpointer(run_dir, t.keep_checkpoints, dist, config or {})
         self.others: dict[str, tuple[torch.nn.Module, Optimization, str]] = {}
+        self.companions: dict[str, torch.nn.Module] = {}
         self.logs: dict[str, StepLog] = {}
         self._log_states: dict[str, Any] = {}  # the resumed checkpoint's, for step logs made later
         self.saved_step: int | None = None  # the step of the checkpoint last written or resumed from
         self.step = 0
+
+    def keep(self, name: str, module: torch.nn.Module) -> None:
+        """Save and resume ``module`` too, as ``<name>.safetensors``: a part the model's own optimiser
+        trains (its parameters among ``params``) that sampling does not use (REPA's projector)."""
+        self.companions[name] = module
 
     def add(self, name: str, module: torch.nn.Module, key: str) -> Optimization:
         """Optimise ``module`` too (AdamW with the same settings): its weights are saved as
@@ -663,7 +669,7 @@ class TrainState:
 
     def _weights(self) -> dict[str, torch.nn.Module]:
         weights = {"model": self.model} | ({"ema": self.ema.module} if self.ema is not None else {})
-        return weights | {name: module for name, (module, _, _) in self.others.items()}
+        return weights | self.companions | {name: module for name, (module, _, _) in self.others.items()}
 
     def step_log(self, logger: Any, desc: str) -> StepLog:
         """The :class:`StepLog` of this run under ``desc`` (its scalars are ``<desc>/…``), shown on the

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
+from latentforge_core.alignment import encoder_targets
 from latentforge_core.device import autocast
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, ConfigError, Settings, component, settings
+from latentforge_runner.config import Component, ConfigError, Settings, component, setting, settings
 from latentforge_runner.data import DataError, DataSettings, build_training_data
 from latentforge_runner.generation import (
     EvalSettings,
@@ -46,6 +47,16 @@ log = logging.getLogger("latentforge")
 
 
 @settings
+class AlignmentSettings(Settings):
+    """REPA: block ``depth``'s tokens aligned to a frozen encoder's patch features of the same images."""
+
+    encoder: Component = component("encoders")  # the frozen encoder (REPA: DINOv2-B/14, 224 px input)
+    depth: int = setting(8, ge=1)  # the block (counted from 1) whose output tokens are aligned
+    weight: float = setting(0.5, ge=0)  # λ: total loss = flow loss + λ · (−cosine similarity)
+    projector_dim: int = setting(2048, ge=1)  # the width of REPA's 3-layer MLP projector
+
+
+@settings
 class TrainGeneratorSettings(Settings):
     run: RunSettings = RunSettings(output_dir="runs/train-generator")  # where and on what it runs
     data: DataSettings = DataSettings()  # the images (or their cached latents) to learn
@@ -54,6 +65,7 @@ class TrainGeneratorSettings(Settings):
     generator: Component = component("generators", injected=("in_channels", "input_size", "num_classes"))
     training: TrainingSettings = TrainingSettings()  # optimisation, schedule, EMA, checkpoints
     eval: EvalSettings = EvalSettings()  # sample grids, sampler, autoguidance, online FID
+    alignment: AlignmentSettings | None = None  # REPA: align a block's tokens to an encoder's features
 
 
 class TrainGeneratorRecipe:
@@ -65,6 +77,11 @@ class TrainGeneratorRecipe:
     # -------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.training
+        if cfg.alignment is not None and cfg.data.name == "latents":
+            raise ConfigError(
+                "alignment (REPA) computes the encoder's features of the training images, but data.name is "
+                "latents (a cache holds no pixels): train from the images (data.name: folder or digits)"
+            )
         self.run_dir, self.dist, self.logger = open_run("train-generator", cfg)
         self.device = self.dist.device
         self.dataset = build_training_data(cfg.data, cfg.tokenizer.name, t.seed)
@@ -92,7 +109,9 @@ class TrainGeneratorRecipe:
         torch.manual_seed(cfg.run.seed)  # every process builds the same initial weights
         shape = generator_shapes(self.tokenizer, cfg.data.num_classes)
         self.generator = cfg.generator.build("generators", **shape).to(self.device)
-        self.model = distributed.wrap(self.generator, self.dist, method="loss", compile=t.compile)
+        self.repa = self._alignment() if cfg.alignment is not None else None
+        trained = self.repa if self.repa is not None else self.generator  # the projector trains too
+        self.model = distributed.wrap(trained, self.dist, method="loss", compile=t.compile)
         self.state = TrainState(
             self.generator,
             t,
@@ -101,11 +120,33 @@ class TrainGeneratorRecipe:
             dist=self.dist,
             run_dir=self.run_dir,
             config={"name": cfg.generator.name, **cfg.generator.params, **shape},
+            params=trained.parameters(),
         )
+        if self.repa is not None:
+            self.state.keep("projector", self.repa.projector)  # saved and resumed; sampling has no use for it
         if cfg.run.resume != "never":  # open_run has checked the folder may be resumed
             self.state.resume()
         self.guidance: dict[str, Any] | None = None  # the weak model, built at the first evaluation
         self.fid = OnlineFID(cfg.eval, cfg.data.image_size, self.dist, cfg.run.seed, self.logger)
+
+    def _alignment(self):
+        """REPA around the generator, and the frozen encoder whose features it aligns to."""
+        from latentforge_generators.repa import REPA
+
+        a = self.cfg.alignment
+        self.encoder = a.encoder.build("encoders").to(self.device).eval().requires_grad_(False)
+        repa = REPA(self.generator, self.encoder.embed_dim, a.depth, a.weight, a.projector_dim)
+        _, h, w = self.generator.input_shape
+        patch = getattr(self.generator.backbone, "patch_size", None)
+        grid = tuple(self.encoder.feature_shape()[-2:]) if hasattr(self.encoder, "feature_shape") else None
+        if patch and grid and grid != (h // patch, w // patch):
+            log.warning(
+                "alignment: the encoder's %s feature grid is resampled to the generator's %s token grid; "
+                "REPA gives the encoder the image size whose grid matches (DINOv2: 448 px at 512): set "
+                "alignment.encoder.params.image_size",
+                "×".join(map(str, grid)), f"{h // patch}×{w // patch}",
+            )  # fmt: skip
+        return repa.to(self.device)
 
     # -------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -117,7 +158,14 @@ class TrainGeneratorRecipe:
             for part, sync in micro_batches(batch, t.grad_accum, self.model, self.dist):
                 with sync:  # DDP all-reduces the gradients at the last micro-batch only
                     with autocast(self.device, t.dtype):
-                        loss = self.model(self.latents(part), part["label"])  # the transport's loss
+                        if self.repa is None:
+                            loss = self.model(self.latents(part), part["label"])  # the transport's loss
+                        else:  # + λ · alignment to the encoder's features of the same images
+                            target = encoder_targets(self.encoder, part["image"])  # B, D, h, w
+                            terms = self.model(self.latents(part), part["label"], target, return_terms=True)
+                            loss = terms["loss"]
+                            align = float(terms["alignment"].detach())  # −cosine similarity, for the log
+                            logs["alignment"] = logs.get("alignment", 0.0) + align / t.grad_accum
                     logs["loss"] += backward(loss, t.grad_accum, state.step)
             logs |= state.update()  # optimiser step, LR schedule, EMA
             state.step += 1
