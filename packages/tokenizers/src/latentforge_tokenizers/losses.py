@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentforge_core.alignment import encoder_targets
 from latentforge_core.errors import InputError
 from latentforge_tokenizers.discriminators import (
     DiffAug,
@@ -167,10 +168,9 @@ class VAVAELoss(nn.Module):
         self.vf_weight, self.m1, self.m2 = vf_weight, m1, m2
         self.cos_weight, self.distmat_weight, self.adaptive_vf = cos_weight, distmat_weight, adaptive_vf
 
-    @torch.no_grad()
     def vf_target(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder features of images ``x`` in [-1, 1] → ``[B, C, h, w]``."""
-        return self.vf_encoder((x.clamp(-1, 1) + 1) / 2)
+        """Frozen encoder features of images ``x`` in [-1, 1] → ``[B, C, h, w]`` (REPA's targets too)."""
+        return encoder_targets(self.vf_encoder, (x.clamp(-1, 1) + 1) / 2)
 
     def generator_loss(
         self, x: torch.Tensor, out: dict[str, Any], model: nn.Module, step: int
