@@ -132,9 +132,16 @@ class FlowGenerator(nn.Module):
         return from_model_velocity(out[:, : self.input_shape[0]], convention).to(x.dtype)
 
     def loss(
-        self, x: Tensor, y: Tensor | None = None, return_terms: bool = False
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        return_terms: bool = False,
+        *,
+        noise: Tensor | None = None,
+        t: Tensor | None = None,
     ) -> Tensor | dict[str, Tensor]:
-        """Flow-matching loss for clean latents ``x`` [B, C, H, W] and labels ``y`` [B]."""
+        """Flow-matching loss for clean latents ``x`` [B, C, H, W] and labels ``y`` [B]; ``noise`` and
+        internal times ``t`` [B] are drawn unless given (REPA-E's two passes share them)."""
         self._check_latents(x)
         y = (
             self._null_labels(len(x), x.device)
@@ -144,8 +151,8 @@ class FlowGenerator(nn.Module):
         if self.class_dropout and self.training:
             drop = torch.rand(len(x), device=x.device) < self.class_dropout
             y = torch.where(drop, self._null_labels(len(x), x.device), y)
-        noise = torch.randn_like(x)
-        t = self.transport.sample_time(len(x), device=x.device)
+        noise = torch.randn_like(x) if noise is None else noise
+        t = self.transport.sample_time(len(x), device=x.device) if t is None else t
         pred = self.velocity(interpolate(x, noise, t), t, y)
         terms = self.transport.loss_terms(pred, velocity_target(x, noise))
         return terms if return_terms else terms["loss"]

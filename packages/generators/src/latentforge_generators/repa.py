@@ -89,11 +89,13 @@ class REPA(nn.Module):
         y: torch.Tensor | None,
         target: torch.Tensor,
         return_terms: bool = False,
+        **draws: torch.Tensor,
     ) -> torch.Tensor | dict[str, Any]:
         """Flow loss on latents ``x`` plus λ · alignment to ``target``, the encoder's ``[B, D, h, w]``
-        features of the images ``x`` encodes (``encoder_targets``); one backbone forward."""
+        features of the images ``x`` encodes (``encoder_targets``); one backbone forward.  ``draws``
+        (``noise``, ``t``) go to the flow loss."""
         with block_output(self.block) as hidden:
-            terms = self.generator.loss(x, y, return_terms=True)
+            terms = self.generator.loss(x, y, return_terms=True, **draws)
         tokens = hidden["tokens"]  # B, N, hidden
         if target.shape[0] != tokens.shape[0]:
             raise InputError(f"{target.shape[0]} encoder targets for a batch of {tokens.shape[0]} latents")

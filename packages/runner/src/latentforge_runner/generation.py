@@ -85,6 +85,16 @@ class EvalSettings(Settings):
         return bool(self.every) and step % self.every == 0
 
 
+@settings
+class AlignmentSettings(Settings):
+    """REPA: block ``depth``'s tokens aligned to a frozen encoder's patch features of the same images."""
+
+    encoder: Component = component("encoders")  # the frozen encoder (REPA: DINOv2-B/14, 224 px input)
+    depth: int = setting(8, ge=1)  # the block (counted from 1) whose output tokens are aligned
+    weight: float = setting(0.5, ge=0)  # λ: total loss = flow loss + λ · (−cosine similarity)
+    projector_dim: int = setting(2048, ge=1)  # the width of REPA's 3-layer MLP projector
+
+
 # ------------------------------------------------------------------------------------------------
 # Building generators
 # ------------------------------------------------------------------------------------------------
@@ -110,6 +120,26 @@ def initial_noise(seed: int, indices: range, shape: tuple[int, ...]) -> torch.Te
         state = np.random.SeedSequence([seed, i, NOISE_STREAM]).generate_state(1)[0]
         torch.randn(shape, generator=torch.Generator().manual_seed(int(state)), out=row)
     return out
+
+
+def build_alignment(a: AlignmentSettings, generator: torch.nn.Module, device: torch.device):
+    """(the frozen encoder, REPA around ``generator``) of an ``alignment`` block, with a warning when
+    the encoder's feature grid is not the generator's token grid (it is then resampled)."""
+    from latentforge_generators.repa import REPA
+
+    encoder = a.encoder.build("encoders").to(device).eval().requires_grad_(False)
+    repa = REPA(generator, encoder.embed_dim, a.depth, a.weight, a.projector_dim)
+    _, h, w = generator.input_shape
+    patch = getattr(generator.backbone, "patch_size", None)
+    grid = tuple(encoder.feature_shape()[-2:]) if hasattr(encoder, "feature_shape") else None
+    if patch and grid and grid != (h // patch, w // patch):
+        log.warning(
+            "alignment: the encoder's %s feature grid is resampled to the generator's %s token grid; "
+            "REPA gives the encoder the image size whose grid matches (DINOv2: 448 px at 512): set "
+            "alignment.encoder.params.image_size",
+            "×".join(map(str, grid)), f"{h // patch}×{w // patch}",
+        )  # fmt: skip
+    return encoder, repa.to(device)
 
 
 def check_image_size(tokenizer, image_size: int, name: str) -> None:

@@ -134,7 +134,8 @@ class VAVAELoss(nn.Module):
 
     Generator: Σ(|x − x̂| + w_p·LPIPS)/exp(logvar) + logvar summed over pixels / B  (learnable logvar)
     + kl_weight·KL + d_weight·gate(step, disc_start)·(−E D(x̂)) + vf_weight·w_vf·VF.
-    ``d_weight`` is the adaptive weight on the decoder's last conv × ``disc_weight``; ``w_vf`` the one
+    ``d_weight`` is the adaptive weight on the decoder's last conv × ``disc_weight`` (``disc_weight``
+    alone with ``adaptive_disc=False``, as REPA-E's end-to-end VAE loss); ``w_vf`` the one
     on the encoder's last conv (clamped to 1e8).  ``vf_encoder`` (frozen, images in [0, 1]) may be None
     to train without alignment.
     """
@@ -157,6 +158,7 @@ class VAVAELoss(nn.Module):
         cos_weight: float = 1.0,
         distmat_weight: float = 1.0,
         adaptive_vf: bool = True,
+        adaptive_disc: bool = True,
     ):
         super().__init__()
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
@@ -167,6 +169,7 @@ class VAVAELoss(nn.Module):
         self.disc_start, self.disc_weight, self.disc_factor = disc_start, disc_weight, disc_factor
         self.vf_weight, self.m1, self.m2 = vf_weight, m1, m2
         self.cos_weight, self.distmat_weight, self.adaptive_vf = cos_weight, distmat_weight, adaptive_vf
+        self.adaptive_disc = adaptive_disc
 
     def vf_target(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen encoder features of images ``x`` in [-1, 1] → ``[B, C, h, w]`` (REPA's targets too)."""
@@ -187,7 +190,11 @@ class VAVAELoss(nn.Module):
         gan_on = gate(step, self.disc_start, self.disc_factor)
         if gan_on > 0 and self.training:
             g = hinge_g_loss(self.discriminator(recon.contiguous()))
-            w = adaptive_weight(nll, g, model.decoder.conv_out.weight) * self.disc_weight
+            w = self.disc_weight * (  # REPA-E: a fixed weight
+                adaptive_weight(nll, g, model.decoder.conv_out.weight)
+                if self.adaptive_disc
+                else torch.ones(())
+            )
             loss = loss + w * gan_on * g
             logs.update(g_loss=g.item(), d_weight=w.item())
         if self.vf_encoder is not None and self.vf_weight > 0:

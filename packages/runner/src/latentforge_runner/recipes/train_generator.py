@@ -26,13 +26,15 @@ import torch
 from latentforge_core.alignment import encoder_targets
 from latentforge_core.device import autocast
 from latentforge_runner import distributed
-from latentforge_runner.config import Component, ConfigError, Settings, component, setting, settings
+from latentforge_runner.config import Component, ConfigError, Settings, component, settings
 from latentforge_runner.data import DataError, DataSettings, build_training_data
 from latentforge_runner.generation import (
+    AlignmentSettings,
     EvalSettings,
     OnlineFID,
     autoguidance,
     balanced_labels,
+    build_alignment,
     check_image_size,
     frozen_tokenizer,
     generator_shapes,
@@ -44,16 +46,6 @@ from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
 
 log = logging.getLogger("latentforge")
-
-
-@settings
-class AlignmentSettings(Settings):
-    """REPA: block ``depth``'s tokens aligned to a frozen encoder's patch features of the same images."""
-
-    encoder: Component = component("encoders")  # the frozen encoder (REPA: DINOv2-B/14, 224 px input)
-    depth: int = setting(8, ge=1)  # the block (counted from 1) whose output tokens are aligned
-    weight: float = setting(0.5, ge=0)  # λ: total loss = flow loss + λ · (−cosine similarity)
-    projector_dim: int = setting(2048, ge=1)  # the width of REPA's 3-layer MLP projector
 
 
 @settings
@@ -109,7 +101,9 @@ class TrainGeneratorRecipe:
         torch.manual_seed(cfg.run.seed)  # every process builds the same initial weights
         shape = generator_shapes(self.tokenizer, cfg.data.num_classes)
         self.generator = cfg.generator.build("generators", **shape).to(self.device)
-        self.repa = self._alignment() if cfg.alignment is not None else None
+        self.repa = None
+        if cfg.alignment is not None:
+            self.encoder, self.repa = build_alignment(cfg.alignment, self.generator, self.device)
         trained = self.repa if self.repa is not None else self.generator  # the projector trains too
         self.model = distributed.wrap(trained, self.dist, method="loss", compile=t.compile)
         self.state = TrainState(
@@ -128,25 +122,6 @@ class TrainGeneratorRecipe:
             self.state.resume()
         self.guidance: dict[str, Any] | None = None  # the weak model, built at the first evaluation
         self.fid = OnlineFID(cfg.eval, cfg.data.image_size, self.dist, cfg.run.seed, self.logger)
-
-    def _alignment(self):
-        """REPA around the generator, and the frozen encoder whose features it aligns to."""
-        from latentforge_generators.repa import REPA
-
-        a = self.cfg.alignment
-        self.encoder = a.encoder.build("encoders").to(self.device).eval().requires_grad_(False)
-        repa = REPA(self.generator, self.encoder.embed_dim, a.depth, a.weight, a.projector_dim)
-        _, h, w = self.generator.input_shape
-        patch = getattr(self.generator.backbone, "patch_size", None)
-        grid = tuple(self.encoder.feature_shape()[-2:]) if hasattr(self.encoder, "feature_shape") else None
-        if patch and grid and grid != (h // patch, w // patch):
-            log.warning(
-                "alignment: the encoder's %s feature grid is resampled to the generator's %s token grid; "
-                "REPA gives the encoder the image size whose grid matches (DINOv2: 448 px at 512): set "
-                "alignment.encoder.params.image_size",
-                "×".join(map(str, grid)), f"{h // patch}×{w // patch}",
-            )  # fmt: skip
-        return repa.to(self.device)
 
     # -------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
