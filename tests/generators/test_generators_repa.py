@@ -163,3 +163,19 @@ def test_negative_cosine_is_minus_one_when_aligned():
     a = torch.randn(2, 5, 7)
     assert negative_cosine(a, 3 * a).item() == pytest.approx(-1.0, abs=1e-6)
     assert negative_cosine(a, -a).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_repa_and_repa_e_sit_checkpoints_load_without_their_training_only_parts(tmp_path):
+    """REPA's SiT checkpoints carry the projector (``projectors.*``), REPA-E's also the latent BatchNorm
+    (``bn.*``, the tokenizer's statistics): both load into ``sit-*`` with those left out."""
+    torch.manual_seed(0)
+    source = _randomised(registry.generators.build("test-sit", **SHAPE)).backbone.state_dict()
+    extra = {
+        "projectors.0.0.weight": torch.randn(16, 64),
+        "bn.running_mean": torch.zeros(4),
+        "bn.running_var": torch.ones(4),
+        "bn.num_batches_tracked": torch.tensor(3),
+    }
+    torch.save({"ema": {**source, **extra}}, tmp_path / "0400000.pt")
+    loaded = registry.generators.build("test-sit", **SHAPE, pretrained=tmp_path / "0400000.pt").backbone
+    assert all(torch.equal(v, source[k]) for k, v in loaded.state_dict().items())

@@ -40,7 +40,11 @@ def test_one_step_follows_repa_es_gradient_map(tmp_path):
         x, target = images * 2 - 1, job.encoder.features(images, output="map")
         vae0, gen0, proj0 = _params(job.vae), _params(job.generator), _params(job.repa.projector)
         norm0 = (job.norm.running_mean.clone(), job.norm.running_var.clone())
+        disc = job.loss.discriminator
+        fixed = [name for name, p in job.generator.named_parameters() if not p.requires_grad]
         logs, z, draws = job._vae_step(x, y, target)
+        assert all(p.grad is None for p in disc.parameters())  # the GAN term's gradient is the VAE's
+        assert fixed == [n for n, p in job.generator.named_parameters() if not p.requires_grad]  # pos_embed
         assert not _same(vae0, _params(job.vae))  # the VAE moved (its losses and the alignment)
         assert _same(gen0, _params(job.generator)) and _same(proj0, _params(job.repa.projector))
         assert torch.equal(job.norm.running_mean, norm0[0]) and torch.equal(job.norm.running_var, norm0[1])
@@ -54,6 +58,24 @@ def test_one_step_follows_repa_es_gradient_map(tmp_path):
         assert _same(vae1, _params(job.vae)) and not _same(gen0, _params(job.generator))
         assert not torch.equal(job.norm.running_mean, norm0[0])  # train-mode BatchNorm: stats move
         assert -1 <= logs["vae_alignment"] <= 1 and "vae_rec" in logs
+    finally:
+        job.cleanup()
+
+
+def test_the_vae_loss_is_repa_es(tmp_path):
+    """mean |x − x̂| + 1e-6 · ΣKL / B + 0.1 · (−mean D(x̂)) (losses.py, l1_lpips_kl_gan.yaml), not LDM's
+    sum over pixels; LPIPS off at this size."""
+    _, cfg = _settings(tmp_path, "training.steps=1")
+    job = TrainREPAERecipe(cfg)
+    try:
+        job.setup()
+        x = torch.rand(4, 3, 32, 32) * 2 - 1
+        out = job.vae(x)
+        loss, _ = job.loss.generator_loss(x, out, job.vae, step=0)
+        kl = out["posterior"].kl().sum() / 4
+        gan = -job.loss.discriminator(out["recon"]).mean()
+        expected = (x - out["recon"]).abs().mean() + 1e-6 * kl + 0.1 * gan
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     finally:
         job.cleanup()
 

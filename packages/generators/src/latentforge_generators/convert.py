@@ -30,7 +30,9 @@ from latentforge_generators.dit import DiT
 from latentforge_generators.layers import Mlp, sincos_pos_embed_2d
 
 _PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, our FlowGenerator
-_TRAINING_ONLY = ("projectors.",)  # REPA's projector MLPs, saved inside its SiT checkpoints
+# REPA's projector MLPs and REPA-E's latent BatchNorm (the tokenizer's statistics, which ship with its
+# VAE), saved inside their SiT checkpoints
+_TRAINING_ONLY = ("projectors.", "bn.")
 
 
 #################################################################################

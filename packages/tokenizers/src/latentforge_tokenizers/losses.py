@@ -135,7 +135,8 @@ class VAVAELoss(nn.Module):
     Generator: Σ(|x − x̂| + w_p·LPIPS)/exp(logvar) + logvar summed over pixels / B  (learnable logvar)
     + kl_weight·KL + d_weight·gate(step, disc_start)·(−E D(x̂)) + vf_weight·w_vf·VF.
     ``d_weight`` is the adaptive weight on the decoder's last conv × ``disc_weight`` (``disc_weight``
-    alone with ``adaptive_disc=False``, as REPA-E's end-to-end VAE loss); ``w_vf`` the one
+    alone with ``adaptive_disc=False``, as REPA-E's end-to-end VAE loss, which also averages the
+    reconstruction over pixels instead of summing it: ``pixel_mean=True``); ``w_vf`` the one
     on the encoder's last conv (clamped to 1e8).  ``vf_encoder`` (frozen, images in [0, 1]) may be None
     to train without alignment.
     """
@@ -159,6 +160,7 @@ class VAVAELoss(nn.Module):
         distmat_weight: float = 1.0,
         adaptive_vf: bool = True,
         adaptive_disc: bool = True,
+        pixel_mean: bool = False,
     ):
         super().__init__()
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
@@ -169,7 +171,7 @@ class VAVAELoss(nn.Module):
         self.disc_start, self.disc_weight, self.disc_factor = disc_start, disc_weight, disc_factor
         self.vf_weight, self.m1, self.m2 = vf_weight, m1, m2
         self.cos_weight, self.distmat_weight, self.adaptive_vf = cos_weight, distmat_weight, adaptive_vf
-        self.adaptive_disc = adaptive_disc
+        self.adaptive_disc, self.pixel_mean = adaptive_disc, pixel_mean
 
     def vf_target(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen encoder features of images ``x`` in [-1, 1] → ``[B, C, h, w]`` (REPA's targets too)."""
@@ -183,7 +185,8 @@ class VAVAELoss(nn.Module):
         rec = (x - recon).abs()
         p = self.lpips(x, recon) if self.perceptual_weight > 0 else x.new_zeros(x.shape[0])
         rec = rec + self.perceptual_weight * p.view(-1, 1, 1, 1)
-        nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / x.shape[0]
+        nll = rec / torch.exp(self.logvar) + self.logvar
+        nll = nll.mean() if self.pixel_mean else nll.sum() / x.shape[0]
         kl = posterior.kl().sum() / x.shape[0]
         loss = nll + self.kl_weight * kl
         logs = {"nll": nll.item(), "rec": rec.mean().item(), "lpips": p.mean().item(), "kl": kl.item()}

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -62,6 +62,9 @@ class VAELossSettings(Settings):
     disc_start: int = setting(0, ge=0)
     disc_layers: int = setting(3, ge=1)  # PatchGAN discriminator depth (ndf 64)
     disc_channels: int = setting(64, ge=1)
+    # REPA-E hands its [-1, 1] images to an LPIPS that maps [0, 1] to [-1, 1] again (lpips.py:89-94),
+    # so LPIPS sees [-3, 1]: "repa-e" reproduces that, "standard" feeds [-1, 1]
+    lpips_range: Literal["repa-e", "standard"] = "repa-e"
     lpips_heads: str | None = None  # LPIPS linear heads (default: the installed lpips package's file)
     lpips_trunk: str | None = None  # torchvision vgg16 weights for the LPIPS trunk
 
@@ -79,6 +82,17 @@ class TrainREPAESettings(Settings):
     training: TrainingSettings = TrainingSettings(lr=1e-4, betas=(0.9, 0.999), grad_clip=1.0)  # all three
     eval: EvalSettings = EvalSettings()  # sample grids and online FID of the generator
     psnr_images: int = setting(256, ge=1)  # held-out images whose reconstruction PSNR is reported
+
+
+class _DoubledRange(nn.Module):
+    """LPIPS as REPA-E calls it: its inputs mapped by 2x − 1 once more."""
+
+    def __init__(self, lpips: nn.Module):
+        super().__init__()
+        self.lpips = lpips
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lpips(2 * x - 1, 2 * y - 1)
 
 
 class TrainREPAERecipe:
@@ -159,6 +173,14 @@ class TrainREPAERecipe:
         norm = nn.BatchNorm2d(c, eps=1e-4, momentum=self.cfg.bn_momentum, affine=False)
         norm.running_var.copy_(stats.var.flatten())  # train_repae.py:203-208: 1 / scale²
         norm.running_mean.copy_(stats.mean.flatten() if stats.mean is not None else torch.zeros(c))
+        if self.dist.world_size > 1 and self.device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(norm).to(self.device)  # as REPA-E (L210-212)
+        if self.dist.world_size > 1:
+            log.warning(
+                "the latent BatchNorm normalises each process's batch alone on %s (SyncBatchNorm needs "
+                "CUDA); REPA-E's statistics span the global batch",
+                self.device,
+            )
         return norm.to(self.device)
 
     def _vae_loss(self) -> losses.VAVAELoss:
@@ -171,8 +193,11 @@ class TrainREPAERecipe:
             disc_start=v.disc_start,
             disc_weight=v.disc_weight,
             adaptive_disc=False,
+            pixel_mean=True,  # mean L1 and LPIPS (losses.py), not LDM's sum over pixels
         )
         loss.logvar.requires_grad_(False)  # REPA-E's logvar stays 0
+        if loss.lpips is not None and v.lpips_range == "repa-e":
+            loss.lpips = _DoubledRange(loss.lpips)
         return loss
 
     # -------------------------------------------------------------------------------- the loop
@@ -201,7 +226,12 @@ class TrainREPAERecipe:
         """The VAE's losses + its weight × the frozen generator's alignment on its normalised sample;
         returns the logs, the sample ``z`` and the (noise, t) the generator's pass reuses."""
         self.vae.train()
-        self.repa.eval().requires_grad_(False)  # the alignment's gradient reaches the VAE only
+        trainable = [
+            p for p in [*self.repa.parameters(), *self.loss.discriminator.parameters()] if p.requires_grad
+        ]
+        self.repa.eval()
+        for p in trainable:  # the alignment's and the GAN term's gradients reach the VAE only
+            p.requires_grad_(False)
         try:
             out = self.vae_model(x)  # recon, posterior, z (sampled)
             z = out["z"]
@@ -217,7 +247,9 @@ class TrainREPAERecipe:
             backward(total, 1, self.state.step, what="VAE loss")
             logs |= {f"vae_{k}": v for k, v in self.vae_optim.step().items()}
         finally:
-            self.repa.train().requires_grad_(True)
+            self.repa.train()
+            for p in trainable:
+                p.requires_grad_(True)
         self.fake = out["recon"].detach()
         return logs, z, draws
 
