@@ -181,9 +181,10 @@ class FlowGenerator(nn.Module):
     ) -> Tensor | tuple[Tensor, int]:
         """Latents for labels ``y`` [B] (or ``n`` unconditional ones with the null label).
 
-        ``sampler``: "euler", "heun", "dopri5" (``atol``, ``rtol``) or "sde" (``diffusion``,
-        ``last_step``, …). ``guidance``: None/"cfg" (``cfg_scale``, ``cfg_interval`` in internal
-        t, ``cfg_channels`` = first k), "autoguidance" with ``guidance_model``, or a guidance object.
+        ``sampler``: "euler", "heun", "midpoint", "dpm++2m", "dopri5" (``atol``, ``rtol``) or "sde"
+        (``diffusion``, ``last_step``, …). ``guidance``: None/"cfg" (``cfg_scale``, ``cfg_interval``
+        in internal t, ``cfg_channels`` = first k), "autoguidance" with ``guidance_model``, or a
+        guidance object.
         ``shift`` and the unshifted end time ``t_end`` default to the transport's. With
         ``return_nfe`` it also returns the number of velocity evaluations.
         """
