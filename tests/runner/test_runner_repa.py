@@ -54,7 +54,12 @@ def test_repa_without_images_or_with_an_impossible_depth_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "generator"), [("repa-sit-xl-1", "sit-xl-1"), ("repa-lightningdit-xl", "lightningdit-xl-1")]
+    ("name", "generator"),
+    [
+        ("repa-sit-xl-2", "sit-xl-2"),
+        ("repa-sit-xl-1", "sit-xl-1"),
+        ("repa-lightningdit-xl", "lightningdit-xl-1"),
+    ],
 )
 def test_published_repa_configs(name, generator):
     """REPA's settings (train.py: depth 8, λ 0.5; sit.py: 2048-wide projector; DINOv2-B/14)."""
