@@ -143,3 +143,67 @@ def test_evaluate_without_protocol_json_reports_no_paper(release):
     cli.run_recipe(recipe, cfg)
     report = json.loads((release / "evaluate" / "evaluation.json").read_text())
     assert "paper" not in report and "ours" not in report
+
+
+@pytest.mark.filterwarnings("ignore:the covariance of")
+def test_digit_repro_config_samples_then_evaluates_against_a_val_folder(tmp_path):
+    """DiGIT's class-conditional protocol pointed at tiny files in its release layouts (fairseq stages,
+    km_*.npy, MAGE's VQGAN): sample chains both stages into samples.npz and protocol.json; evaluate
+    scores it with torch-fidelity's preprocessing against a folder of JPEGs prepared as DiGIT's val
+    (Resize + CenterCrop: crop=resize) and puts our FID and IS beside the paper's 3.39 / 205.96."""
+    from layouts import random_fairseq_stage1, random_fairseq_stage2
+    from PIL import Image
+
+    K, V = 64, 64  # test-kmeans-tiny's clusters and width, test-vqgan-tiny's codebook
+    np.save(tmp_path / "km_16k.npy", torch.randn(K, 64, generator=torch.Generator().manual_seed(1)).numpy())
+    torch.save({"model": random_fairseq_stage1(K, 10, 32, 2)}, tmp_path / "stage1.pt")
+    torch.save({"model": random_fairseq_stage2(V, K, 32, 2, seed=2)}, tmp_path / "stage2.pt")
+    torch.manual_seed(3)
+    vqgan = registry.tokenizers.build("test-vqgan-tiny", image_size=32)
+    torch.save({"state_dict": vqgan.state_dict()}, tmp_path / "vqgan_jax_strongaug.ckpt")
+    torch.save(_random_inception_state(), tmp_path / "inception.pth")
+    val = tmp_path / "val" / "n01440764"
+    val.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):  # val JPEGs of other sizes than the crop
+        Image.fromarray(rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)).save(val / f"{i}.JPEG")
+
+    out = tmp_path / "sample"
+    overrides = [
+        "generator.name=gpt-digit-base",
+        f"generator.params.pretrained={tmp_path / 'stage1.pt'}",
+        "generator.params.num_heads=4",
+        "tokenizer.name=test-kmeans-tiny",
+        f"tokenizer.params={{centroids: {tmp_path / 'km_16k.npy'}}}",
+        f"stage2.params={{pretrained: {tmp_path / 'stage2.pt'}, num_heads: 4}}",
+        "stage2_tokenizer.name=test-vqgan-tiny",
+        f"stage2_tokenizer.params={{image_size: 32, pretrained: {tmp_path / 'vqgan_jax_strongaug.ckpt'}}}",
+        "num_classes=10",
+        "num_samples=10",
+        "batch_size=5",
+        "sampler.top_k=20",
+        f"run.output_dir={out}",
+    ]
+    cli.run_recipe(*cli.load_settings(None, "repro-digit-large-cond", overrides))
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["paper"]["fid"] == 3.39 and protocol["paper"]["protocol"] == "torch-fidelity"
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape == (10, 32, 32, 3) and f["arr_1"].tolist() == [i % 10 for i in range(10)]
+
+    evaluate = [
+        f"samples={out / 'samples.npz'}",
+        f"reference={tmp_path / 'val'}",
+        "image_size=32",
+        "crop=resize",
+        "metrics=[fid,inception-score]",
+        "protocol=torch-fidelity",
+        f"weights={tmp_path / 'inception.pth'}",
+        "batch_size=5",
+        f"run.output_dir={tmp_path / 'evaluate'}",
+    ]
+    cli.run_recipe(*cli.load_settings("evaluate", None, evaluate))
+    report = json.loads((tmp_path / "evaluate" / "evaluation.json").read_text())
+    assert report["paper"]["fid"] == 3.39 and report["paper"]["inception_score"] == 205.96
+    assert report["ours"]["fid"] == report["metrics"]["fid"] and np.isfinite(report["ours"]["fid"])
+    log = (tmp_path / "evaluate" / "log.txt").read_text()
+    assert f"fid ours {report['ours']['fid']:.4g} vs paper 3.39" in log
