@@ -143,7 +143,7 @@ def test_metrics_after_a_resume_mid_window_equal_the_uninterrupted_run(tmp_path)
 # ------------------------------------------------------------------------------------------------
 # 4. SIGINT/SIGTERM: the step finishes, a checkpoint is written, RunInterrupted names it
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 75)])
 def test_signal_stops_after_the_step_with_a_checkpoint(tmp_path, sig, code):
     before = signal.getsignal(sig)
     full = _kit(tmp_path / "full")
@@ -160,6 +160,30 @@ def test_signal_stops_after_the_step_with_a_checkpoint(tmp_path, sig, code):
     assert str(tmp_path / "cut" / "checkpoints" / "00000006") in message and "same command again" in message
     assert signal.getsignal(sig) is before  # the handlers from before are back
     assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["00000004", "00000006"]
+    _assert_equal(_kit(tmp_path / "cut"), full)
+
+
+def test_a_spent_time_budget_stops_with_a_checkpoint_and_the_requeue_code(tmp_path, monkeypatch):
+    """training.max_minutes: before a step that would end past the budget (twice the longest step kept
+    in hand), checkpoint and exit 75; the rerun (here without a budget) ends as an uninterrupted run."""
+    import latentforge_runner.training as training
+
+    full = _kit(tmp_path / "full")
+    clock = {"now": 0.0}
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock["now"])
+
+    def tick(state):  # each step takes 10 s of the 60 s budget
+        clock["now"] += 10.0
+
+    with pytest.raises(RunInterrupted) as info:
+        _kit(tmp_path / "cut", on_step=tick, max_minutes=1.0)
+    assert info.value.exit_code == 75
+    # 10 s steps (+ the timing of each yield): after step 4, 40 s + 2 × 10 s reaches the 60 s budget
+    assert "training.max_minutes (1) would run out during the next step: stopped after step 4" in str(
+        info.value
+    )
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["00000004"]
+    monkeypatch.undo()
     _assert_equal(_kit(tmp_path / "cut"), full)
 
 

@@ -45,8 +45,9 @@ class MissingDependencyError(LatentforgeError, ImportError):
 
 
 class RunInterrupted(LatentforgeError):
-    """A run stopped by SIGINT/SIGTERM after writing a checkpoint; rerunning the command resumes it.
-    ``exit_code`` is what the CLI exits with (130 for SIGINT, 143 for SIGTERM, as a shell reports)."""
+    """A run stopped by a signal or its time budget after writing a checkpoint; rerunning the command
+    resumes it.  ``exit_code`` is what the CLI exits with: 130 for SIGINT, 143 for SIGTERM (as a shell
+    reports), 75 (EX_TEMPFAIL: requeue) for SIGUSR1 or a spent ``training.max_minutes``."""
 
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)

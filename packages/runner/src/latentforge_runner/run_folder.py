@@ -90,6 +90,7 @@ RUN_ONLY_KEYS = (
     "<training>.checkpoint_every",
     "<training>.keep_checkpoints",
     "<training>.num_workers",
+    "<training>.max_minutes",
     "<training>.steps",
     "eval.every",
 )

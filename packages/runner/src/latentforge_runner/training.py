@@ -95,6 +95,9 @@ class TrainingSettings(Settings):
     checkpoint_every: int = setting(1000, ge=1)  # updates between checkpoints (and one at the end)
     keep_checkpoints: int = setting(2, ge=1)  # newest whole checkpoints kept on disk
     num_workers: int = setting(0, ge=0)  # data loader processes (0: load in the main process)
+    # Wall-clock budget of this process in minutes (a cluster job's limit less the time a checkpoint
+    # takes): before a step that would not fit, checkpoint and exit 75 (requeue); None: no budget.
+    max_minutes: float | None = setting(None, gt=0)
 
     def __attrs_post_init__(self):
         if self.batch_size % self.grad_accum:
@@ -643,6 +646,8 @@ class TrainState:
         self._log_states: dict[str, Any] = {}  # the resumed checkpoint's, for step logs made later
         self.saved_step: int | None = None  # the step of the checkpoint last written or resumed from
         self.step = 0
+        minutes = t.max_minutes
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes  # this process's budget
 
     def keep(self, name: str, module: torch.nn.Module) -> None:
         """Save and resume ``module`` too, as ``<name>.safetensors``: a part the model's own optimiser
@@ -694,7 +699,7 @@ class TrainState:
         the same command resumes there.  A second signal stops at once, as it would have without this.
         Under torchrun every process stops at the same step (the request is all-reduced each step).
         The handlers are installed while this iterates, from the main thread only, and then restored."""
-        with _StopRequests(self.dist) as stop:
+        with _StopRequests(self.dist, self.deadline) as stop:
             batches = iter(self.batches)
             while self.batches.handed_out < self.t.steps:
                 # Agreed before the next batch is drawn (its data position would be in a checkpoint),
@@ -705,7 +710,9 @@ class TrainState:
                 batch = next(batches, None)
                 if batch is None:
                     return
+                began = time.monotonic()
                 yield batch
+                stop.step_took(time.monotonic() - began)
             next(batches, None)  # the data's end: it reports the images it skipped
 
     def _stop(self, signum: int) -> NoReturn:
@@ -714,11 +721,15 @@ class TrainState:
             folder = self.save()
         for step_log in self.logs.values():
             step_log.close()
-        name = signal.Signals(signum).name
+        if signum == OUT_OF_TIME:
+            why = f"training.max_minutes ({self.t.max_minutes:g}) would run out during the next step"
+        else:
+            why = f"{signal.Signals(signum).name} received"
+        requeue = signum in (OUT_OF_TIME, getattr(signal, "SIGUSR1", None))
         raise RunInterrupted(
-            f"{name} received: stopped after step {self.step} of {self.t.steps} and wrote the checkpoint "
-            f"{folder}; run the same command again to resume from it",
-            exit_code=128 + signum,
+            f"{why}: stopped after step {self.step} of {self.t.steps} and wrote the checkpoint {folder}; "
+            "run the same command again to resume from it",
+            exit_code=REQUEUE_EXIT if requeue else 128 + signum,
         )
 
     def save(self) -> Path:
@@ -786,17 +797,24 @@ class TrainState:
         return True
 
 
+# Exit code of a run stopped to be requeued (SIGUSR1, Slurm's warning before a job's time limit, or
+# training.max_minutes): EX_TEMPFAIL, "try again"; SIGINT and SIGTERM exit 130 and 143 as a shell shows.
+REQUEUE_EXIT = 75
+OUT_OF_TIME = 1000  # the stop request of a spent budget, beside the signal numbers
+
+
 class _StopRequests:
-    """SIGINT/SIGTERM handlers that only note the request, for :meth:`TrainState.steps` to act on
-    between steps; a second signal restores the handlers from before and delivers itself to them
-    (SIGINT raises KeyboardInterrupt, SIGTERM ends the process).  The handlers from before are
-    restored on exit.  Signal handlers can be set from the main thread only: elsewhere, none are; a
-    signal ignored when the loop starts stays ignored."""
+    """SIGINT/SIGTERM/SIGUSR1 handlers that only note the request, for :meth:`TrainState.steps` to
+    act on between steps, and the wall-clock ``deadline`` (a step that would end past it is not
+    begun: twice the longest step so far is kept in hand).  A second signal restores the handlers
+    from before and delivers itself to them (SIGINT raises KeyboardInterrupt, SIGTERM ends the
+    process).  The handlers from before are restored on exit.  Signal handlers can be set from the
+    main thread only: elsewhere, none are; a signal ignored when the loop starts stays ignored."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s)
 
-    def __init__(self, dist: distributed.DistInfo):
-        self.dist, self.received = dist, 0
+    def __init__(self, dist: distributed.DistInfo, deadline: float | None = None):
+        self.dist, self.received, self.deadline, self.longest = dist, 0, deadline, 0.0
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequests:
@@ -830,12 +848,18 @@ class _StopRequests:
             )
             os.write(2, message.encode())
 
+    def step_took(self, seconds: float) -> None:
+        self.longest = max(self.longest, seconds)
+
     def requested(self) -> int:
-        """The signal to stop for, the same on every process (0: go on)."""
+        """The signal to stop for, or :data:`OUT_OF_TIME`; the same on every process (0: go on)."""
+        local = self.received
+        if not local and self.deadline is not None and time.monotonic() + 2 * self.longest >= self.deadline:
+            local = OUT_OF_TIME
         group = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not (self.dist.enabled and group):
-            return self.received
-        flag = torch.tensor([self.received], device=self.dist.device)
+            return local
+        flag = torch.tensor([local], device=self.dist.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
 
