@@ -179,3 +179,14 @@ def test_repa_and_repa_e_sit_checkpoints_load_without_their_training_only_parts(
     torch.save({"ema": {**source, **extra}}, tmp_path / "0400000.pt")
     loaded = registry.generators.build("test-sit", **SHAPE, pretrained=tmp_path / "0400000.pt").backbone
     assert all(torch.equal(v, source[k]) for k, v in loaded.state_dict().items())
+
+
+def test_repa_state_dict_holds_each_tensor_once(tmp_path):
+    """The generator and the projector only (the aligned block is not a second submodule): the whole
+    module saves as safetensors."""
+    from latentforge_core.checkpoint import save_checkpoint
+
+    repa = REPA(registry.generators.build("test-dit", **SHAPE), encoder_dim=8, depth=1, projector_dim=8)
+    keys = list(repa.state_dict())
+    assert all(k.startswith(("generator.", "projector.")) for k in keys)
+    save_checkpoint(repa.state_dict(), tmp_path / "repa.safetensors", {})

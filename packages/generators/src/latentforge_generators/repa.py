@@ -72,7 +72,6 @@ class REPA(nn.Module):
                 f"tokens can be aligned: expected a depth in 1…{len(blocks)}"
             )
         self.generator, self.depth, self.weight = generator, depth, float(weight)
-        self.block = blocks[depth - 1]
         self.projector = Projector(backbone.hidden_size, encoder_dim, projector_dim)
 
     def token_grid(self, num_tokens: int) -> tuple[int, int]:
@@ -94,7 +93,8 @@ class REPA(nn.Module):
         """Flow loss on latents ``x`` plus λ · alignment to ``target``, the encoder's ``[B, D, h, w]``
         features of the images ``x`` encodes (``encoder_targets``); one backbone forward.  ``draws``
         (``noise``, ``t``) go to the flow loss."""
-        with block_output(self.block) as hidden:
+        block = alignment_blocks(self.generator.backbone)[self.depth - 1]  # not a second submodule
+        with block_output(block) as hidden:
             terms = self.generator.loss(x, y, return_terms=True, **draws)
         tokens = hidden["tokens"]  # B, N, hidden
         if target.shape[0] != tokens.shape[0]:

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from latentforge_core.checkpoint import load_checkpoint
-from latentforge_runner.data import DataError, collate
+from latentforge_core.errors import InputError
+from latentforge_runner.config import ConfigError
+from latentforge_runner.data import DataError, build_training_data, collate
 from latentforge_tokenizers.stats import LatentStats, compute_latent_stats
 
 log = logging.getLogger("latentforge")
@@ -121,3 +123,20 @@ def restore_latent_stats(
         return "the tokenizer's own"
     n = fit_latent_stats(tokenizer, dataset(), num_batches, reduce, device)
     return f"computed (per {reduce}) on {n} images"
+
+
+def restore_run_stats(tokenizer, run: Path, train: Any, name: str, device: torch.device) -> str:
+    """The statistics a generator run (settings ``train``) trained on, for ``tokenizer`` (registry
+    ``name``): the run's file, the tokenizer's own, or recomputed as the run did (the same images, the
+    same reduction) for a run that has neither."""
+    d, e = train.data, train.eval
+    if not (run / STATS_FILE).is_file() and tokenizer.stats is None:
+        log.info("%s holds no %s: recomputing the latent statistics as its training run did", run, STATS_FILE)
+    dataset = lambda: build_training_data(d, train.tokenizer.name, train.training.seed)  # noqa: E731
+    try:
+        return restore_latent_stats(tokenizer, run, dataset, e.stats_batches, e.stats_reduce, device)
+    except InputError as err:  # statistics of another latent shape
+        raise ConfigError(
+            f"tokenizer {name!r} does not fit the statistics of {run / STATS_FILE}: {err} (a tokenizer "
+            "override must give the latents the generator was trained on)"
+        ) from err

@@ -54,7 +54,6 @@ import torch
 from PIL import Image
 
 from latentforge_core.device import seed_everything
-from latentforge_core.errors import InputError
 from latentforge_metrics.inception import to_uint8
 from latentforge_metrics.npz import iter_npz_images
 from latentforge_runner import distributed
@@ -68,7 +67,6 @@ from latentforge_runner.config import (
     settings,
     to_plain,
 )
-from latentforge_runner.data import build_training_data
 from latentforge_runner.generation import (
     GENERATOR_RECIPES,
     autoguidance,
@@ -78,7 +76,7 @@ from latentforge_runner.generation import (
     initial_noise,
     load_generator,
 )
-from latentforge_runner.latents import STATS_FILE, restore_latent_stats
+from latentforge_runner.latents import restore_run_stats
 from latentforge_runner.reports import PROTOCOL_FILE, write_report
 from latentforge_runner.run_folder import RUN_ONLY_KEYS, RunSettings, open_run, read_run
 from latentforge_runner.shards import SampleShards
@@ -226,7 +224,10 @@ class SampleRecipe:
                 "to images, or name a DiGIT stage-2 run (stage2_run=...) that turns them into VQGAN codes"
             )
         if not self.discrete:
-            self._latent_stats(run)
+            name = (cfg.tokenizer or self.train.tokenizer).name
+            log.info(
+                "latent statistics: %s", restore_run_stats(self.tokenizer, run, self.train, name, self.device)
+            )
         shape = generator_shapes(self.tokenizer, k)
         self.generator = self._load_generator(run, self.train, cfg.checkpoint, shape)
         e = self.train.eval
@@ -298,27 +299,6 @@ class SampleRecipe:
         shape = generator_shapes(self.decoder, 0, condition=self.tokenizer)
         self.stage2 = cfg.stage2.build("generators", **shape).to(self.device).eval()
         self.sampler2, self.image_size = {}, self.decoder.preprocessing.input_size
-
-    def _latent_stats(self, run: Path) -> None:
-        """The statistics the training run saved in its folder; recomputed (the same images, the same
-        reduction) only for a run that has none and a tokenizer that brings none."""
-        d, e = self.train.data, self.train.eval
-        if not (run / STATS_FILE).is_file() and self.tokenizer.stats is None:
-            log.info(
-                "%s holds no %s: recomputing the latent statistics as its training run did", run, STATS_FILE
-            )
-        dataset = lambda: build_training_data(d, self.train.tokenizer.name, self.train.training.seed)  # noqa: E731
-        try:
-            how = restore_latent_stats(
-                self.tokenizer, run, dataset, e.stats_batches, e.stats_reduce, self.device
-            )
-        except InputError as err:  # statistics of another latent shape
-            name = (self.cfg.tokenizer or self.train.tokenizer).name
-            raise ConfigError(
-                f"tokenizer {name!r} does not fit the statistics of {run / STATS_FILE}: {err} (a tokenizer "
-                "override must give the latents the generator was trained on)"
-            ) from err
-        log.info("latent statistics: %s", how)
 
     def _load_generator(self, run: Path, train: Any, checkpoint: str | None, shape: dict[str, Any]):
         generator = load_generator(run, train, checkpoint, self.cfg.weights, shape)
