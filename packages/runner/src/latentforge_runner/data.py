@@ -1,4 +1,5 @@
-"""Data: ImageNet-layout folders with the seeds' crops and flips, the embedded digits, a resumable sampler.
+"""Data: ImageNet-layout folders, WebDataset shards and Hugging Face datasets with the seeds' crops and
+flips, the embedded digits, a resumable sampler.
 
 Every image leaves here as a float tensor in [0, 1] ``[3, H, W]`` with an int64 label; components
 apply their own preprocessing.  Training augmentation is the seeds' own: the ADM center crop (RAE
@@ -7,14 +8,20 @@ RAE decoder), with an optional horizontal flip; its randomness is drawn from ``(
 index)``, so a resumed run and any number of loader workers see the same crops.  An unreadable
 image is skipped, counted and reported (the batch carries the paths it dropped) instead of stopping
 a long run.  The batch sampler's order depends
-only on ``(seed, epoch)``, so its position is two integers a checkpoint can store.
+only on ``(seed, epoch)``, so its position is two integers a checkpoint can store.  Every image source
+is a map-style data set indexed by sample (tar shards through an index of member offsets built when
+they are opened, ``datasets`` through its arrow table), so that position means the same images for
+every source.
 """
 
 from __future__ import annotations
 
+import glob
+import io
 import logging
 import math
 import os
+import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,8 +54,15 @@ class DataError(LatentforgeError, ValueError):
 class DataSettings(Settings):
     """The ``data`` block of every recipe that reads a data set."""
 
-    name: Literal["digits", "folder", "latents"] = "folder"  # embedded digits, image folder, cached latents
-    root: str | None = None  # ImageNet layout root/<class>/*.JPEG; for latents, a cache-latents folder
+    # embedded digits, image folder, cached latents, WebDataset .tar shards, Hugging Face datasets
+    name: Literal["digits", "folder", "latents", "webdataset", "hf-datasets"] = "folder"
+    # folder: ImageNet layout root/<class>/*.JPEG; latents: a cache-latents folder; webdataset: a folder
+    # of .tar shards, one .tar or a pattern (shard-{000..099}.tar); hf-datasets: a save_to_disk folder,
+    # .parquet files or hf:<org>/<repo>
+    root: str | None = None
+    split: str = "train"  # hf-datasets: the split to read (a DatasetDict's key, parquet <split>-*.parquet)
+    image_column: str = "image"  # hf-datasets: the column of encoded images (ImageNet-1k: image)
+    label_column: str = "label"  # hf-datasets: the column of class indices (ImageNet-1k: label)
     image_size: int = setting(256, ge=1)  # pixels on each side of a training image
     num_classes: int = setting(1000, ge=1)  # classes the generator is conditioned on
     crop: Literal["center", "random"] = "center"  # ADM center crop, or short side → resize, random crop
@@ -64,11 +78,14 @@ class DataSettings(Settings):
 
 
 def build_training_data(d: DataSettings, tokenizer: str, seed: int):
-    """Images (``digits``, ``folder``, augmented by ``seed``) or the latent shards of ``tokenizer``."""
+    """Images (``digits``, ``folder``, ``webdataset``, ``hf-datasets``, augmented by ``seed``) or the
+    latent shards of ``tokenizer``."""
     if d.name != "latents":
-        images = build_dataset(
-            d.name, image_size=d.image_size, root=d.root, crop=d.crop, resize=d.resize, flip=d.flip, seed=seed
-        )
+        augment: dict[str, Any] = dict(crop=d.crop, resize=d.resize, flip=d.flip, seed=seed)
+        if d.name == "hf-datasets":
+            augment |= dict(image_column=d.image_column, label_column=d.label_column)
+        split = d.split if d.name == "hf-datasets" else "train"
+        images = build_dataset(d.name, split=split, image_size=d.image_size, root=d.root, **augment)
         check_classes(images, d)
         if d.limit is None or d.limit >= len(images):
             return images
@@ -153,7 +170,57 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Image folders
 # ------------------------------------------------------------------------------------------------
-class ImageFolder(torch.utils.data.Dataset):
+class AugmentedImages(torch.utils.data.Dataset):
+    """The seeds' training augmentation of encoded images, shared by every image source.
+
+    ``crop="center"`` is ADM's center crop, ``"resize"`` torchvision's Resize + CenterCrop, ``"random"``
+    resizes the short side to ``resize`` (default ``image_size``) and crops at random; ``flip`` mirrors
+    half the images.  The randomness is drawn from ``(seed, epoch, index)``; the training loop calls
+    :meth:`set_epoch` so each epoch draws new crops.
+    """
+
+    def __init__(self, image_size: int, crop: str, resize: int | None, flip: bool, seed: int):
+        self.image_size = image_size
+        if crop not in CROPS:
+            raise DataError(f"unknown crop {crop!r}: expected one of {', '.join(CROPS)}")
+        self.resize = image_size if resize is None else resize
+        if self.resize < image_size:
+            raise DataError(
+                f"resize {self.resize} is smaller than the crop {image_size}: expected resize ≥ crop"
+            )
+        self.crop, self.flip, self.seed, self.epoch = crop, flip, seed, 0
+        self.warned_small = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def augment(self, source: Any, where: str, label: int, index: int) -> dict[str, Any]:
+        """The item of ``index``: the image ``source`` (a path or a binary file) decoded, cropped and
+        flipped, or an error record naming ``where`` when it cannot be decoded."""
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        try:
+            with Image.open(source) as img:
+                if min(img.size) < self.image_size and not self.warned_small:
+                    self.warned_small = True  # once per process: a loader worker has its own copy
+                    log.warning(
+                        "%s is %dx%d, smaller than the %d-pixel crop: such images are upscaled (expected "
+                        "images at least data.image_size on the short side)",
+                        where, *img.size, self.image_size,
+                    )  # fmt: skip
+                if self.crop == "center":
+                    arr = center_crop_arr(img.convert("RGB"), self.image_size)
+                elif self.crop == "resize":
+                    arr = resize_center_crop_arr(img.convert("RGB"), self.image_size)
+                else:
+                    arr = random_crop_arr(img.convert("RGB"), self.image_size, self.resize, rng)
+        except UNREADABLE as err:
+            return {"error": f"{where}: {type(err).__name__}: {err}"}
+        if self.flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return {"image": to_tensor(arr), "label": label, "index": index}
+
+
+class ImageFolder(AugmentedImages):
     """``root/<class>/*.jpg`` (ImageNet layout) or a flat folder of images (label 0).
 
     Classes are the sorted sub-folder names.  An image that fails to decode yields an error record;
@@ -173,16 +240,7 @@ class ImageFolder(torch.utils.data.Dataset):
         seed: int = 0,
     ):
         self.root = Path(root)
-        self.image_size = image_size
-        if crop not in CROPS:
-            raise DataError(f"unknown crop {crop!r}: expected one of {', '.join(CROPS)}")
-        self.resize = image_size if resize is None else resize
-        if self.resize < image_size:
-            raise DataError(
-                f"resize {self.resize} is smaller than the crop {image_size}: expected resize ≥ crop"
-            )
-        self.crop, self.flip, self.seed, self.epoch = crop, flip, seed, 0
-        self.warned_small = False
+        super().__init__(image_size, crop, resize, flip, seed)
         if self.root.is_file():
             raise DataError(
                 f"data folder {self.root} is a file: expected a folder of images (root/<class>/*.jpg)"
@@ -206,32 +264,9 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.samples[index]
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        try:
-            with Image.open(path) as img:
-                if min(img.size) < self.image_size and not self.warned_small:
-                    self.warned_small = True  # once per process: a loader worker has its own copy
-                    log.warning(
-                        "%s is %dx%d, smaller than the %d-pixel crop: such images are upscaled (expected "
-                        "images at least data.image_size on the short side)",
-                        path, *img.size, self.image_size,
-                    )  # fmt: skip
-                if self.crop == "center":
-                    arr = center_crop_arr(img.convert("RGB"), self.image_size)
-                elif self.crop == "resize":
-                    arr = resize_center_crop_arr(img.convert("RGB"), self.image_size)
-                else:
-                    arr = random_crop_arr(img.convert("RGB"), self.image_size, self.resize, rng)
-        except UNREADABLE as err:
-            return {"error": f"{path}: {type(err).__name__}: {err}"}
-        if self.flip and rng.random() < 0.5:
-            arr = arr[:, ::-1]
-        return {"image": to_tensor(arr), "label": label, "index": index}
+        return self.augment(path, str(path), label, index)
 
 
 def _images(folder: Path) -> Iterator[Path]:
@@ -250,6 +285,324 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
         "skipped": skipped,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# WebDataset tar shards, read by sample index
+# ------------------------------------------------------------------------------------------------
+# Member suffixes that hold an encoded image, in the order one is chosen when a sample has several.
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "pnm", "tif", "tiff")
+WDS_LABEL_EXT = "cls"  # the class index as text, as in the WebDataset ImageNet shards
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard pattern: ``a-{000..009}.tar`` (numeric range, zero-padded as written) and
+    ``{train,val}`` lists, several braces multiplied out left to right."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    end = pattern.find("}", start)
+    if end < 0:
+        raise DataError(f"shard pattern {pattern!r} has an unclosed '{{'")
+    body, head, tail = pattern[start + 1 : end], pattern[:start], pattern[end + 1 :]
+    if ".." in body and "," not in body:
+        lo, hi = body.split("..", 1)
+        if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+            raise DataError(
+                f"shard pattern {pattern!r}: expected {{first..last}} with first ≤ last, digits only"
+            )
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [head + c + rest for c in choices for rest in expand_braces(tail)]
+
+
+def shard_paths(root: str) -> list[Path]:
+    """The ``.tar`` shards ``root`` names: a folder (its ``*.tar``, sorted), one file, a brace pattern or
+    a glob (in sorted order)."""
+    if "://" in root or root.startswith(("pipe:", "hf:")):
+        raise DataError(
+            f"data.root {root!r} is a remote source: data.name 'webdataset' reads local .tar shards by "
+            "offset (exact resume needs random access); download them first"
+        )
+    path = Path(root)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.name.endswith(".tar") and p.is_file())
+        if not found:
+            kinds = sorted({p.suffix or p.name for p in path.iterdir()})[:6]
+            raise DataError(
+                f"no .tar shards in {root} (it holds {', '.join(kinds) or 'nothing'}): expected WebDataset "
+                "shards <name>.tar (write them with `latentforge run write-shards`)"
+            )
+        return found
+    if "{" in root:
+        found = [Path(p) for p in expand_braces(root)]
+    elif any(c in root for c in "*?["):
+        found = sorted(Path(p) for p in glob.glob(root))
+        if not found:
+            raise DataError(f"no shards match {root!r}: expected .tar files")
+    else:
+        found = [path]
+    missing = [str(p) for p in found if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the {len(found)} shard(s) data.root {root!r} names do not exist, first: "
+            f"{missing[0]} (expected a folder of .tar shards, a .tar file or a pattern like "
+            "shard-{000..009}.tar)"
+        )
+    return found
+
+
+def _wds_split(name: str) -> tuple[str, str]:
+    """WebDataset's key and suffix of a member: the path up to the first dot of its base name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (ext.lower() if dot else "")
+
+
+class WebDatasetShards(AugmentedImages):
+    """WebDataset ``.tar`` shards as a map-style data set: sample ``i`` is the ``i``-th key in shard order.
+
+    Opening scans every shard's headers with :mod:`tarfile` and keeps, per sample, its shard, the
+    offset and size of its image member (``<key>.jpg``, ``.png``, … see :data:`WDS_IMAGE_EXTS`) and its
+    label (``<key>.cls``, read now, so the labels are known before training).  An item reads its image
+    by offset, so a resumed run, any number of loader workers and any number of processes see the
+    same samples.  A sample without a readable label or image, or whose image does not decode, yields
+    an error record naming the shard and member (skipped and counted, like an unreadable file).  The
+    shards must be uncompressed (``.tar``); classes are the lines of ``classes.txt`` beside them when
+    present.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        *,
+        crop: str = "center",
+        resize: int | None = None,
+        flip: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(image_size, crop, resize, flip, seed)
+        self.root = str(root)
+        self.shards = shard_paths(self.root)
+        shard: list[int] = []
+        offset: list[int] = []
+        size: list[int] = []
+        labels: list[int] = []
+        members: list[str] = []
+        self.problems: dict[int, str] = {}  # sample → why it cannot be used (no label, no image, …)
+        for s, path in enumerate(self.shards):
+            for key, image, label, why in _scan_shard(path):
+                if why is not None:
+                    self.problems[len(labels)] = why
+                shard.append(s)
+                offset.append(image[0] if image else -1)
+                size.append(image[1] if image else 0)
+                members.append(image[2] if image else key)
+                labels.append(-1 if label is None else label)
+        if not labels:
+            raise DataError(f"the shards of {self.root} hold no samples: expected <key>.jpg/.png + <key>.cls")
+        if self.problems:
+            first = next(iter(self.problems.values()))
+            log.warning(
+                "%d of the %d samples in %s cannot be used and will be skipped, first: %s",
+                len(self.problems), len(labels), self.root, first,
+            )  # fmt: skip
+        self.shard = np.asarray(shard, dtype=np.int32)
+        self.offset = np.asarray(offset, dtype=np.int64)
+        self.size = np.asarray(size, dtype=np.int64)
+        # Fixed-width bytes: no per-item Python objects to copy into forked loader workers.
+        self.members = np.asarray([m.encode() for m in members], dtype=np.bytes_)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        names = self.shards[0].parent / "classes.txt"
+        self.classes = names.read_text().split("\n")[:-1] if names.is_file() else []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.shards[int(self.shard[index])]
+        where = f"{path}:{self.members[index].decode()}"
+        if index in self.problems:
+            return {"error": self.problems[index]}
+        try:
+            with open(path, "rb") as f:  # opened per item: no file offset shared by forked workers
+                f.seek(int(self.offset[index]))
+                data = f.read(int(self.size[index]))
+        except OSError as err:
+            return {"error": f"{where}: {type(err).__name__}: {err}"}
+        if len(data) != self.size[index]:
+            return {"error": f"{where}: the shard ends inside the member (truncated since it was opened?)"}
+        return self.augment(io.BytesIO(data), where, int(self.labels[index]), index)
+
+
+def _scan_shard(path: Path) -> Iterator[tuple[str, tuple[int, int, str] | None, int | None, str | None]]:
+    """``(key, (offset, size, member) of its image or None, label or None, why it is unusable or None)``
+    of every sample of one shard, in the order its keys first appear."""
+    samples: dict[str, dict[str, tuple[int, int, str]]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                name = m.name.removeprefix("./")
+                if not m.isfile() or name.startswith(".") or "/." in name:
+                    continue
+                key, ext = _wds_split(name)
+                samples.setdefault(key, {})[ext] = (m.offset_data, m.size, name)
+    except tarfile.ReadError as err:
+        raise DataError(
+            f"shard {path} is not an uncompressed tar file ({err}): expected WebDataset .tar shards "
+            "(compressed shards cannot be read by offset; decompress them)"
+        ) from err
+    except (tarfile.TarError, OSError) as err:
+        raise DataError(f"shard {path} cannot be read: {type(err).__name__}: {err}") from err
+    with open(path, "rb") as f:
+        for key, parts in samples.items():
+            image = next((parts[e] for e in WDS_IMAGE_EXTS if e in parts), None)
+            label, why = None, None
+            if WDS_LABEL_EXT in parts:
+                offset, size, name = parts[WDS_LABEL_EXT]
+                f.seek(offset)
+                text = f.read(size)
+                try:
+                    label = int(text.decode().strip())
+                except (UnicodeDecodeError, ValueError):
+                    why = f"{path}:{name}: the label is {text[:20]!r}, expected a class index like b'3'"
+            else:
+                why = f"{path}:{key}: no {key}.{WDS_LABEL_EXT} (the class index) in the shard"
+            if image is None:
+                found = ", ".join(sorted(parts)) or "nothing"
+                why = (
+                    f"{path}:{key}: no image member (found .{found}; expected one of "
+                    f".{', .'.join(WDS_IMAGE_EXTS[:4])}, …)"
+                )
+            yield key, image, label, why
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face datasets: a save_to_disk folder, parquet files or a hub repository
+# ------------------------------------------------------------------------------------------------
+class HFImages(AugmentedImages):
+    """A Hugging Face ``datasets`` split with an image column and an integer label column (the ImageNet-1k
+    schema: ``image`` + ``label``), indexed by row.
+
+    ``root`` is a ``save_to_disk`` folder (a ``Dataset`` or a ``DatasetDict``: ``split`` picks one),
+    ``.parquet`` files (one file, a folder — its ``<split>-*.parquet`` names give the splits, as on the
+    hub — or a glob), or ``hf:<org>/<repo>`` (``datasets.load_dataset``: the hub, or its local cache
+    offline).  The arrow table stays memory-mapped and images are decoded here, from their bytes, with
+    the same crops and flips as image folders; an image that does not decode yields an error record
+    (skipped and counted).  ``datasets`` is imported only here.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        *,
+        split: str = "train",
+        image_column: str = "image",
+        label_column: str = "label",
+        crop: str = "center",
+        resize: int | None = None,
+        flip: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(image_size, crop, resize, flip, seed)
+        try:
+            import datasets
+        except ImportError as err:
+            raise DataError(
+                "data.name 'hf-datasets' needs the Hugging Face datasets package: pip install datasets"
+            ) from err
+        self.root, self.split = str(root), split
+        ds = _load_hf(self.root, split)
+        columns = list(ds.column_names)
+        missing = [c for c in (image_column, label_column) if c not in columns]
+        if missing:
+            raise DataError(
+                f"the {split!r} split of {self.root} has the columns {columns}, but not "
+                f"{' and '.join(map(repr, missing))}: expected an image column (data.image_column, now "
+                f"{image_column!r}) and an integer label column (data.label_column, now {label_column!r}), "
+                "as in ImageNet-1k's image + label; set those keys to the columns that hold them"
+            )
+        feature = ds.features[image_column]
+        if not (
+            isinstance(feature, datasets.Image)
+            or (isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary"))
+        ):
+            raise DataError(
+                f"column {image_column!r} of {self.root} is {feature}: expected encoded images "
+                "(datasets.Image, or binary bytes of a PNG/JPEG file)"
+            )
+        label = ds.features[label_column]
+        labels = ds.with_format("numpy", columns=[label_column])[label_column]
+        if not np.issubdtype(np.asarray(labels).dtype, np.integer):
+            raise DataError(
+                f"column {label_column!r} of {self.root} is {label}: expected integer class indices"
+            )
+        if len(labels) == 0:
+            raise DataError(f"the {split!r} split of {self.root} has no rows")
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.classes = list(label.names) if isinstance(label, datasets.ClassLabel) else []
+        self.images = ds.with_format("arrow", columns=[image_column])  # rows as arrow: nothing decoded
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        where = f"{self.root}[{self.split}][{index}]"
+        cell = self.images[index].column(0)[0].as_py()
+        if isinstance(cell, dict):  # datasets.Image's storage: {"bytes": …, "path": …}
+            data, path = cell.get("bytes"), cell.get("path")
+            if data is None and path:
+                return self.augment(path, f"{where} ({path})", int(self.labels[index]), index)
+        else:
+            data = cell
+        if not data:
+            return {"error": f"{where}: the image cell is empty"}
+        return self.augment(io.BytesIO(data), where, int(self.labels[index]), index)
+
+
+HF_SAVED = ("dataset_info.json", "dataset_dict.json", "state.json")  # what save_to_disk writes
+
+
+def _load_hf(root: str, split: str):
+    import datasets
+
+    try:
+        if root.startswith("hf:"):
+            return datasets.load_dataset(root.removeprefix("hf:"), split=split)
+        path = Path(root)
+        if path.is_dir() and any((path / f).is_file() for f in HF_SAVED):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(
+                        f"{root} holds the splits {list(loaded)}: data.split {split!r} is not one of them"
+                    )
+                return loaded[split]
+            return loaded
+        if path.is_dir():
+            if not any(path.rglob("*.parquet")):
+                raise DataError(
+                    f"{root} is neither a save_to_disk folder (no {' or '.join(HF_SAVED[:2])}) nor a folder "
+                    "of .parquet files: expected one of them, or hf:<org>/<repo>"
+                )
+            return datasets.load_dataset("parquet", data_dir=str(path), split=split)
+        files = sorted(glob.glob(root)) if any(c in root for c in "*?[") else [root] if path.is_file() else []
+        if not files:
+            raise DataError(
+                f"data.root {root} not found: expected a save_to_disk folder, .parquet files or "
+                "hf:<org>/<repo>"
+            )
+        return datasets.load_dataset("parquet", data_files=files, split="train")
+    except DataError:
+        raise
+    except (ValueError, FileNotFoundError, OSError) as err:  # an unknown split, an unreadable file, …
+        raise DataError(
+            f"data.root {root} (split {split!r}) cannot be loaded: {type(err).__name__}: {err}"
+        ) from err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,7 +656,9 @@ class Digits(torch.utils.data.Dataset):
 def build_dataset(
     name: str, *, split: str = "train", image_size: int, root: str | None = None, **augment: Any
 ):
-    """``digits`` or ``folder`` (ImageNet layout at ``root``); ``augment`` = ImageFolder's crop/flip."""
+    """``digits``, ``folder`` (ImageNet layout at ``root``), ``webdataset`` (``.tar`` shards at ``root``) or
+    ``hf-datasets`` (``split`` of the datasets at ``root``; ``augment`` may add ``image_column`` and
+    ``label_column``); ``augment`` = ImageFolder's crop/flip."""
     if name == "digits":
         if augment.get("crop", "center") != "center" or augment.get("flip"):
             raise DataError(
@@ -315,7 +670,21 @@ def build_dataset(
         if not root:
             raise DataError("data.name 'folder' needs data.root: a folder in the ImageNet layout")
         return ImageFolder(root, image_size, **augment)
-    raise DataError(f"unknown data set {name!r}: expected 'digits' (embedded) or 'folder' (needs data.root)")
+    if name in ("webdataset", "hf-datasets"):
+        if not root:
+            what = (
+                "WebDataset .tar shards"
+                if name == "webdataset"
+                else "a datasets folder, parquet files or hf:<id>"
+            )
+            raise DataError(f"data.name {name!r} needs data.root: {what}")
+        if name == "webdataset":
+            return WebDatasetShards(root, image_size, **augment)
+        return HFImages(root, image_size, split=split, **augment)
+    raise DataError(
+        f"unknown data set {name!r}: expected 'digits' (embedded), or 'folder', 'webdataset' or "
+        "'hf-datasets' (these need data.root)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
