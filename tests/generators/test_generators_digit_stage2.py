@@ -15,15 +15,6 @@ V, K, GRID, DIM, DEPTH, HEADS = 24, 12, 4, 32, 2, 4
 N = GRID * GRID
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core runner they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_fairseq_stage2(seed=0, positions=1024):
     return layouts.random_fairseq_stage2(V, K, DIM, DEPTH, positions, seed)
 

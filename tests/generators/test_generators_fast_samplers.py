@@ -9,6 +9,7 @@ v = (t − (1 − t)s²)(x − (1 − t)μ)/σ_t² − μ. Its ODE carries z at 
 
 import pytest
 import torch
+from flow_toys import MU, GaussianVelocity, S
 
 from latentforge_core import registry
 from latentforge_generators.samplers import (
@@ -22,30 +23,6 @@ from latentforge_generators.samplers import (
     time_grid,
 )
 from latentforge_generators.transport import time_shift
-
-MU = torch.linspace(-2.0, 2.0, 8, dtype=torch.float64).view(1, 2, 2, 2)
-S = torch.linspace(0.3, 1.5, 8, dtype=torch.float64).view(1, 2, 2, 2)
-
-
-class GaussianVelocity:
-    """The exact velocity of the toy, counting its calls."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        var = (1 - t) ** 2 * S**2 + t**2
-        return (t - (1 - t) * S**2) * (x - (1 - t) * MU) / var - MU
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors and a tiny model: a second OpenMP thread only adds contention on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,6 @@ from latentforge_generators.transport import Transport
 TINY = ["test-dit", "test-lightningdit", "test-ditdh"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds contention on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(gen, seed):
     """Registered models start with zeroed adaLN and output layers; random weights make them speak."""
     torch.manual_seed(seed)

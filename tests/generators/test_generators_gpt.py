@@ -313,12 +313,3 @@ def test_bad_input_is_explained():
         GPT(vocab_size=V, grid_size=GRID, dim=DIM, depth=1, num_heads=HEADS).loss(ok, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="unknown block style"):
         GPT(vocab_size=V, style="gpt2")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core runner they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

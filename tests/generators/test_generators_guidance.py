@@ -9,15 +9,6 @@ from latentforge_core import registry
 from latentforge_generators.guidance import CFG, AutoGuidance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds contention on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def gen():
     torch.manual_seed(0)

@@ -14,15 +14,6 @@ from latentforge_generators.token_sampling import maskgit_decode, random_mask, t
 DIGIT_REMAINING = [251, 236, 212, 181, 142, 97, 49, 0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core runner they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_schedule_reproduces_digit_mask_counts():
     V, N = 7, 256
     seen = []

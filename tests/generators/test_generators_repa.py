@@ -18,14 +18,6 @@ SHAPE = dict(in_channels=4, input_size=8, num_classes=10)
 PLUGIN = Path(__file__).parents[2] / "examples" / "plugin-example" / "src"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _encoder(family):
     """A tiny random encoder of each registered family (DINOv2 with and without registers, SigLIP2,
     MAE, the test ViT), or the plugin example's patch-mean encoder."""

@@ -10,33 +10,10 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
+from flow_toys import MU, GaussianVelocity, S
 from scipy.integrate import solve_ivp
 
 from latentforge_generators.samplers import SAMPLERS, dopri5, euler, euler_maruyama, heun, solve, time_grid
-
-MU = torch.linspace(-2.0, 2.0, 8, dtype=torch.float64).view(1, 2, 2, 2)
-S = torch.linspace(0.3, 1.5, 8, dtype=torch.float64).view(1, 2, 2, 2)
-
-
-class GaussianVelocity:
-    """The exact velocity of the toy, counting its calls."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        var = (1 - t) ** 2 * S**2 + t**2
-        return (t - (1 - t) * S**2) * (x - (1 - t) * MU) / var - MU
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Elementwise work on small tensors: a second OpenMP thread only adds contention on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
