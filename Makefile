@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow bench lint
+.PHONY: setup demo test test-slow test-gpu bench lint
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,12 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The real-GPU checks (tests/gpu): every family's bf16 + torch.compile training step, sampling,
+# encode/decode and a metric update on CUDA.  The explicit -m replaces addopts' -m 'not slow'; without
+# a GPU every test is skipped with the reason.
+test-gpu: setup
+	$(PY) -m pytest -q -m cuda tests/gpu
 
 # Static checks (CI runs them first): ruff lint, ruff formatting, mypy on core and the public APIs
 # ([tool.mypy] in pyproject.toml). Every check runs; the target fails if any of them failed.

@@ -8,8 +8,10 @@ what was wrong (the key, file or argument) and what was expected.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 
 class LatentforgeError(Exception):
@@ -52,6 +54,36 @@ class RunInterrupted(LatentforgeError):
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# ------------------------------------------------------------------------------------------------
+# The value-reading input checks (NaN/inf, label and token ranges, pixel ranges) look at a tensor's
+# contents: on a GPU each is a host sync, and under fake tensors (``FakeTensorMode``), the meta
+# device or ``torch.compile`` tracing there are no contents to read.  They all ask
+# :func:`checking_values` first; :func:`value_checks` turns them off for a block.  Shape, dtype and
+# argument checks never read values and stay on.
+# ------------------------------------------------------------------------------------------------
+_CHECK_VALUES: contextvars.ContextVar[bool] = contextvars.ContextVar("latentforge_check_values", default=True)
+
+
+def checking_values() -> bool:
+    """Whether the checks that read tensor values (isfinite, min/max ranges, ``.item()``) run here:
+    True unless inside ``value_checks(False)`` (in this thread / async context)."""
+    return _CHECK_VALUES.get()
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the value-reading input checks on or off inside a ``with`` block (per thread and async
+    context; nestable; restored on exit).  ``with value_checks(False):`` lets a model run on fake or
+    meta tensors, or under tracing, without reading data; shape and dtype checks still run."""
+    if not isinstance(enabled, bool):
+        raise InputTypeError(f"value_checks: enabled must be true or false, got {_show(enabled)}")
+    token = _CHECK_VALUES.set(enabled)
+    try:
+        yield
+    finally:
+        _CHECK_VALUES.reset(token)
 
 
 def first_line(err: BaseException) -> str:

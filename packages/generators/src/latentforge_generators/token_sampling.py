@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from latentforge_core.errors import InputError
+from latentforge_core.errors import InputError, checking_values
 
 #################################################################################
 #                               Argument checks                                 #
@@ -33,7 +33,7 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int, what: str = "token id
     """Integer ids in ``[0, vocab_size)``, or a ``ValueError`` that says which values were not."""
     if tokens.dtype in (torch.bool,) or tokens.is_floating_point() or tokens.is_complex():
         raise InputError(f"{what} must be an integer tensor, got dtype {tokens.dtype}")
-    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    if checking_values() and tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise InputError(
             f"{what} must lie in [0, {vocab_size}), got values in [{int(tokens.min())}, {int(tokens.max())}]"
         )
@@ -44,7 +44,7 @@ def check_class_ids(y: torch.Tensor, num_classes: int) -> None:
         raise InputError("this model is unconditional (num_classes=0); pass y=None or a sample count")
     if y.ndim != 1 or y.is_floating_point():
         raise InputError(f"class labels must be a 1-D integer tensor [B], got {tuple(y.shape)} {y.dtype}")
-    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+    if checking_values() and y.numel() and (y.min() < 0 or y.max() >= num_classes):
         raise InputError(
             f"class ids must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
         )
@@ -66,6 +66,19 @@ def as_sequence(tokens: torch.Tensor, grid: tuple[int, int], vocab_size: int) ->
 #################################################################################
 #                           Top-k / top-p sampling                              #
 #################################################################################
+
+
+def _elsewhere(generator: torch.Generator | None, device) -> bool:
+    """A generator of another device than the draws' (a CPU one seeding GPU sampling, as the flow
+    samplers allow): the draws are then made where the generator lives and moved."""
+    return generator is not None and device is not None and generator.device.type != torch.device(device).type
+
+
+def uniform(shape, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``torch.rand(shape)`` on ``device``, from ``generator`` whichever device that lives on."""
+    if _elsewhere(generator, device):
+        return torch.rand(shape, device=generator.device, generator=generator).to(device)
+    return torch.rand(shape, device=device, generator=generator)
 
 
 def top_candidates(
@@ -138,7 +151,7 @@ def sample_logits(
     if temperature != 1.0:
         logits = logits / temperature
     values, ids = top_candidates(logits, top_k, top_p, log_norm)
-    u = torch.rand(values.shape, device=values.device, generator=generator)
+    u = uniform(values.shape, values.device, generator)
     pick = (values - u.log_().neg_().log_()).argmax(dim=-1, keepdim=True)  # -log(-log u) ~ Gumbel
     if ids is not None:
         pick = ids.gather(-1, pick)
@@ -154,13 +167,13 @@ def training_mask_counts(
     batch: int, n: int, device=None, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """How many of ``n`` tokens to mask per example: floor(n·cos(π u / 2) + 1), u ~ U[0, 1)."""
-    u = torch.rand(batch, device=device, generator=generator)
+    u = uniform(batch, device, generator)
     return torch.floor(n * torch.cos(math.pi / 2 * u) + 1).long().clamp(1, n)  # B
 
 
 def random_mask(counts: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A bool mask ``[B, n]`` with ``counts[b]`` positions set, chosen uniformly at random."""
-    scores = torch.rand(counts.shape[0], n, device=counts.device, generator=generator)
+    scores = uniform((counts.shape[0], n), counts.device, generator)
     ranks = scores.argsort(dim=1).argsort(dim=1)
     return ranks < counts[:, None]  # B n
 
@@ -199,14 +212,17 @@ def maskgit_decode(
     tokens = tokens.masked_fill(masked, mask_id)
     for step in range(1, steps + 1):
         logits = logits_fn(tokens).float() / temperature  # B N V
-        sampled = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(
-            masked.shape
-        )
+        probs = logits.softmax(-1).flatten(0, 1)
+        if _elsewhere(generator, probs.device):
+            sampled = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+        else:
+            sampled = torch.multinomial(probs, 1, generator=generator)
+        sampled = sampled.view(masked.shape)
         tokens = torch.where(masked, sampled, tokens)
         if step == steps:
             break
         logp = logits.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)  # B N
-        u = torch.rand(logp.shape, device=logp.device, generator=generator).clamp_(1e-20, 1 - 1e-7)
+        u = uniform(logp.shape, logp.device, generator).clamp_(1e-20, 1 - 1e-7)
         gumbel = -torch.log(-torch.log(u))
         confidence = logp + choice_temperature * (1 - step / steps) * gumbel
         confidence = confidence.masked_fill(~masked, float("inf"))

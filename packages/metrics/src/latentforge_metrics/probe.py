@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from latentforge_core import registry
 from latentforge_core.device import resolve_device
-from latentforge_core.errors import InputError, InputTypeError
+from latentforge_core.errors import InputError, InputTypeError, checking_values
 from latentforge_metrics.generative import encoder_features
 from latentforge_metrics.stats import FeatureBank
 
@@ -37,9 +37,9 @@ def train_linear_probe(
     mean, std = train_x.mean(dim=0), train_x.std(dim=0).clamp_min(1e-6)
     x = (train_x - mean) / std
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    head = nn.Linear(x.shape[1], num_classes).to(x.device)
-    with torch.no_grad():  # MAE initialises the probe head with a small normal
-        head.weight.normal_(0, 0.01, generator=gen)
+    head = nn.Linear(x.shape[1], num_classes, device=x.device)
+    with torch.no_grad():  # MAE initialises the probe head with a small normal, drawn by the CPU `gen`
+        head.weight.copy_(torch.empty(head.weight.shape).normal_(0, 0.01, generator=gen))
         head.bias.zero_()
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(x.shape[0] / batch_size)
@@ -100,7 +100,7 @@ class LinearProbe:
         labels = torch.as_tensor(labels).long().reshape(-1, 1)
         if labels.shape[0] != features.shape[0]:
             raise InputError(f"{features.shape[0]} feature rows but {labels.shape[0]} labels")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+        if checking_values() and labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise InputError(
                 f"labels must be in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]"
             )
