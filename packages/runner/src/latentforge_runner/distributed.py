@@ -8,8 +8,11 @@ Several machines use torchrun's rendezvous, e.g. on each of two nodes::
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -18,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from latentforge_core.device import resolve_device, seed_everything
+from latentforge_core.errors import InputError
 
 T = TypeVar("T")
 
@@ -58,17 +62,297 @@ def cleanup() -> None:
     it can abort at exit (gloo's threads), so every process first waits for the others."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        _release_meshes()
         dist.destroy_process_group()
 
 
-def wrap(module: torch.nn.Module, info: DistInfo, method: str = "forward", compile: bool = False):
+def _release_meshes() -> None:
+    """Destroy the process groups of the device meshes made for FSDP/HSDP and drop the meshes' hold
+    on them: a gloo group still referenced when the interpreter exits can abort the process there
+    ("terminate called without an active exception"), after all its work was done."""
+    world = dist.group.WORLD
+    for mesh in _MESHES:
+        groups = getattr(mesh, "_pg_registry", {})
+        for group in list(groups.values()):
+            if group is not world:
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group(group)
+        groups.clear()
+    _MESHES.clear()
+
+
+def wrap(
+    module: torch.nn.Module,
+    info: DistInfo,
+    method: str = "forward",
+    compile: bool = False,
+    training: Any = None,
+    keep_for_ema: bool = True,
+    sharding: bool = True,
+):
     """What a training step calls: ``module.<method>`` as the forward (so DDP's gradient hooks see a
-    loss that is not ``forward``), inside DDP when there are several processes, compiled when asked."""
+    loss that is not ``forward``), inside DDP when there are several processes, compiled when asked.
+
+    ``training`` (the run's :class:`~latentforge_runner.training.TrainingSettings`) chooses more:
+    ``activation_checkpointing`` recomputes the transformer blocks' activations in the backward
+    (:func:`checkpoint_blocks`, any number of processes), and with several processes ``strategy``
+    ``fsdp``/``hsdp`` shards the model with FSDP2 instead of DDP (:func:`fully_shard_model`: each
+    block, then the root; ``module`` is sharded in place).  Under FSDP the EMA is a full copy on every
+    process: when ``keep_for_ema`` and the run has an EMA, a plain copy of ``module`` is kept for
+    :func:`unsharded_copy` before sharding.  One process is never wrapped: ``fsdp`` runs unsharded.
+    ``sharding=False`` refuses ``fsdp``/``hsdp`` (for any number of processes): a recipe whose steps
+    call the model outside this entry (a GAN's losses, a PSNR pass) cannot run under FSDP2, whose
+    root forward is what gathers the parameters."""
+    strategy = getattr(training, "strategy", "ddp")
+    if strategy not in STRATEGIES:
+        raise InputError(f"unknown training.strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if strategy != "ddp" and not sharding:
+        raise InputError(
+            f"training.strategy {strategy} is unavailable in this recipe (its steps call the model "
+            "outside the sharded entry, which FSDP cannot serve): use training.strategy=ddp"
+        )
+    sharded = info.enabled and strategy in ("fsdp", "hsdp")
+    if sharded:
+        _check_fsdp(info, training)
+        if keep_for_ema and getattr(training, "ema_decay", None) is not None:
+            _PLAIN_COPIES[module] = copy.deepcopy(module)
+    if training is not None and training.activation_checkpointing != "none":
+        every = 1 if training.activation_checkpointing == "full" else training.activation_checkpointing_every
+        checkpoint_blocks(module, every)
     entry = module if method == "forward" else _Method(module, method)
-    if info.enabled:
+    if sharded:
+        entry = fully_shard_model(entry, info, training)
+    elif info.enabled:
         ids = [info.device.index] if info.device.type == "cuda" else None
         entry = torch.nn.parallel.DistributedDataParallel(entry, device_ids=ids)
     return torch.compile(entry) if compile else entry
+
+
+STRATEGIES = ("ddp", "fsdp", "hsdp")
+FSDP_BACKENDS = ("nccl", "gloo")  # where FSDP2's all-gather and reduce-scatter are known to run
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformer blocks: activation checkpointing and FSDP2's units
+# ------------------------------------------------------------------------------------------------
+def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    """The ``blocks`` ModuleLists of ``module``'s model families (DiT, LightningDiT, DiT-DH, the stage-2
+    token transformers, ViT encoders) that hold parameters, outermost first."""
+    return [
+        m
+        for name, m in module.named_modules()
+        if name.rsplit(".", 1)[-1] == "blocks"
+        and isinstance(m, torch.nn.ModuleList)
+        and any(True for _ in m.parameters())
+    ]
+
+
+class _CheckpointedBlock(torch.nn.Module):
+    """Mixed in before a block's own class: its forward runs under ``torch.utils.checkpoint``
+    (non-reentrant, RNG state preserved), so the backward recomputes its activations instead of
+    keeping them.  Arguments pass through as they are (DiT blocks take ``(h, c, rope)``, token
+    transformer blocks keywords); without gradients (sampling, the EMA) it is the plain forward."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _has_running_stats(block: torch.nn.Module) -> bool:
+    """Batch norms update their statistics in every forward, the recomputation too: left alone."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in block.modules())
+
+
+def checkpoint_blocks(module: torch.nn.Module, every: int = 1) -> int:
+    """Recompute the activations of every ``every``-th block (0, k, 2k, …) of each of
+    :func:`transformer_blocks` in the backward; returns how many blocks.  The block's class becomes
+    a subclass with a checkpointed forward (as FSDP2 does for its units), so parameter names,
+    state dicts, hooks and copies are unchanged, and the numbers too: the same forward runs twice."""
+    count = 0
+    for blocks in transformer_blocks(module):
+        for i, block in enumerate(blocks):
+            cls = type(block)
+            if i % every or issubclass(cls, _CheckpointedBlock) or _has_running_stats(block):
+                continue
+            if cls not in _CHECKPOINTED:
+                _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (_CheckpointedBlock, cls), {})
+            block.__class__ = _CHECKPOINTED[cls]
+            count += 1
+    return count
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2: sharding, and full tensors for the EMA and the checkpoints
+# ------------------------------------------------------------------------------------------------
+def _check_fsdp(info: DistInfo, training: Any) -> None:
+    backend = dist.get_backend() if dist.is_initialized() else None
+    where = f"on the {backend} process group" if backend else "without a process group"
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError as err:  # pragma: no cover - every torch this project supports has FSDP2
+        raise InputError(
+            f"training.strategy {training.strategy} needs FSDP2 (torch.distributed.fsdp.fully_shard), "
+            f"which this torch {torch.__version__} lacks: use training.strategy=ddp"
+        ) from err
+    if backend not in FSDP_BACKENDS:
+        raise InputError(
+            f"training.strategy {training.strategy} is unavailable {where} "
+            f"(FSDP2 runs on {' and '.join(FSDP_BACKENDS)}): use training.strategy=ddp"
+        )
+    if training.cpu_offload and info.device.type != "cuda":
+        raise InputError(
+            f"training.cpu_offload moves FSDP's shards between the GPU and the host, but this run is on "
+            f"{info.device.type}: set training.cpu_offload=false"
+        )
+
+
+def device_mesh(info: DistInfo, training: Any) -> Any:
+    """``fsdp``: every process one shard group; ``hsdp``: replicas × shards, the shard groups of
+    ``training.hsdp_shard_size`` processes (default: the processes of a node, torchrun's
+    LOCAL_WORLD_SIZE), so parameters are all-gathered within a node and gradients all-reduced across."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = info.world_size
+    if training.strategy == "fsdp":
+        mesh = init_device_mesh(info.device.type, (world,), mesh_dim_names=("shard",))
+        _MESHES.append(mesh)
+        return mesh
+    size = training.hsdp_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % size:
+        raise InputError(
+            f"training.hsdp_shard_size {size} does not divide the {world} processes: expected a divisor "
+            f"of {world} (the processes of a node, e.g. {int(os.environ.get('LOCAL_WORLD_SIZE', world))})"
+        )
+    mesh = init_device_mesh(info.device.type, (world // size, size), mesh_dim_names=("replicate", "shard"))
+    _MESHES.append(mesh)
+    return mesh
+
+
+_MESHES: list[Any] = []  # the meshes made here, released by cleanup()
+
+
+def fully_shard_model(entry: torch.nn.Module, info: DistInfo, training: Any) -> torch.nn.Module:
+    """``entry`` under FSDP2: ``fully_shard`` on each block of :func:`transformer_blocks`, then on
+    ``entry`` (the root, whose forward every step calls); mixed precision (bf16 parameters, fp32
+    gradient reduction) on CUDA unless ``training.precision`` is fp32; CPU offload when asked."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {"mesh": device_mesh(info, training)}
+    if info.device.type == "cuda" and training.dtype in (None, torch.bfloat16):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if training.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for blocks in transformer_blocks(entry):
+        for block in blocks:
+            fully_shard(block, **kwargs)
+    fully_shard(entry, **kwargs)
+    return entry
+
+
+def _dtensor() -> type:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP holds any of ``module``'s parameters as shards (DTensors)."""
+    DTensor = _dtensor()
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (an all-gather: every process calls it in the same order); else itself."""
+    return value.full_tensor() if isinstance(value, _dtensor()) else value
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` cut as the DTensor ``like`` is (no communication: every process holds ``full``)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if not isinstance(like, _dtensor()):
+        return full
+    full = full.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with whole tensors, for a checkpoint the main process writes: its own
+    ``state_dict()`` when unsharded; under FSDP gathered to the main process's CPU (the others get
+    an empty dict) by ``get_model_state_dict``: a collective, every process calls it."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)
+
+
+@torch.no_grad()
+def load_full_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a whole-tensor state dict (a checkpoint's) into ``module``, sharded or not; every process
+    holds ``state``, so each cuts its own shards."""
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    own = module.state_dict()
+    if set(own) != set(state):
+        module.load_state_dict(state)  # raises, naming the keys
+    for key, value in own.items():
+        if isinstance(value, _dtensor()):
+            value.to_local().copy_(shard_like(state[key], value).to_local())
+        else:
+            value.copy_(state[key])
+
+
+_PLAIN_COPIES: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def unsharded_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A plain deep copy of ``module`` with its current whole parameters, on every process (the EMA).
+
+    FSDP2 modules cannot be deep-copied: :func:`wrap` keeps a copy of what it shards (when the run has
+    an EMA), from which this takes ``module`` (the sharded root or a part of it, the generator inside
+    REPA's wrapper); the parameters are then gathered into it (a collective)."""
+    if not is_sharded(module):
+        return copy.deepcopy(module)
+    for root, plain in list(_PLAIN_COPIES.items()):
+        name = next((n for n, m in root.named_modules() if m is module), None)
+        if name is None:
+            continue
+        del _PLAIN_COPIES[root]  # the rest of the copy goes
+        out = plain.get_submodule(name) if name else plain
+        params = dict(out.named_parameters())
+        for key, param in module.named_parameters():
+            params[key].copy_(full_tensor(param.detach()))
+        return out
+    raise InputError(
+        f"{type(module).__name__} is sharded by FSDP but no plain copy of it was kept: wrap it with "
+        "distributed.wrap(..., training=t) before making its EMA"
+    )
+
+
+@contextlib.contextmanager
+def no_sync(entry: torch.nn.Module) -> Iterator[None]:
+    """No gradient reduction in this backward (a micro-batch before the last): DDP's ``no_sync``,
+    FSDP2's ``set_requires_gradient_sync(False)``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(entry, "_orig_mod", entry)  # under torch.compile
+    if isinstance(inner, FSDPModule):
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+    else:
+        with entry.no_sync():
+            yield
 
 
 class _Method(torch.nn.Module):

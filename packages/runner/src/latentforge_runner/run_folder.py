@@ -91,6 +91,8 @@ RUN_ONLY_KEYS = (
     "<training>.keep_checkpoints",
     "<training>.num_workers",
     "<training>.max_minutes",
+    "<training>.activation_checkpointing",  # recomputes what it would have kept: bitwise the same
+    "<training>.activation_checkpointing_every",
     "<training>.steps",
     "eval.every",
 )

@@ -34,7 +34,6 @@ on SIGINT/SIGTERM after the current step, writes a checkpoint and raises
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -98,6 +97,16 @@ class TrainingSettings(Settings):
     # Wall-clock budget of this process in minutes (a cluster job's limit less the time a checkpoint
     # takes): before a step that would not fit, checkpoint and exit 75 (requeue); None: no budget.
     max_minutes: float | None = setting(None, gt=0)
+    # Several processes: ddp (a replica each), fsdp (FSDP2: parameters, gradients and optimiser state
+    # sharded over all processes, per transformer block) or hsdp (sharded within groups of
+    # hsdp_shard_size processes, replicated across them).  One process runs unsharded whatever this is.
+    strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    hsdp_shard_size: int | None = setting(None, ge=1)  # hsdp: processes per shard group (None: a node's)
+    cpu_offload: bool = False  # fsdp: keep the shards and optimiser state in host memory (CUDA only)
+    # Recompute the transformer blocks' activations in the backward instead of keeping them: none,
+    # full (every block) or every_k (blocks 0, k, 2k, … with k = activation_checkpointing_every).
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"
+    activation_checkpointing_every: int = setting(2, ge=1)  # k of every_k
 
     def __attrs_post_init__(self):
         if self.batch_size % self.grad_accum:
@@ -112,6 +121,18 @@ class TrainingSettings(Settings):
                 "decay_end",
                 f"decay_end {self.decay_end} must come after the warm-up ({self.warmup_steps} steps): "
                 "expected decay_end > warmup_steps",
+            )
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise SettingError(
+                "cpu_offload",
+                f"cpu_offload applies to training.strategy fsdp, not {self.strategy}: set "
+                "training.strategy=fsdp or training.cpu_offload=false",
+            )
+        if self.hsdp_shard_size is not None and self.strategy != "hsdp":
+            raise SettingError(
+                "hsdp_shard_size",
+                f"hsdp_shard_size applies to training.strategy hsdp, not {self.strategy}: set "
+                "training.strategy=hsdp or leave hsdp_shard_size unset",
             )
 
     @property
@@ -175,28 +196,62 @@ class Optimization:
         return logs
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """The optimiser's and schedule's states; under FSDP with whole tensors (gathered on every
+        process, in host memory), so a checkpoint is the same whatever the processes and strategy."""
+        optimizer = self.optimizer.state_dict()
+        if any(isinstance(p, _DTensor()) for p in self.params):
+            whole = distributed.full_tensor
+            optimizer["state"] = {
+                i: {k: whole(v).cpu() if isinstance(v, _DTensor()) else v for k, v in s.items()}
+                for i, s in optimizer["state"].items()
+            }
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        if any(isinstance(p, _DTensor()) for p in self.params):  # whole tensors, cut as the shards
+            params = dict(enumerate(self.params))  # the optimiser's indices (one param group)
+            optimizer = {
+                **optimizer,
+                "state": {
+                    i: {
+                        k: distributed.shard_like(v, params[i])
+                        if isinstance(v, torch.Tensor) and i in params and v.shape == params[i].shape
+                        else v
+                        for k, v in s.items()
+                    }
+                    for i, s in optimizer["state"].items()
+                },
+            }
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _DTensor() -> type:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
 
 
 # ------------------------------------------------------------------------------------------------
 # EMA
 # ------------------------------------------------------------------------------------------------
 class EMA:
-    """An exponential moving average of a model's parameters (buffers copied), updated every step."""
+    """An exponential moving average of a model's parameters (buffers copied), updated every step.
+
+    Under FSDP it is still a whole, unsharded copy on every process, updated from the gathered whole
+    parameters (one all-gather of the model per step): every process holds the same EMA, which
+    samples and saves as it does unsharded, at the memory of one more copy of the weights."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.module = distributed.unsharded_copy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         ema_params = dict(self.module.named_parameters())
         for name, param in model.named_parameters():
-            ema_params[name].lerp_(param.detach(), 1.0 - self.decay)
+            ema_params[name].lerp_(distributed.full_tensor(param.detach()), 1.0 - self.decay)
         ema_buffers = dict(self.module.named_buffers())
         for name, buf in model.named_buffers():
             ema_buffers[name].copy_(buf)
@@ -223,6 +278,13 @@ class Batches:
         dist: distributed.DistInfo,
     ):
         self.data, self.t, self.device = data, t, dist.device
+        if t.batch_size % (dist.world_size * t.grad_accum):
+            per = dist.world_size * t.grad_accum
+            raise SettingError(
+                "batch_size",
+                f"batch_size {t.batch_size} is not divisible by {dist.world_size} process(es) × grad_accum "
+                f"{t.grad_accum}: expected a multiple of {per} (e.g. {max(1, t.batch_size // per) * per})",
+            )
         self.sampler = ResumableBatchSampler(
             num_items, t.batch_size, seed=t.seed, rank=dist.rank, world_size=dist.world_size
         )
@@ -298,10 +360,10 @@ def micro_batches(
 def sync_contexts(
     ddp_model: torch.nn.Module, dist: distributed.DistInfo, parts: int
 ) -> Iterator[contextlib.AbstractContextManager]:
-    """DDP's ``no_sync`` for all but the last of ``parts`` backwards: gradients are all-reduced once
-    per update."""
+    """DDP's ``no_sync`` (FSDP's alike) for all but the last of ``parts`` backwards: gradients are
+    reduced once per update."""
     for i in range(parts):
-        yield ddp_model.no_sync() if dist.enabled and i < parts - 1 else contextlib.nullcontext()
+        yield distributed.no_sync(ddp_model) if dist.enabled and i < parts - 1 else contextlib.nullcontext()
 
 
 def backward(loss: torch.Tensor, parts: int, step: int, what: str = "loss") -> float:
@@ -517,13 +579,15 @@ class Checkpointer:
     def save(self, step: int, weights: Mapping[str, torch.nn.Module], state: Mapping[str, Any]) -> Path:
         """Write ``checkpoints/<step>/`` on the main process; every process waits for it."""
         final = self.folder / f"{step:08d}"
+        # Whole state dicts (under FSDP a collective, so every process gathers; the main one writes).
+        states = {name: distributed.full_state_dict(module) for name, module in weights.items()}
         if self.dist.is_main and not final.exists():
             tmp = self.folder / f".{final.name}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            for name, module in weights.items():
+            for name in weights:
                 meta = {**self.config, "step": step} if name in ("model", "ema") else {"step": step}
-                save_checkpoint(module.state_dict(), tmp / f"{name}.safetensors", meta)
+                save_checkpoint(states[name], tmp / f"{name}.safetensors", meta)
             save_torch({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
             os.replace(tmp, final)
             _fsync_dir(self.folder)
@@ -589,7 +653,7 @@ class Checkpointer:
                 check_state_dict(module.state_dict(), sd, what=what)
             except CheckpointError as err:
                 raise CheckpointError(f"{path}: {err}") from err
-            module.load_state_dict(sd)
+            distributed.load_full_state_dict(module, sd)
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", folder, state["step"])
         return dict(state)
@@ -670,6 +734,11 @@ class TrainState:
 
     def eval_model(self) -> torch.nn.Module:
         """The EMA weights when there are any, else the live model, in eval mode."""
+        if self.ema is None and distributed.is_sharded(self.model):
+            raise InputError(
+                f"training.strategy {self.t.strategy} shards the model, which then runs only inside the "
+                "training step: set training.ema_decay to evaluate and sample from the (whole) EMA"
+            )
         return (self.ema.module if self.ema is not None else self.model).eval()
 
     def _weights(self) -> dict[str, torch.nn.Module]:

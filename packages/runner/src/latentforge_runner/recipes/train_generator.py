@@ -105,7 +105,7 @@ class TrainGeneratorRecipe:
         if cfg.alignment is not None:
             self.encoder, self.repa = build_alignment(cfg.alignment, self.generator, self.device)
         trained = self.repa if self.repa is not None else self.generator  # the projector trains too
-        self.model = distributed.wrap(trained, self.dist, method="loss", compile=t.compile)
+        self.model = distributed.wrap(trained, self.dist, method="loss", compile=t.compile, training=t)
         self.state = TrainState(
             self.generator,
             t,

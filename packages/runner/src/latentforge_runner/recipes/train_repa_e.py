@@ -141,7 +141,10 @@ class TrainREPAERecipe:
         self.generator = cfg.generator.build("generators", **shape).to(self.device)
         self.encoder, self.repa = build_alignment(cfg.alignment, self.generator, self.device)
         self.loss = self._vae_loss().to(self.device)
-        self.model = distributed.wrap(self.repa, self.dist, method="loss", compile=t.compile)
+        # its alignment and PSNR passes call the models outside these entries: DDP only, no FSDP
+        self.model = distributed.wrap(
+            self.repa, self.dist, method="loss", compile=t.compile, training=t, sharding=False
+        )
         self.vae_model = distributed.wrap(self.vae, self.dist)
         self.state = TrainState(
             self.generator,

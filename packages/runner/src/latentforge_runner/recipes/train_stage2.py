@@ -87,7 +87,7 @@ class TrainStage2Recipe:
         torch.manual_seed(cfg.run.seed)  # every process builds the same initial weights
         shape = generator_shapes(self.tokenizer, d.num_classes, self.condition)
         self.generator = cfg.generator.build("generators", **shape).to(self.device)
-        self.model = distributed.wrap(self.generator, self.dist, method="loss", compile=t.compile)
+        self.model = distributed.wrap(self.generator, self.dist, method="loss", compile=t.compile, training=t)
         self.state = TrainState(
             self.generator,
             t,

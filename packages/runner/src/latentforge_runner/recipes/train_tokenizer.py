@@ -151,7 +151,10 @@ class TrainTokenizerRecipe:
         self._check_tokenizer()
         self.loss = self._build_loss().to(self.device)
         self.tokenizer.to(self.device)
-        self.model = distributed.wrap(self.tokenizer, self.dist, compile=cfg.training.compile)
+        # its GAN and eval steps call the tokenizer outside this entry: DDP only, no FSDP
+        self.model = distributed.wrap(
+            self.tokenizer, self.dist, compile=cfg.training.compile, training=cfg.training, sharding=False
+        )
         self.state = TrainState(
             self.tokenizer,
             cfg.training,
