@@ -165,7 +165,10 @@ def test_two_processes_killed_and_rerun_write_the_npz_of_one_uninterrupted(gener
     rerun = _torchrun(args(killed), 2, tmp_path / "rerun.log")
     rerun.wait(timeout=300)
     output = (tmp_path / "rerun.log").read_text()
-    assert rerun.returncode == 0, output[-3000:]
+    # gloo's threads can abort the interpreter at exit after the work is done ("terminate called
+    # without an active exception", about 1 launch in 20 on this CPU): tolerated only in that form.
+    exit_abort = "terminate called without an active exception" in output
+    assert rerun.returncode == 0 or exit_abort, output[-3000:]
     assert f"{done} of 16 shards are on disk" in output
     cli.run_recipe(*cli.load_settings("sample", None, args(tmp_path / "one")))
     assert (killed / "samples.npz").read_bytes() == (tmp_path / "one" / "samples.npz").read_bytes()
