@@ -5,7 +5,13 @@ A recipe writes this loop itself (see ``recipes/train_generator.py``); the tests
 
 from __future__ import annotations
 
+import os
+import runpy
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -62,3 +68,26 @@ def fit(
 
 def cross_entropy(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+
+
+def run_child(child: Path, args: list[str], out: Path, nproc: int | None = None) -> dict:
+    """``child`` (a script writing its result to ``out``) with ``args``, under torchrun with ``nproc``
+    processes (one thread each), or in this process when None; returns what it saved."""
+    argv = [str(child), *args]
+    if nproc is None:
+        threads = torch.get_num_threads()
+        with mock.patch.object(sys, "argv", argv):
+            runpy.run_path(str(child), run_name="__main__")
+        torch.set_num_threads(threads)
+    else:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([*launcher, *argv], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)

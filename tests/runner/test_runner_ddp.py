@@ -1,38 +1,17 @@
 """Two gloo processes under torchrun train the same weights as one process with the doubled batch."""
 
-import os
-import runpy
-import subprocess
-import sys
 from pathlib import Path
-from unittest import mock
 
+import kit_loop
 import pytest
 import torch
 
 CHILD = Path(__file__).with_name("ddp_child.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _run(out, batch, accum, nproc=None):
     """``nproc`` processes under torchrun, or this very process when None."""
-    args = [str(CHILD), str(out), str(batch), str(accum)]
-    if nproc is None:
-        threads = torch.get_num_threads()
-        with mock.patch.object(sys, "argv", args):
-            runpy.run_path(str(CHILD), run_name="__main__")
-        torch.set_num_threads(threads)
-    else:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-        ]
-        proc = subprocess.run([*launcher, *args], env=ENV, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return kit_loop.run_child(CHILD, [str(out), str(batch), str(accum)], out, nproc)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,11 @@ weights as one process with the whole batch, DDP and FSDP agree, and a sharded r
 (from two processes, and from two processes into one)."""
 
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
+import kit_loop
 import pytest
 import torch
 
@@ -28,24 +27,9 @@ TOL = 1e-6
 def _run(run_dir: Path, strategy="fsdp", batch=8, accum=1, ckpt="none", steps=6, nproc=None, shard=None):
     """``fsdp_child.py`` in ``nproc`` processes under torchrun, or in this process when None."""
     out = run_dir.with_suffix(".pt")
-    args = [str(CHILD), str(out), str(run_dir), strategy, str(batch), str(accum), ckpt, str(steps)]
+    args = [str(out), str(run_dir), strategy, str(batch), str(accum), ckpt, str(steps)]
     args += [] if shard is None else [str(shard)]
-    if nproc is None:
-        threads = torch.get_num_threads()
-        with mock.patch.object(sys, "argv", args):
-            runpy.run_path(str(CHILD), run_name="__main__")
-        torch.set_num_threads(threads)
-    else:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-        ]
-        proc = subprocess.run([*launcher, *args], env=ENV, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return kit_loop.run_child(CHILD, args, out, nproc)
 
 
 def _max_diff(a, b) -> float:
