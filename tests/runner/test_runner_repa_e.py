@@ -116,6 +116,8 @@ def test_resume_is_exact_and_the_tuned_vae_reloads_as_a_tokenizer(tmp_path):
     torch.testing.assert_close(tuned.stats.normalize(z), bn(z), rtol=0, atol=1e-6)
     report = json.loads((run / "eval.json").read_text())
     assert report["step"] == 4 and report["psnr_start"] > 0 and report["psnr_end"] > 0
+    resumed = json.loads((tmp_path / "resumed" / "eval.json").read_text())
+    assert resumed == report  # the start is the VAE as built, not the one resumed at step 2
     # Any recipe samples with the tuned VAE and the generator's EMA.
     argv = [
         "generator.name=test-sit",

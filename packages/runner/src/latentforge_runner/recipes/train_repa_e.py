@@ -26,7 +26,6 @@ as ``generator.safetensors``.  ``eval.json`` holds the VAE's held-out PSNR at th
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Literal
 
@@ -161,9 +160,9 @@ class TrainREPAERecipe:
         self.vae_optim = self.state.add("tokenizer", self.vae, key="vae")
         self.disc_optim = self.state.add("discriminator", self.loss.discriminator, key="disc")
         self.disc_model = distributed.wrap_closure(self.loss.discriminator, self.dist)
-        self.psnr_start = self.psnr()  # the VAE as it starts (a resumed run keeps the first run's)
-        if cfg.run.resume != "never" and self.state.resume():
-            self.psnr_start = self._eval_report().get("psnr_start", self.psnr_start)
+        self.psnr_start = self.psnr()  # the VAE as built, before any resume: the run's starting point
+        if cfg.run.resume != "never":
+            self.state.resume()
 
     def _latent_norm(self) -> nn.BatchNorm2d:
         """REPA-E's latent BatchNorm (no affine, eps 1e-4) started at the VAE's per-channel statistics."""
@@ -216,8 +215,8 @@ class TrainREPAERecipe:
                 logs |= self._discriminator_step(x)
                 zn = self.norm.train()(z.detach())  # the running statistics move; no gradient to the VAE
                 terms = self.model(zn, y, target, return_terms=True, **draws)
+            logs["alignment"] = float(terms["alignment"].detach())  # read before the backward is queued
             logs["loss"] = backward(terms["loss"], 1, state.step)
-            logs["alignment"] = float(terms["alignment"].detach())
             logs |= state.update()  # the generator's (and projector's) step, then its EMA
             state.step += 1
             progress.update(state.step, logs, state.optim.lr)
@@ -278,10 +277,6 @@ class TrainREPAERecipe:
             metric.update(self.vae.decode(self.vae.encode(chunk, sample=False)).clamp(0, 1), chunk)
         self.vae.train(was_training)
         return float(metric.compute())
-
-    def _eval_report(self) -> dict[str, Any]:
-        path = self.run_dir / "eval.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
 
     def tuned_stats(self) -> LatentStats:
         """The latent BatchNorm's running statistics as the tokenizer's latent statistics."""
