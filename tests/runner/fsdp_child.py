@@ -11,6 +11,7 @@ the whole model and EMA weights and the optimiser state at the end.
 """
 
 import gc
+import os
 import sys
 
 import kit_loop
@@ -62,6 +63,7 @@ t = TrainingSettings(
     hsdp_shard_size=shard_size,
     activation_checkpointing=ckpt,
     activation_checkpointing_every=2,
+    precision=os.environ.get("FSDP_CHILD_PRECISION", "auto"),  # fp16: the scaler's test
 )
 model.to(dist.device)
 entry = distributed.wrap(model, dist, method="loss", training=t)

@@ -17,7 +17,7 @@ import torch
 
 from latentforge_core.device import autocast
 from latentforge_runner import distributed
-from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
+from latentforge_runner.training import TrainingSettings, TrainState, micro_batches
 
 
 def build(
@@ -53,7 +53,7 @@ def fit(
             with sync:
                 with autocast(dist.device, t.dtype):
                     loss = loss_fn(entry, part)
-                logs["loss"] += backward(loss, t.grad_accum, state.step)
+                logs["loss"] += state.optim.backward(loss, t.grad_accum, state.step)
         logs |= state.update()
         state.step += 1
         last = logs

@@ -49,7 +49,7 @@ from latentforge_core.device import autocast
 from latentforge_generators.repa import REPA
 from latentforge_runner import cli, distributed
 from latentforge_runner.recipes.demo import DemoRecipe
-from latentforge_runner.training import TrainState, backward, micro_batches
+from latentforge_runner.training import TrainState, micro_batches
 
 SEEDS = (0, 1)
 STEPS = 1000
@@ -98,7 +98,7 @@ def _generator(r: DemoRecipe, rae, encoder, *, repa: bool, seed: int) -> dict:
                     loss = terms["loss"]
                 else:
                     loss = entry(part["x"], part["y"])
-            backward(loss, t.grad_accum, state.step)
+            state.optim.backward(loss, t.grad_accum, state.step)
         state.update()
         state.step += 1
     r.cfg = attrs.evolve(cfg, run=attrs.evolve(cfg.run, seed=seed))  # the sampling noise's seed

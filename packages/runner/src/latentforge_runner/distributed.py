@@ -237,13 +237,15 @@ _MESHES: list[Any] = []  # the meshes made here, released by cleanup()
 
 def fully_shard_model(entry: torch.nn.Module, info: DistInfo, training: Any) -> torch.nn.Module:
     """``entry`` under FSDP2: ``fully_shard`` on each block of :func:`transformer_blocks`, then on
-    ``entry`` (the root, whose forward every step calls); mixed precision (bf16 parameters, fp32
-    gradient reduction) on CUDA unless ``training.precision`` is fp32; CPU offload when asked."""
+    ``entry`` (the root, whose forward every step calls); mixed precision on CUDA unless
+    ``training.precision`` is fp32 (bf16 parameters, fp16 under ``precision: fp16``; fp32 gradient
+    reduction); CPU offload when asked."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs: dict[str, Any] = {"mesh": device_mesh(info, training)}
-    if info.device.type == "cuda" and training.dtype in (None, torch.bfloat16):
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if info.device.type == "cuda" and training.dtype != torch.float32:  # auto is bf16 on CUDA
+        param_dtype = training.dtype or torch.bfloat16
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if training.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for blocks in transformer_blocks(entry):

@@ -42,6 +42,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -87,7 +88,9 @@ class TrainingSettings(Settings):
     eps: float = setting(1e-8, gt=0)  # AdamW's epsilon
     grad_clip: float | None = setting(None, gt=0)  # max global grad norm; None = no clipping
     ema_decay: float | None = setting(0.9999, ge=0, lt=1)  # None = no EMA
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA, fp32 on CPU; fp16: fp16 autocast with a gradient scaler (GPUs without
+    # bf16), its scale saved in every checkpoint
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model (CUDA; slow to start)
     seed: int = setting(0, ge=0, lt=2**32)  # data order and augmentation
     log_every: int = setting(50, ge=1)  # updates between logged scalars
@@ -138,7 +141,9 @@ class TrainingSettings(Settings):
     @property
     def dtype(self) -> torch.dtype | None:
         """The autocast dtype (None: the device's default, bf16 on CUDA and fp32 on CPU)."""
-        return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[self.precision]
+        return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            self.precision
+        ]
 
     def checkpoint_due(self, step: int) -> bool:
         return step % self.checkpoint_every == 0 or step == self.steps
@@ -169,7 +174,11 @@ def lr_lambda(t: TrainingSettings) -> Callable[[int], float]:
 
 class Optimization:
     """AdamW over the trainable ``params`` with the settings' schedule and clipping; one ``step`` per
-    update (the schedule advances on updates, as RAE's discriminator schedule does)."""
+    update (the schedule advances on updates, as RAE's discriminator schedule does).
+
+    Under ``precision: fp16`` a gradient scaler multiplies the loss before :meth:`backward` and unscales
+    the gradients before clipping; a step whose gradients overflowed is skipped and the scale halved
+    (PyTorch's ``GradScaler``; under FSDP2 the overflow flag is reduced over the shards by DTensor)."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], t: TrainingSettings, what: str = "model"):
         self.params = [p for p in params if p.requires_grad]
@@ -180,19 +189,45 @@ class Optimization:
             self.params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
+        fp16 = t.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.params[0].device.type, enabled=fp16) if fp16 else None
 
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def backward(self, loss: torch.Tensor, parts: int, step: int, what: str = "loss") -> float:
+        """``(loss / parts).backward()`` (scaled under fp16) after checking the loss is finite; returns
+        its share of the step's loss (one read of the value: the check and the log share the sync)."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NumericalError(
+                f"the {what} is {value} at step {step}; lower training.lr or set training.grad_clip "
+                "(the last checkpoint is intact)"
+            )
+        share = loss / parts
+        (share if self.scaler is None else self.scaler.scale(share)).backward()
+        return value / parts
+
     def step(self) -> dict[str, float]:
-        """Clip, update, zero the gradients, advance the schedule; returns ``grad_norm`` when clipping."""
+        """Clip, update, zero the gradients, advance the schedule; returns ``grad_norm`` when clipping
+        and ``loss_scale`` (the scale this step's gradients had) under fp16."""
         logs = {}
+        if self.scaler is not None:
+            logs["loss_scale"] = self.scaler.get_scale()
+            self.scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
             logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+                self.scaler.update()
+                # the schedule counts updates tried, skipped ones too (as every fp16 trainer's does)
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
         return logs
 
     def state_dict(self) -> dict[str, Any]:
@@ -205,7 +240,8 @@ class Optimization:
                 i: {k: whole(v).cpu() if isinstance(v, _DTensor()) else v for k, v in s.items()}
                 for i, s in optimizer["state"].items()
             }
-        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        return state | ({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         optimizer = state["optimizer"]
@@ -225,6 +261,8 @@ class Optimization:
             }
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:  # a run switched to fp16 starts a new scale
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def _DTensor() -> type:
@@ -364,19 +402,6 @@ def sync_contexts(
     reduced once per update."""
     for i in range(parts):
         yield distributed.no_sync(ddp_model) if dist.enabled and i < parts - 1 else contextlib.nullcontext()
-
-
-def backward(loss: torch.Tensor, parts: int, step: int, what: str = "loss") -> float:
-    """``(loss / parts).backward()`` after checking it is finite; returns its share of the step's loss
-    (one read of the value: the check and the log share the device sync)."""
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise NumericalError(
-            f"the {what} is {value} at step {step}; lower training.lr or set training.grad_clip "
-            "(the last checkpoint is intact)"
-        )
-    (loss / parts).backward()
-    return value / parts
 
 
 def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
@@ -720,7 +745,7 @@ class TrainState:
 
     def add(self, name: str, module: torch.nn.Module, key: str) -> Optimization:
         """Optimise ``module`` too (AdamW with the same settings): its weights are saved as
-        ``<name>.safetensors``, its optimiser and schedule as ``<key>_optimizer``/``<key>_scheduler``."""
+        ``<name>.safetensors``, its optimiser, schedule (and fp16 scale) as ``<key>_optimizer``, … ."""
         optim = Optimization(module.parameters(), self.t, what=name)
         self.others[name] = (module, optim, key)
         return optim
@@ -855,7 +880,9 @@ class TrainState:
         for name, (_, optim, key) in self.others.items():
             if f"{key}_optimizer" not in state:
                 raise CheckpointError(f"{folder} has no {name} optimiser state, but this run trains one")
-            optim.load_state_dict({part: state[f"{key}_{part}"] for part in ("optimizer", "scheduler")})
+            optim.load_state_dict(
+                {part[len(key) + 1 :]: v for part, v in state.items() if part.startswith(f"{key}_")}
+            )
         self.batches.load_state_dict(state["data"])
         self.step = self.saved_step = state["step"]
         self._log_states = dict(state.get("log", {}))

@@ -35,7 +35,7 @@ from latentforge_runner.config import Component, Settings, component, sampler_bl
 from latentforge_runner.data import Digits
 from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
-from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
+from latentforge_runner.training import TrainingSettings, TrainState, micro_batches
 
 log = logging.getLogger("latentforge")
 
@@ -199,7 +199,7 @@ class DemoRecipe:
                 with sync:
                     with autocast(self.device, t.dtype):
                         loss = loss_fn(entry, part)
-                    logs["loss"] += backward(loss, t.grad_accum, state.step)
+                    logs["loss"] += state.optim.backward(loss, t.grad_accum, state.step)
             logs |= state.update()
             state.step += 1
             progress.update(state.step, logs, state.optim.lr)

@@ -43,7 +43,7 @@ from latentforge_runner.generation import (
 )
 from latentforge_runner.latents import STATS_FILE, LatentShards, restore_latent_stats
 from latentforge_runner.run_folder import RunSettings, open_run
-from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
+from latentforge_runner.training import TrainingSettings, TrainState, micro_batches
 
 log = logging.getLogger("latentforge")
 
@@ -141,7 +141,7 @@ class TrainGeneratorRecipe:
                             loss = terms["loss"]
                             align = float(terms["alignment"].detach())  # −cosine similarity, for the log
                             logs["alignment"] = logs.get("alignment", 0.0) + align / t.grad_accum
-                    logs["loss"] += backward(loss, t.grad_accum, state.step)
+                    logs["loss"] += state.optim.backward(loss, t.grad_accum, state.step)
             logs |= state.update()  # optimiser step, LR schedule, EMA
             state.step += 1
             progress.update(state.step, logs, state.optim.lr)

@@ -43,7 +43,7 @@ from latentforge_runner.generation import AlignmentSettings, EvalSettings, build
 from latentforge_runner.latents import STATS_FILE, restore_latent_stats
 from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
-from latentforge_runner.training import TrainingSettings, TrainState, backward
+from latentforge_runner.training import TrainingSettings, TrainState
 from latentforge_tokenizers import losses
 from latentforge_tokenizers.stats import LatentStats
 from latentforge_tokenizers.vavae import VAVAE
@@ -216,7 +216,7 @@ class TrainREPAERecipe:
                 zn = self.norm.train()(z.detach())  # the running statistics move; no gradient to the VAE
                 terms = self.model(zn, y, target, return_terms=True, **draws)
             logs["alignment"] = float(terms["alignment"].detach())  # read before the backward is queued
-            logs["loss"] = backward(terms["loss"], 1, state.step)
+            logs["loss"] = state.optim.backward(terms["loss"], 1, state.step)
             logs |= state.update()  # the generator's (and projector's) step, then its EMA
             state.step += 1
             progress.update(state.step, logs, state.optim.lr)
@@ -246,7 +246,7 @@ class TrainREPAERecipe:
             vae_loss, logs = self.loss.generator_loss(x, out, self.vae, self.state.step)
             total = vae_loss + self.cfg.vae_align_weight * align
             logs = {f"vae_{k}": v for k, v in logs.items()} | {"vae_alignment": float(align.detach())}
-            backward(total, 1, self.state.step, what="VAE loss")
+            self.vae_optim.backward(total, 1, self.state.step, what="VAE loss")
             logs |= {f"vae_{k}": v for k, v in self.vae_optim.step().items()}
         finally:
             self.repa.train()
@@ -259,7 +259,7 @@ class TrainREPAERecipe:
         if not losses.gate(self.state.step, self.loss.disc_start):
             return {}
         loss = self.disc_model(self.loss.discriminator_loss, x, self.fake, self.state.step)
-        share = backward(loss, 1, self.state.step, what="discriminator loss")
+        share = self.disc_optim.backward(loss, 1, self.state.step, what="discriminator loss")
         return {"d_loss": share} | {f"d_{k}": v for k, v in self.disc_optim.step().items()}
 
     # -------------------------------------------------------------------------------- evaluation

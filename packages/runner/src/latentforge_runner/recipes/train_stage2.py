@@ -33,7 +33,7 @@ from latentforge_runner.generation import (
     save_grid,
 )
 from latentforge_runner.run_folder import RunSettings, open_run
-from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
+from latentforge_runner.training import TrainingSettings, TrainState, micro_batches
 
 log = logging.getLogger("latentforge")
 
@@ -112,7 +112,7 @@ class TrainStage2Recipe:
                 with sync:  # DDP all-reduces the gradients at the last micro-batch only
                     with autocast(self.device, t.dtype):
                         loss = self.model(*self.encode(part["image"]))  # cross-entropy over the codes
-                    logs["loss"] += backward(loss, t.grad_accum, state.step)
+                    logs["loss"] += state.optim.backward(loss, t.grad_accum, state.step)
             logs |= state.update()  # optimiser step, LR schedule, EMA
             state.step += 1
             progress.update(state.step, logs, state.optim.lr)

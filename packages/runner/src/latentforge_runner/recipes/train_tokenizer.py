@@ -45,7 +45,6 @@ from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_runner.training import (
     TrainingSettings,
     TrainState,
-    backward,
     split_batch,
     sync_contexts,
 )
@@ -265,7 +264,9 @@ class TrainTokenizerRecipe:
                 with sync:
                     with autocast(self.device, t.dtype):
                         loss, extra = _with_logs(gen_loss(part))
-                    _accumulate(logs, "", loss, extra, len(parts), backward(loss, len(parts), state.step))
+                    _accumulate(
+                        logs, "", loss, extra, len(parts), state.optim.backward(loss, len(parts), state.step)
+                    )
             logs |= state.update()  # optimiser step, LR schedule, EMA
             self._discriminator_trainable(True)
             if self.disc is not None:
@@ -288,7 +289,7 @@ class TrainTokenizerRecipe:
                 if out is None:
                     return {}
                 loss, extra = _with_logs(out)
-                share = backward(loss, len(parts), self.state.step, what="discriminator loss")
+                share = self.disc_optim.backward(loss, len(parts), self.state.step, what="discriminator loss")
                 _accumulate(logs, "d_", loss, extra, len(parts), share)
         return logs | {f"d_{k}": v for k, v in self.disc_optim.step().items()}
 

@@ -34,7 +34,7 @@ from latentforge_runner.generation import (
 )
 from latentforge_runner.latents import LatentShards
 from latentforge_runner.run_folder import RunSettings, open_run
-from latentforge_runner.training import TrainingSettings, TrainState, backward, micro_batches
+from latentforge_runner.training import TrainingSettings, TrainState, micro_batches
 
 log = logging.getLogger("latentforge")
 
@@ -103,7 +103,7 @@ class TrainTokensRecipe:
                 with sync:  # DDP all-reduces the gradients at the last micro-batch only
                     with autocast(self.device, t.dtype):
                         loss = self.model(self.tokens(part), part["label"])  # cross-entropy over tokens
-                    logs["loss"] += backward(loss, t.grad_accum, state.step)
+                    logs["loss"] += state.optim.backward(loss, t.grad_accum, state.step)
             logs |= state.update()  # optimiser step, LR schedule, EMA
             state.step += 1
             progress.update(state.step, logs, state.optim.lr)
