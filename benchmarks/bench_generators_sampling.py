@@ -1,19 +1,34 @@
-"""Sampling throughput: 50-step Euler with classifier-free guidance, images/s and MFU.
+"""Flow sampling throughput with classifier-free guidance: ours beside peers driving the same model.
 
 Full size: ``dit-s-2`` on 4×32×32 latents (SD-VAE at 256 px), 2 images (a batch of 4 with CFG).
-Tiny: the ``test-dit`` entry.
-Beside ours, the same sampler with guidance done as two separate forwards (cond, then uncond), the
-way a naive loop would, to show what batching them into one forward buys.
+Tiny: the ``test-dit`` entry. Both get random weights (the registered models start with zeroed output
+layers, whose velocity is 0 and would make every sampler agree trivially).
+
+Groups (images/s and MFU; the ratio column is ours / peer in the same run):
+
+* Euler, 50 steps: ours (``FlowGenerator.sample``) beside diffusers' ``FlowMatchEulerDiscreteScheduler``
+  on the same grid, and beside guidance done as two separate forwards (what batching buys).
+* Heun, NFE ≈ 50: ours (25 steps, NFE 50) beside diffusers' ``FlowMatchHeunDiscreteScheduler`` (26
+  sigmas, NFE 51: its last interval, onto σ = 0, is an Euler step).
+* dopri5 (SiT's atol 1e-6, rtol 1e-3): ours beside ``torchdiffeq.odeint``; each row's name gives its NFE.
+
+diffusers' flow-match schedulers use σ = our t (1 noise → 0 data) and step ``x += (σ_next - σ)·out``, so
+the model they drive must return our velocity dx/dt, and it is called with ``timestep = 1000·σ``. In the
+tiny run each peer's samples are checked against ours on the same grid (a correctness assertion).
 """
 
 import attrs
+import numpy as np
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from latentforge_core import registry
 from latentforge_generators.guidance import CFG
+from latentforge_generators.samplers import euler, heun
 
-STEPS = 50
+CFG_SCALE = 4.0
+ATOL, RTOL = 1e-6, 1e-3
 
 
 @attrs.frozen(kw_only=True)
@@ -26,42 +41,199 @@ class TwoForwardCFG(CFG):
         return self.combine(velocity(x, t, y), velocity(x, t, torch.full_like(y, null)))
 
 
-def _setup(full, device):
+@attrs.frozen
+class Setup:
+    gen: torch.nn.Module
+    y: torch.Tensor  # [B] labels
+    noise: torch.Tensor  # [B, C, H, W]
+    forward_flops: int  # one guided evaluation (a forward at batch 2B)
+    steps: int  # Euler steps: 50 at full size, 6 in the tiny run (which only checks correctness)
+
+    def velocity(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The guided velocity ``FlowGenerator.sample`` integrates (amp off, as in every row here)."""
+        return CFG(scale=CFG_SCALE)(self.gen.velocity, x, t, self.y, self.gen.null_class)
+
+    def diffusers_model(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The model as a diffusers flow-match loop calls it: ``timestep = 1000·σ``, output dx/dσ."""
+        return self.velocity(x, float(timestep) / 1000)
+
+
+@pytest.fixture(scope="module")
+def setup(full, device) -> Setup:
     name, kwargs, batch = (
         ("dit-s-2", {"input_size": 32, "in_channels": 4}, 2) if full else ("test-dit", {}, 2)
     )
+    torch.manual_seed(0)
     gen = registry.generators.build(name, **kwargs).to(device).eval()
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.normal_(std=0.02)
     y = torch.arange(batch, device=device) % gen.num_classes
-    x = torch.randn(2 * batch, *gen.input_shape, device=device)
+    noise = torch.randn(batch, *gen.input_shape, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        gen.velocity(x, 0.5, torch.cat([y, y]))
-    return gen, y, STEPS * counter.get_total_flops()
+        gen.velocity(torch.cat([noise, noise]), 0.5, torch.cat([y, y]))
+    return Setup(gen, y, noise, counter.get_total_flops(), 50 if full else 6)
 
 
-def test_sampling_euler_cfg(measure, full, device):
-    gen, y, flops = _setup(full, device)
-    noise = torch.randn(len(y), *gen.input_shape, device=device)
+def _sample(setup: Setup, **options):
+    return setup.gen.sample(setup.y, noise=setup.noise, cfg_scale=CFG_SCALE, amp=False, **options)
+
+
+@torch.no_grad()
+def _diffusers_loop(setup: Setup, scheduler) -> torch.Tensor:
+    """A diffusers pipeline's denoising loop, without the pipeline: model, then ``scheduler.step``."""
+    x = setup.noise
+    for timestep in scheduler.timesteps:
+        x = scheduler.step(setup.diffusers_model(x, timestep), timestep, x).prev_sample
+    return x
+
+
+def _close(ours: torch.Tensor, theirs: torch.Tensor, tol: float) -> None:
+    error = (ours - theirs).abs().max().item()
+    assert error < tol, f"samples differ by {error:.3g} (tolerance {tol})"
+    assert ours.abs().max() > 0.1  # random weights: a velocity far from zero
+
+
+# ------------------------------------------------------------------------------------------------
+#                                       Euler, 50 steps
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sampling_euler_cfg(measure, setup):
     out = measure(
-        lambda: gen.sample(y, noise=noise, steps=STEPS, cfg_scale=4.0),
-        group="sample euler-50 cfg",
+        lambda: _sample(setup, steps=setup.steps),
+        group=f"sample euler-{setup.steps} cfg",
         impl="ours",
-        items=len(y),
+        items=len(setup.y),
         unit="images/s",
-        flops=flops,
+        flops=setup.steps * setup.forward_flops,
     )
-    assert out.shape == noise.shape
+    assert out.shape == setup.noise.shape
 
 
-def test_sampling_euler_cfg_two_forwards(measure, full, device):
-    gen, y, flops = _setup(full, device)
-    noise = torch.randn(len(y), *gen.input_shape, device=device)
-    guidance = TwoForwardCFG(scale=4.0)
+def test_sampling_euler_cfg_two_forwards(measure, setup):
     out = measure(
-        lambda: gen.sample(y, noise=noise, steps=STEPS, guidance=guidance),
-        group="sample euler-50 cfg",
+        lambda: _sample(setup, steps=setup.steps, guidance=TwoForwardCFG(scale=CFG_SCALE)),
+        group=f"sample euler-{setup.steps} cfg",
         impl="two forwards",
-        items=len(y),
+        items=len(setup.y),
         unit="images/s",
-        flops=flops,
+        flops=setup.steps * setup.forward_flops,
     )
-    assert out.shape == noise.shape
+    _close(out, _sample(setup, steps=setup.steps), 1e-4)
+
+
+def test_sampling_euler_cfg_diffusers(measure, setup, full):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    grid = np.linspace(1.0, 0.0, setup.steps + 1)  # our time_grid(steps); diffusers appends the final 0
+    scheduler = FlowMatchEulerDiscreteScheduler()
+
+    def run():
+        scheduler.set_timesteps(sigmas=grid[:-1])
+        return _diffusers_loop(setup, scheduler)
+
+    out = measure(
+        run,
+        group=f"sample euler-{setup.steps} cfg",
+        impl="diffusers FlowMatchEuler",
+        items=len(setup.y),
+        unit="images/s",
+        flops=setup.steps * setup.forward_flops,
+    )
+    assert len(scheduler.timesteps) == setup.steps
+    if not full:  # float32 σ and timestep/1000 against our float64 grid: round-off only
+        _close(out, _sample(setup, steps=setup.steps), 1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+#                                        Heun, NFE ≈ 50
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sampling_heun_cfg(measure, setup):
+    out = measure(
+        lambda: _sample(setup, sampler="heun", steps=setup.steps // 2),
+        group=f"sample heun-nfe{setup.steps} cfg",
+        impl="ours",
+        items=len(setup.y),
+        unit="images/s",
+        flops=setup.steps * setup.forward_flops,
+    )
+    assert out.shape == setup.noise.shape
+
+
+def test_sampling_heun_cfg_diffusers(measure, setup, full):
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    scheduler = FlowMatchHeunDiscreteScheduler()
+    sigmas = setup.steps // 2 + 1  # 25 Heun intervals and the Euler one onto σ = 0
+
+    def run():
+        scheduler.set_timesteps(sigmas)
+        return _diffusers_loop(setup, scheduler)
+
+    out = measure(
+        run,
+        group=f"sample heun-nfe{setup.steps} cfg",
+        impl=f"diffusers FlowMatchHeun (NFE {2 * sigmas - 1})",
+        items=len(setup.y),
+        unit="images/s",
+        flops=(2 * sigmas - 1) * setup.forward_flops,
+    )
+    assert len(scheduler.timesteps) == 2 * sigmas - 1
+    if not full:  # ours on its grid: Heun to its last σ, then one Euler step to 0
+        grid = torch.cat([scheduler.sigmas[::2], torch.zeros(1)]).tolist()
+        with torch.no_grad():
+            x = heun(setup.velocity, setup.noise, grid[:-1]).x
+            _close(out, euler(setup.velocity, x, grid[-2:]).x, 1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+#                                   Adaptive dopri5 (SiT's tolerances)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sampling_dopri5_cfg(measure, setup):
+    _, nfe = _sample(setup, sampler="dopri5", atol=ATOL, rtol=RTOL, return_nfe=True)
+    out = measure(
+        lambda: _sample(setup, sampler="dopri5", atol=ATOL, rtol=RTOL),
+        group="sample dopri5 cfg",
+        impl="ours",
+        items=len(setup.y),
+        unit="images/s",
+        flops=nfe * setup.forward_flops,
+    )
+    assert out.shape == setup.noise.shape
+    print(f"ours dopri5: NFE {nfe}")
+
+
+def test_sampling_dopri5_cfg_torchdiffeq(measure, setup, full):
+    from torchdiffeq import odeint
+
+    calls = []
+
+    def func(t, x):
+        calls.append(1)
+        return setup.velocity(x, float(t))
+
+    def run():
+        calls.clear()
+        with torch.no_grad():
+            span = torch.tensor([1.0, 0.0], device=setup.noise.device)
+            return odeint(func, setup.noise, span, method="dopri5", atol=ATOL, rtol=RTOL)[-1]
+
+    run()
+    nfe = len(calls)
+    out = measure(
+        run,
+        group="sample dopri5 cfg",
+        impl=f"torchdiffeq odeint (NFE {nfe})",
+        items=len(setup.y),
+        unit="images/s",
+        flops=nfe * setup.forward_flops,
+    )
+    ours, ours_nfe = _sample(setup, sampler="dopri5", atol=ATOL, rtol=RTOL, return_nfe=True)
+    print(f"torchdiffeq dopri5: NFE {nfe}; ours: NFE {ours_nfe}")
+    if not full:  # both meet the same tolerance; their step-size controls differ in detail
+        _close(out, ours, 50 * RTOL)

@@ -7,7 +7,9 @@ run (which re-reads the whole prefix at each of the 256 steps) within minutes. T
 Like for like: the same weights, both in eval mode without gradients, both drawing from the full
 softmax at temperature 1 (transformers' default top-k of 50 is switched off; it suppresses the
 class/null rows that our head does not have), the same number of new tokens, and transformers with
-its default cache (``DynamicCache``) and attention (SDPA).
+its default cache (``DynamicCache``) and attention (SDPA). Ours and transformers run interleaved,
+round by round, so that the load of a shared machine hits both alike; on CUDA the compiled step
+(``compile=True``: CUDA graphs) runs beside them.
 """
 
 import pytest
@@ -80,42 +82,58 @@ def models(full, device, shape):
     return llama, ours
 
 
-@pytest.mark.parametrize("impl", ["ours", "ours (no KV cache)", "transformers"])
-def test_gpt_sampling(measure, models, device, shape, impl):
+def test_gpt_sampling(measure_interleaved, models, device, shape):
     llama, ours = models
     grid, batch = shape
     y = torch.arange(batch, device=device) % CLASSES
     n = grid * grid
-    if impl == "transformers":
-        start = (y + VOCAB)[:, None]
-        suppress = list(range(VOCAB, VOCAB + CLASSES + 1))
+    start, suppress = (y + VOCAB)[:, None], list(range(VOCAB, VOCAB + CLASSES + 1))
 
+    def transformers():
+        with torch.no_grad():
+            out = llama.generate(
+                input_ids=start,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                suppress_tokens=suppress,
+            )
+        assert out.shape == (batch, 1 + n)
+
+    def sample(**options):
         def fn():
-            with torch.no_grad():
-                return llama.generate(
-                    input_ids=start,
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    suppress_tokens=suppress,
-                )
-    else:
-        use_cache = impl == "ours"
+            assert ours.sample(y, temperature=1.0, **options).shape == (batch, grid, grid)
 
-        def fn():
-            return ours.sample(y, temperature=1.0, use_cache=use_cache)
+        return fn
 
-    out = measure(
-        fn,
+    impls = {"ours": sample(), "transformers": transformers}
+    if device.type == "cuda":
+        impls["ours (compiled step)"] = sample(compile=True)
+    measure_interleaved(
+        impls,
         group=f"gpt sampling, {n} tokens x batch {batch}",
-        impl=impl,
         items=batch * n,
         unit="tokens/s",
         flops=2 * params(ours) * batch * n,
-        rounds=3 if impl != "ours (no KV cache)" else 1,
+    )
+
+
+def test_gpt_sampling_without_cache(measure, models, device, shape):
+    """The reference path (the whole prefix again at every step), once: the cache's gain."""
+    _, ours = models
+    grid, batch = shape
+    y = torch.arange(batch, device=device) % CLASSES
+    out = measure(
+        lambda: ours.sample(y, temperature=1.0, use_cache=False),
+        group=f"gpt sampling, {grid * grid} tokens x batch {batch}",
+        impl="ours (no KV cache)",
+        items=batch * grid * grid,
+        unit="tokens/s",
+        flops=2 * params(ours) * batch * grid * grid,
+        rounds=1,
     )
     assert out.shape[0] == batch
 

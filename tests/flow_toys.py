@@ -17,3 +17,12 @@ class GaussianVelocity:
         self.calls += 1
         var = (1 - t) ** 2 * S**2 + t**2
         return (t - (1 - t) * S**2) * (x - (1 - t) * MU) / var - MU
+
+
+def randomized(gen, seed):
+    """Registered models start with zeroed adaLN and output layers; random weights make them speak."""
+    torch.manual_seed(seed)
+    for p in gen.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    return gen

@@ -235,6 +235,7 @@ FLOW_SAMPLERS = [
     ("heun", {}),
     ("midpoint", {}),
     ("dpm++2m", {}),
+    ("unipc", {}),
     ("sde", {}),
     pytest.param(
         "dopri5",

@@ -30,7 +30,8 @@ PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproje
 MODEL_GROUPS = ("latentforge.encoders", "latentforge.tokenizers", "latentforge.generators")
 KEBAB = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 # Entries that build whatever architecture a file describes (no named size, so no row).
-FROM_FILE = {"diffusers-vae"}  # a diffusers AutoencoderKL's config.json
+# a diffusers AutoencoderKL's / AutoencoderRAE's / VQModel's config.json
+FROM_FILE = {"diffusers-vae", "diffusers-rae", "diffusers-vqmodel"}
 
 
 def declared(package: str) -> dict[str, str]:

@@ -1,5 +1,8 @@
 import pytest
 import torch
+from flow_toys import randomized
+
+from latentforge_core import registry
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -10,3 +13,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dit():
+    """A random-weight ``test-dit`` (latents 4×8×8, 10 classes) for the samplers' tests."""
+    return randomized(registry.generators.build("test-dit", in_channels=4, input_size=8, num_classes=10), 0)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from flow_toys import randomized
 
 from latentforge_core import registry
 from latentforge_core.protocols import Generator
@@ -14,18 +15,9 @@ from latentforge_generators.transport import Transport
 TINY = ["test-dit", "test-lightningdit", "test-ditdh"]
 
 
-def _randomize(gen, seed):
-    """Registered models start with zeroed adaLN and output layers; random weights make them speak."""
-    torch.manual_seed(seed)
-    for p in gen.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)
-    return gen
-
-
 @pytest.mark.parametrize("name", TINY)
 def test_protocol_loss_and_sample(name):
-    gen = _randomize(registry.generators.build(name), 0)
+    gen = randomized(registry.generators.build(name), 0)
     assert isinstance(gen, Generator) and isinstance(gen, FlowGenerator)
     assert gen.input_shape == (4, 8, 8)
     x, y = torch.randn(4, *gen.input_shape), torch.tensor([0, 3, 9, 10])  # 10: the null label
@@ -58,7 +50,7 @@ def test_registered_sizes_and_transport_overrides():
 def test_loss_is_the_backbones_own_flow_matching_loss(name):
     """Reproduce ``loss`` in the backbone's own time: SiT's x_τ = τx + (1 − τ)ε with target x − ε for
     DiT (τ = 0 noise), RAE's x_t = (1 − t)x + tε with target ε − x for DiT-DH."""
-    gen = _randomize(registry.generators.build(name), 1).eval()
+    gen = randomized(registry.generators.build(name), 1).eval()
     x, y = torch.randn(6, *gen.input_shape), torch.randint(0, 10, (6,))
     torch.manual_seed(5)
     ours = gen.loss(x, y)
@@ -93,7 +85,7 @@ def test_class_dropout_for_backbones_that_do_not_drop_labels():
 
 
 def test_velocity_converts_time_and_sign():
-    gen = _randomize(registry.generators.build("test-dit"), 2).eval()
+    gen = randomized(registry.generators.build("test-dit"), 2).eval()
     x, y = torch.randn(2, *gen.input_shape), torch.tensor([1, 2])
     with torch.no_grad():
         torch.testing.assert_close(gen.velocity(x, 0.3, y), -gen.backbone(x, torch.full((2,), 0.7), y)[:, :4])
@@ -104,7 +96,7 @@ def test_velocity_converts_time_and_sign():
     [("euler", {}, 6), ("heun", {}, 12), ("sde", {}, 6), ("dopri5", {"atol": 1e-3, "rtol": 1e-2}, None)],
 )
 def test_samplers_through_sample(sampler, options, nfe):
-    gen = _randomize(registry.generators.build("test-dit"), 3)
+    gen = randomized(registry.generators.build("test-dit"), 3)
     y = torch.tensor([0, 5])
     noise = torch.randn(2, *gen.input_shape, generator=torch.Generator().manual_seed(0))
     out, used = gen.sample(

@@ -45,14 +45,57 @@ def test_kv_cache_matches_full_forward_at_every_step(style):
     assert cache.length == GRID * GRID
 
 
-@pytest.mark.parametrize("style", ["digit", "modern"])
-def test_sampling_with_and_without_cache_draws_the_same_tokens(style):
+@pytest.mark.parametrize("style", ["digit", "modern", "prenorm"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(top_k=10), dict(), dict(top_p=0.7, temperature=0.8), dict(cfg_scale=2.5, top_k=5), dict(top_k=1)],
+)
+def test_sampling_with_and_without_cache_draws_the_same_tokens(style, options):
+    """The cached decoding step (in-place cache, guidance mixed in place, reused noise buffer) draws
+    exactly the tokens of the cache-less reference, which recomputes every prefix from scratch."""
     model = tiny(style)
-    y = torch.tensor([1, 2])
-    a = model.sample(y, top_k=10, generator=torch.Generator().manual_seed(3))
-    b = model.sample(y, top_k=10, use_cache=False, generator=torch.Generator().manual_seed(3))
-    assert a.shape == (2, GRID, GRID) and a.dtype == torch.long
+    y = torch.tensor([1, 2, 4])
+    a = model.sample(y, generator=torch.Generator().manual_seed(3), **options)
+    b = model.sample(y, use_cache=False, generator=torch.Generator().manual_seed(3), **options)
+    assert a.shape == (3, GRID, GRID) and a.dtype == torch.long
     assert torch.equal(a, b)
+    if options.get("top_k") != 1:  # the seed matters: the draws are not a constant
+        c = model.sample(y, generator=torch.Generator().manual_seed(4), **options)
+        assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("style", ["digit", "modern"])
+def test_static_shape_decoding_matches_the_full_forward(style):
+    """The step that CUDA graphs replay: a tensor position, the whole cache read under a mask
+    computed from it (stale slots past the position filled with garbage, as a reused cache has)."""
+    model = tiny(style)
+    tokens = torch.randint(0, V, (2, GRID, GRID))
+    y = torch.tensor([0, 3])
+    ids = torch.cat([model.start_ids(y)[:, None], tokens.flatten(1)], dim=1)
+    with torch.no_grad():
+        full = model(tokens, y)  # B N V
+        cache = model.transformer.new_cache(2, GRID * GRID, model.head.weight)
+        cache.k.normal_(), cache.v.normal_()
+        position = torch.zeros((), dtype=torch.long)
+        steps = [model.decode_step(ids[:, i : i + 1], cache, position.fill_(i)) for i in range(GRID * GRID)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_compiled_decoding_draws_the_eager_tokens(monkeypatch):
+    """``compile=`` traces the static-shape step once (aot_eager here; reduce-overhead/CUDA graphs on
+    GPU): no recompilation as the position moves, and the step is kept, with its cache, for the next
+    call of the same shape."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    model = tiny("modern")
+    y = torch.tensor([1, 2])
+    seed = dict(top_k=10, cfg_scale=2.0)
+    eager = model.sample(y, generator=torch.Generator().manual_seed(5), **seed)
+    compiled = model.sample(y, compile="aot_eager", generator=torch.Generator().manual_seed(5), **seed)
+    decoder = model.compiled_decoding
+    again = model.sample(y, compile="aot_eager", generator=torch.Generator().manual_seed(5), **seed)
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    assert model.compiled_decoding is decoder  # reused, not rebuilt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,6 +352,10 @@ def test_bad_input_is_explained():
             model.sample(torch.tensor([0]), top_k=top_k)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         model.sample(torch.tensor([0]), temperature=0)
+    with pytest.raises(ValueError, match="compile must be a bool or a torch.compile backend"):
+        model.sample(torch.tensor([0]), compile=1)
+    with pytest.raises(ValueError, match=r"noise buffer \(2, 5\) must have the draws' shape \(2, 3\)"):
+        sample_logits(torch.zeros(2, 8), top_k=3, noise=torch.empty(2, 5))
     with pytest.raises(ValueError, match="unconditional"):
         GPT(vocab_size=V, grid_size=GRID, dim=DIM, depth=1, num_heads=HEADS).loss(ok, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="unknown block style"):

@@ -8,7 +8,12 @@ import torch
 
 from latentforge_core import generators
 from latentforge_generators.maskgit import MaskGIT
-from latentforge_generators.token_sampling import maskgit_decode, random_mask, training_mask_counts
+from latentforge_generators.token_sampling import (
+    cfg_logits,
+    maskgit_decode,
+    random_mask,
+    training_mask_counts,
+)
 
 # reference/digit.md: still masked after each of the 8 steps over 256 tokens
 DIGIT_REMAINING = [251, 236, 212, 181, 142, 97, 49, 0]
@@ -71,7 +76,7 @@ def test_known_logits_unmask_the_most_confident_first():
 def test_model_sampling_follows_the_schedule():
     model = MaskGIT(vocab_size=9, grid_size=16, num_classes=3, dim=32, depth=1, num_heads=2).eval()
     seen = []
-    model.register_forward_pre_hook(lambda m, args: seen.append(int((args[0] == 9).sum())))
+    model.tok_embed.register_forward_pre_hook(lambda m, args: seen.append(int((args[0] == 9).sum())))
     out = model.sample(torch.tensor([2]), steps=8)
     assert seen == [256, *DIGIT_REMAINING[:-1]]
     assert out.shape == (1, 16, 16) and out.max() < 9
@@ -113,6 +118,28 @@ def test_guided_and_unconditional_sampling():
     model = generators.build("test-maskgit").eval()
     assert model.sample(torch.tensor([1, 2]), cfg_scale=2.0).shape == (2, 4, 4)
     assert model.sample(3).shape == (3, 4, 4)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_sampling_draws_the_tokens_of_separate_checked_forwards(cfg_scale):
+    """``sample`` runs one unchecked forward of [conditional; unconditional] rows per step; the
+    reference decodes with two public forwards (conditional, then null) per step."""
+    torch.manual_seed(0)
+    model = generators.build("test-maskgit").eval()
+    y = torch.tensor([1, 2, 7])
+
+    def reference(tokens):
+        cond = model(tokens, y)
+        return cond if cfg_scale == 1.0 else cfg_logits(torch.cat([cond, model(tokens, len(y))]), cfg_scale)
+
+    with torch.no_grad():
+        start = torch.full((3, model.seq_len), model.mask_id)
+        ref = maskgit_decode(
+            reference, start, start == model.mask_id, mask_id=model.mask_id,
+            generator=torch.Generator().manual_seed(2),
+        )  # fmt: skip
+    ours = model.sample(y, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ours.flatten(1), ref)
 
 
 def test_registered_tiny_model_fulfils_the_protocol():

@@ -23,6 +23,7 @@ from latentforge_metrics import (
     psnr,
     ssim,
 )
+from latentforge_metrics.generative import _kth_neighbour_sq_radii
 
 
 def _logits(n: int, seed: int = 0) -> torch.Tensor:
@@ -86,6 +87,27 @@ def test_precision_recall_equals_torch_fidelity():
         "precision": pytest.approx(p, abs=1e-6),
         "recall": pytest.approx(r, abs=1e-6),
     }  # same counts
+
+
+@pytest.mark.parametrize("batch_size", [2, 7, 10000])  # tiles smaller than k+1, uneven, one tile
+def test_precision_recall_tiles_equal_torch_fidelity(batch_size):
+    gen = torch.Generator().manual_seed(6)
+    real = torch.randn(120, 64, generator=gen).relu()
+    fake = (1.1 * torch.randn(90, 64, generator=gen) + 0.05).relu()
+    fake[:5] = real[:5]  # duplicates: zero distances across the sets
+    p, r = calculate_precision_recall_full(fake, real, neighborhood=3, batch_size=10000)
+    assert 0.05 < p < 0.95 and 0.05 < r < 0.95
+    got = precision_recall(real, fake, k=3, batch_size=batch_size)
+    # torch-fidelity averages in fp32: equal counts agree to 1e-7, one sample apart is 1/120
+    assert got == {"precision": pytest.approx(p, abs=1e-6), "recall": pytest.approx(r, abs=1e-6)}
+
+
+def test_kth_neighbour_radii_equal_brute_force():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 32, generator=gen)
+    want = torch.cdist(x.double(), x.double()).kthvalue(5, dim=1).values  # self + 4 neighbours
+    got = _kth_neighbour_sq_radii(x, 4, tile=33).double().sqrt()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_precision_recall_metric_with_reference_features():

@@ -94,6 +94,27 @@ def test_assignment_equals_brute_force_argmin():
     assert torch.equal(ids[clear], torch.from_numpy(index.search(x.numpy(), 1)[1][:, 0])[clear])
 
 
+def test_ids_only_assignment_matches_the_full_one():
+    gen = torch.Generator().manual_seed(2)
+    x, c = torch.randn(2000, 32, generator=gen), torch.randn(100, 32, generator=gen)
+    ids, dist = nearest(x, c, chunk_rows=300)
+    ids_only, none = nearest(x, c, chunk_rows=300, with_distances=False)
+    assert none is None and torch.equal(ids_only, ids)
+    km = KMeans(100, n_iter=2).fit(x)
+    assert km.backend_used == "torch"  # the default on CPU: faster than faiss-cpu
+    assert torch.equal(km.assign(x), nearest(x, km.centroids)[0])  # assign takes the ids-only path
+
+
+def test_torch_lloyd_objective_is_the_inertia_of_each_assignment():
+    """Each iteration's objective is the inertia of the centroids it started from (faiss' convention)."""
+    x = torch.from_numpy(blobs(n=1500, d=16, centers=12, seed=5))
+    init = x[:12].clone()
+    runs = [KMeans(12, n_iter=it, backend="torch").fit(x, init=init) for it in (1, 2, 3)]
+    before = [init, runs[0].centroids, runs[1].centroids]
+    for it, centroids in enumerate(before):
+        assert runs[2].objective[it] == pytest.approx(inertia(x, centroids), rel=1e-5)
+
+
 def test_assignment_in_fp32_from_half_inputs():
     gen = torch.Generator().manual_seed(1)
     x, c = torch.randn(500, 16, generator=gen), torch.randn(20, 16, generator=gen)

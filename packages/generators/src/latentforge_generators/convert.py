@@ -62,8 +62,19 @@ def official_state_dict(obj: Mapping | str | os.PathLike) -> dict[str, torch.Ten
 
 
 def load_official(model: nn.Module, source: Mapping | str | os.PathLike) -> nn.Module:
-    """Strictly load an official checkpoint (path or object) into ``model``; returns ``model``."""
-    state = official_state_dict(source)
+    """Strictly load an official checkpoint (path or object) or a model folder (``folders.py``:
+    ours or diffusers' ``DiTTransformer2DModel``) into ``model``; returns ``model``."""
+    from latentforge_generators.folders import is_model_folder, read_folder  # it imports this module
+
+    if is_model_folder(source):
+        cls, _, state = read_folder(source)
+        if cls != type(model).__name__:
+            raise CheckpointError(
+                f"{source} is a model folder of a {cls}, but the generator builds a {type(model).__name__}: "
+                "choose the registered generator of that class"
+            )
+    else:
+        state = official_state_dict(source)
     check_latent_shape(model, state, source if isinstance(source, (str, os.PathLike)) else "the checkpoint")
     load_into(model, state, strict=True)
     return model

@@ -211,17 +211,22 @@ class DiGITStage2(nn.Module):
             )
             return codes.view(batch, *self.grid)
         check_sampling(temperature, top_k, top_p)
-        total = self.cond_len + self.seq_len
-        cache = self.transformer.new_cache(batch, total, self.head.weight) if use_cache else None
-        inputs, codes = prefix, prefix.new_empty(batch, 0)
-        for _ in range(self.seq_len):
-            if cache is None:
-                inputs = torch.cat([prefix, codes], dim=1)
-            h = self.hidden_ids(inputs, cache)[:, -1]  # B D
+        codes = prefix.new_empty(batch, self.seq_len)
+        cache = noise = None
+        if use_cache:  # prefill [cond | sep], then one cached step per code
+            cache = self.transformer.new_cache(batch, self.cond_len + self.seq_len, self.head.weight)
+            pos = torch.cat([self.pos_cond[: self.cond_len], self.pos_gen[: self.seq_len]])  # P D
+            noise = torch.empty(batch, min(top_k or self.vocab_size, self.vocab_size), device=prefix.device)
+        h = self.hidden_ids(prefix, cache)[:, -1]  # B D
+        for i in range(self.seq_len):
+            if i and use_cache:
+                position = self.cond_len + i
+                x = self.tok_embed(codes[:, i - 1 : i]) * self.embed_scale + pos[position]  # B 1 D
+                h = self.transformer.decode(x, cache, position)[:, 0]  # B D
+            elif i:  # the reference: the whole sequence again at every step
+                h = self.hidden_ids(torch.cat([prefix, codes[:, :i]], dim=1))[:, -1]  # B D
             specials = None if self.special_head is None else self.special_head(h)  # B S
-            nxt = sample_logits(self.head(h), temperature, top_k, top_p, generator, specials)
-            codes = torch.cat([codes, nxt[:, None]], dim=1)
-            inputs = nxt[:, None]
+            codes[:, i] = sample_logits(self.head(h), temperature, top_k, top_p, generator, specials, noise)
         return codes.view(batch, *self.grid)
 
 

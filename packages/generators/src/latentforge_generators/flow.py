@@ -126,7 +126,10 @@ class FlowGenerator(nn.Module):
     # ---------------------------------------------------------------------------- model
     def velocity(self, x: Tensor, t: Tensor | float, y: Tensor) -> Tensor:
         """The backbone's prediction as the internal velocity ``dx_t/dt`` at internal time ``t``."""
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        if isinstance(t, torch.Tensor):
+            t = t.to(dtype=torch.float32, device=x.device).expand(x.shape[0])
+        else:  # a sampler's Python float: filled on the device, no host-to-device copy (a sync on CUDA)
+            t = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
         convention = self.backbone.time_convention
         out = self.backbone(x, to_model_time(t, convention), y)  # [B, C_out, H, W]
         return from_model_velocity(out[:, : self.input_shape[0]], convention).to(x.dtype)
@@ -181,8 +184,9 @@ class FlowGenerator(nn.Module):
     ) -> Tensor | tuple[Tensor, int]:
         """Latents for labels ``y`` [B] (or ``n`` unconditional ones with the null label).
 
-        ``sampler``: "euler", "heun", "midpoint", "dpm++2m", "dopri5" (``atol``, ``rtol``) or "sde"
-        (``diffusion``, ``last_step``, …). ``guidance``: None/"cfg" (``cfg_scale``, ``cfg_interval``
+        ``sampler``: "euler", "heun", "midpoint", "dpm++2m", "unipc" (these take ``grid``: "uniform",
+        "logsnr" or "edm" spacing), "dopri5" (``atol``, ``rtol``) or "sde" (``diffusion``,
+        ``last_step``, …). ``guidance``: None/"cfg" (``cfg_scale``, ``cfg_interval``
         in internal t, ``cfg_channels`` = first k), "autoguidance" with ``guidance_model``, or a
         guidance object.
         ``shift`` and the unshifted end time ``t_end`` default to the transport's. With

@@ -19,6 +19,7 @@ from latentforge_generators.samplers import check_sample_options
 from latentforge_generators.token_sampling import (
     as_sequence,
     cfg_logits,
+    cfg_logits_,
     check_sampling,
     sample_logits,
     smoothed_cross_entropy,
@@ -39,6 +40,7 @@ from latentforge_generators.token_transformer import (
     fairseq_layer_map,
     fairseq_state,
     init_weights,
+    table_row,
 )
 
 #################################################################################
@@ -101,6 +103,7 @@ class GPT(ClassConditioned, nn.Module):
             dim, depth, num_heads, ffn_dim, style, max_positions, dropout, norm_eps, rope_theta
         )
         self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.compiled_decoding = None  # (key, compiled decode_step, its cache): see compiled_decoder
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -124,6 +127,16 @@ class GPT(ClassConditioned, nn.Module):
         """Embedding-table ids ``[B, N]`` (continuing ``cache`` if given) → logits ``[B, N, V]``."""
         x = self.embed(ids, 0 if cache is None else cache.length)
         return self.head(self.transformer(x, cache=cache))  # B N V
+
+    def decode_step(self, ids: torch.Tensor, cache: KVCache, position: int | torch.Tensor) -> torch.Tensor:
+        """Logits ``[R, V]`` of the token after ``ids [R, 1]`` at ``position`` (an int, or a 0-d
+        tensor for static shapes), whose keys and values join ``cache``'s filled slots before it."""
+        x = self.tok_embed(ids)  # R 1 D
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if self.pos_embed is not None:
+            x = x + table_row(self.pos_embed, position)
+        return self.head(self.transformer.decode(x, cache, position))[:, 0]  # R V
 
     def forward(self, tokens: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: logits ``[B, h*w, V]`` predicting each token from those before it."""
@@ -167,9 +180,20 @@ class GPT(ClassConditioned, nn.Module):
         top_p: float | None = None,
         cfg_scale: float = 1.0,
         use_cache: bool = True,
+        compile: bool | str = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Token grids ``[B, h, w]`` for class labels ``y [B]`` (or ``y`` unconditional samples)."""
+        """Token grids ``[B, h, w]`` for class labels ``y [B]`` (or ``y`` unconditional samples).
+
+        With the cache (default) each step runs :meth:`decode_step` on the new token only, writes
+        its keys and values in place and draws from the guided logits in place; ``use_cache=False``
+        recomputes the whole prefix at every step (the reference: the same tokens for a seed).
+        ``compile=True`` runs the step through ``torch.compile(mode="reduce-overhead")`` (CUDA
+        graphs, for GPUs, where a small model's step is bound by kernel launches; off by default);
+        a string names another ``torch.compile`` backend. The compiled step keeps its cache.
+        """
+        if not isinstance(compile, (bool, str)):
+            raise InputError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
         check_sample_options(
             self,
             dict(cfg_scale=cfg_scale, use_cache=use_cache),  # check_sampling checks the rest
@@ -186,15 +210,49 @@ class GPT(ClassConditioned, nn.Module):
         rows = len(start)
         with torch.inference_mode():
             seq = torch.cat([start[:, None], start.new_empty(rows, self.seq_len)], dim=1)
-            cache = self.transformer.new_cache(rows, self.seq_len, self.head.weight) if use_cache else None
-            for i in range(self.seq_len):
-                inputs = seq[:, i : i + 1] if cache is not None else seq[:, : i + 1]
-                logits = self.forward_ids(inputs, cache)[:, -1]  # B V
-                if guided:
-                    logits = cfg_logits(logits, cfg_scale)
-                nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # B
-                seq[:, i + 1] = nxt.repeat(2) if guided else nxt
+            if use_cache:
+                self.decode(seq, batch, temperature, top_k, top_p, cfg_scale, compile, generator)
+            else:  # the reference: the whole prefix again at every step
+                for i in range(self.seq_len):
+                    logits = self.forward_ids(seq[:, : i + 1])[:, -1]  # B V
+                    if guided:
+                        logits = cfg_logits(logits, cfg_scale)
+                    nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # B
+                    seq[:, i + 1] = nxt.repeat(2) if guided else nxt
         return seq[:batch, 1:].clone().view(batch, *self.grid)  # clone: a normal tensor, not an inference one
+
+    def decode(self, seq, batch, temperature, top_k, top_p, cfg_scale, compile, generator) -> None:
+        """Fill ``seq [R, 1 + N]`` (start tokens in column 0; ``R = 2·batch`` with guidance) one
+        cached step per token. Per step: one forward of all R rows, the guidance mix written over
+        the conditional logits, uniform draws into one reused buffer, and the ids written into both
+        guidance halves by one broadcast copy; no host sync."""
+        rows, device = len(seq), seq.device
+        if compile:
+            step, cache = self.compiled_decoder(compile, rows)
+            position = torch.zeros((), dtype=torch.long, device=device)
+        else:
+            step, cache = self.decode_step, self.transformer.new_cache(rows, self.seq_len, self.head.weight)
+        tokens = seq.view(-1, batch, 1 + self.seq_len)  # guidance halves × B × (1 + N)
+        noise = torch.empty(batch, min(top_k or self.vocab_size, self.vocab_size), device=device)
+        for i in range(self.seq_len):
+            logits = step(seq[:, i : i + 1], cache, position.fill_(i) if compile else i)  # R V
+            if cfg_scale != 1.0:
+                logits = cfg_logits_(logits.float(), cfg_scale)  # B V
+            tokens[:, :, i + 1] = sample_logits(logits, temperature, top_k, top_p, generator, noise=noise)
+
+    def compiled_decoder(self, compile: bool | str, rows: int):
+        """``torch.compile``'d :meth:`decode_step` and its cache, built once per (backend, rows,
+        device, dtype): a CUDA graph replays fixed buffers, so the cache stays (stale slots past the
+        position are masked, and each is rewritten before it is read)."""
+        like = self.head.weight
+        key = (compile, rows, like.device, like.dtype)
+        if self.compiled_decoding is None or self.compiled_decoding[0] != key:
+            cache = self.transformer.new_cache(rows, self.seq_len, like)
+            for buffer in (cache.k, cache.v):
+                torch._dynamo.mark_static_address(buffer)
+            options = dict(mode="reduce-overhead") if compile is True else dict(backend=compile)
+            self.compiled_decoding = (key, torch.compile(self.decode_step, fullgraph=True, **options), cache)
+        return self.compiled_decoding[1:]
 
 
 #################################################################################

@@ -95,7 +95,10 @@ class MaskGIT(ClassConditioned, nn.Module):
         start = self.start_ids(y, tokens.shape[0], tokens.device)
         if len(start) != len(tokens):
             raise InputError(f"{len(start)} class labels for {len(tokens)} token grids")
-        start = self.drop_classes(start, y)
+        return self.logits(tokens, self.drop_classes(start, y))
+
+    def logits(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Checked sequences ``[B, N]`` after start ids ``[B]`` → logits ``[B, N, V]``."""
         ids = torch.cat([start[:, None], tokens], dim=1)
         x = self.tok_embed(ids) * self.embed_scale  # B 1+N D
         if self.pos_embed is not None:
@@ -130,16 +133,15 @@ class MaskGIT(ClassConditioned, nn.Module):
         )  # fmt: skip
         device = self.head.weight.device
         start = self.start_ids(y, device=device)
-        y_cond = y if isinstance(y, torch.Tensor) else None
-        if cfg_scale != 1.0:
+        if cfg_scale != 1.0:  # one forward of [conditional; unconditional] rows per step
+            both = torch.cat([start, torch.full_like(start, self.null_id)])
 
             def logits_fn(tokens):
-                both = torch.cat([self(tokens, y_cond), self(tokens, len(tokens))])
-                return cfg_logits(both, cfg_scale)
+                return cfg_logits(self.logits(tokens.repeat(2, 1), both), cfg_scale)
         else:
 
             def logits_fn(tokens):
-                return self(tokens, y_cond if y_cond is not None else len(tokens))
+                return self.logits(tokens, start)
 
         tokens = torch.full((len(start), self.seq_len), self.mask_id, dtype=torch.long, device=device)
         tokens = maskgit_decode(

@@ -40,13 +40,40 @@ class SampleResult:
     nfe: int
 
 
-def time_grid(steps: int, shift: float = 1.0, t_end: float = 0.0) -> list[float]:
-    """``steps + 1`` times from 1 to ``t_end``, evenly spaced and then shifted toward noise."""
+GRIDS = ("uniform", "logsnr", "edm")
+# Few-step spacings in the log-SNR of the linear path, λ = log((1 - t)/t): "logsnr" is uniform in λ over
+# [-LOGSNR_LIMIT, LOGSNR_LIMIT]; "edm" is Karras et al.'s ρ = 7 spacing of σ = t/(1 - t) = e^{-λ} over
+# [EDM_SIGMAS[0], EDM_SIGMAS[1]]. Both keep the exact end points 1 and ``t_end``.
+LOGSNR_LIMIT = 5.0
+EDM_SIGMAS, EDM_RHO = (0.002, 80.0), 7.0
+
+
+def time_grid(steps: int, shift: float = 1.0, t_end: float = 0.0, spacing: str = "uniform") -> list[float]:
+    """``steps + 1`` times from 1 to ``t_end`` spaced by ``spacing`` (one of GRIDS), then shifted
+    toward noise.
+
+    "uniform" is even in t. The other two crowd the steps at both ends, where the velocity of a
+    flow model bends most (at t → 0 the data-prediction changes fastest in t, at t → 1 the
+    straight-line noise guess is corrected first); at NFE ≤ 8 that spends the few steps better.
+    """
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     if not 0.0 <= t_end < 1.0:
         raise InputError(f"t_end must lie in [0, 1), got {t_end}")
-    grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
+    if spacing not in GRIDS:
+        raise InputError(f"unknown time grid {spacing!r}; expected one of {GRIDS}")
+    if spacing == "uniform":
+        return time_shift(torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64), shift).tolist()
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)  # [steps + 1]
+    if spacing == "logsnr":
+        high = LOGSNR_LIMIT if t_end == 0.0 else min(LOGSNR_LIMIT, _log_snr(t_end))
+        grid = torch.sigmoid(LOGSNR_LIMIT - u * (LOGSNR_LIMIT + high))  # t = 1/(1 + e^{λ})
+    else:
+        low = EDM_SIGMAS[0] if t_end == 0.0 else max(EDM_SIGMAS[0], t_end / (1.0 - t_end))
+        top, bottom = EDM_SIGMAS[1] ** (1 / EDM_RHO), low ** (1 / EDM_RHO)
+        sigma = (top + u * (bottom - top)) ** EDM_RHO
+        grid = sigma / (1.0 + sigma)
+    grid[0], grid[-1] = 1.0, t_end  # the clipped λ-range's ends give way to the exact ones
     return time_shift(grid, shift).tolist()
 
 
@@ -56,9 +83,10 @@ def time_grid(steps: int, shift: float = 1.0, t_end: float = 0.0) -> list[float]
 
 
 def euler(fn: VelocityFn, x: Tensor, grid: list[float]) -> SampleResult:
-    """First order: one evaluation per step."""
+    """First order: one evaluation per step, updating one buffer in place."""
+    x = x.clone()  # the caller's noise stays as it was
     for t, t_next in pairwise(grid):
-        x = x + (t_next - t) * fn(x, t)
+        x.add_(fn(x, t), alpha=t_next - t)  # one kernel, no temporary for h·v
     return SampleResult(x, len(grid) - 1)
 
 
@@ -67,8 +95,8 @@ def heun(fn: VelocityFn, x: Tensor, grid: list[float]) -> SampleResult:
     for t, t_next in pairwise(grid):
         h = t_next - t
         v = fn(x, t)
-        x_pred = x + h * v
-        x = x + 0.5 * h * (v + fn(x_pred, t_next))
+        x_pred = torch.add(x, v, alpha=h)
+        x = torch.add(x, v + fn(x_pred, t_next), alpha=0.5 * h)
     return SampleResult(x, 2 * (len(grid) - 1))
 
 
@@ -116,7 +144,7 @@ def dpm_solver_2m(fn: VelocityFn, x: Tensor, grid: list[float]) -> SampleResult:
     """
     x0_prev, h_prev = None, math.inf
     for t, t_next in pairwise(grid):
-        x0 = data_from_velocity(x, fn(x, t), t)
+        x0 = x - t * fn(x, t)  # data_from_velocity, with t a Python float (no host-to-device copy)
         if t_next <= 0.0:
             x, h = x0, math.inf
         else:
@@ -129,6 +157,81 @@ def dpm_solver_2m(fn: VelocityFn, x: Tensor, grid: list[float]) -> SampleResult:
             # x_next = t_next·ε̂ + (1 - t_next)·x̂0
             x = (t_next / t) * x + (1.0 - t_next) * -math.expm1(-h) * d
         x0_prev, h_prev = x0, h
+    return SampleResult(x, len(grid) - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+#                           UniPC (bh2) multistep predictor–corrector
+# ------------------------------------------------------------------------------------------------
+
+
+def _unipc_step(
+    x: Tensor,
+    s: float,
+    t: float,
+    x0: Tensor,
+    previous: tuple[Tensor, float] | None,
+    x0_at_t: Tensor | None = None,
+) -> Tensor:
+    """One UniPC-bh2 update from ``x`` at ``s`` to ``t`` with the data prediction ``x0`` at ``s``:
+    the predictor UniP, or with ``x0_at_t`` (the prediction at the predicted point) the corrector UniC.
+
+    ``previous`` is the data prediction and λ of the step before ``s`` (None, or an infinite λ from
+    t = 1, makes it first order). In ``h = λ_t - λ_s``, ``B(h) = e^{-h} - 1`` and ``D1 = (x̂0_prev -
+    x̂0)/r`` with ``r = (λ_prev - λ_s)/h``::
+
+        x_t = (σ_t/σ_s)·x + α_t(1 - e^{-h})·x̂0 - α_t·B(h)·Σ ρ_k·D_k
+
+    where the predictor has ``Σ = D1/2`` (its order-2 form is DPM-Solver++(2M)), and the corrector
+    adds ``D_t = x̂0_t - x̂0`` with weights solving Zhao et al.'s order conditions (``ρ = 1/2`` alone
+    without a history).
+    """
+    lam_s = _log_snr(s)
+    h = _log_snr(t) - lam_s
+    b_h = math.expm1(-h)  # [-1, 0)
+    history = previous is not None and math.isfinite(previous[1]) and math.isfinite(lam_s)
+    terms = 0.0
+    if history:
+        r = (previous[1] - lam_s) / h
+        d1 = (previous[0] - x0) / r
+    if x0_at_t is None and history:
+        terms = 0.5 * d1
+    elif x0_at_t is not None and not history:
+        terms = 0.5 * (x0_at_t - x0)
+    elif x0_at_t is not None:
+        # R·ρ = b with R = [[1, 1], [r, 1]], b_k = k!·φ_{k+1}(-h)/B(h) (φ_1 = (e^{-h} - 1)/(-h) - 1, …)
+        phi_1 = b_h / -h - 1.0
+        phi_2 = phi_1 / -h - 0.5
+        b_1, b_2 = phi_1 / b_h, 2.0 * phi_2 / b_h
+        rho_1 = (b_1 - b_2) / (1.0 - r)
+        terms = rho_1 * d1 + (b_1 - rho_1) * (x0_at_t - x0)
+    return (t / s) * x - (1.0 - t) * b_h * (x0 + terms)
+
+
+def unipc(fn: VelocityFn, x: Tensor, grid: list[float]) -> SampleResult:
+    """UniPC with the B(h) = e^{-h} - 1 variant ("bh2"; Zhao et al. 2023) in data-prediction form, order 2
+    on the flow ODE: one evaluation per step.
+
+    Each evaluation at the predicted point first corrects that point (UniC, using the evaluation at
+    hand, so the corrector costs nothing) and then predicts the next one (UniP) from the corrected
+    point, keeping the evaluation at the uncorrected point as the history, as diffusers'
+    ``UniPCMultistepScheduler`` does. The step from t = 1 (λ = -∞) is first order, and so is the
+    last one (diffusers' ``lower_order_final``), which has no corrector either (nothing is evaluated
+    after it): to t = 0 it is the denoised estimate, and to ``t_end > 0`` it spans a long λ-interval
+    where extrapolating the history costs more than it gains (Gaussian toy, 8 steps to t = 0.001:
+    error 0.09 against 0.67 with a second-order last step).
+    """
+    start = None  # (x, t, x̂0) where the last step started
+    previous = None  # (x̂0, λ) of the step before that
+    last = len(grid) - 2
+    for step, (t, t_next) in enumerate(pairwise(grid)):
+        x0 = x - t * fn(x, t)  # data_from_velocity, with t a Python float (no host-to-device copy)
+        if start is not None:
+            x_s, s, x0_s = start
+            x = _unipc_step(x_s, s, t, x0_s, previous, x0_at_t=x0)
+            previous = (x0_s, _log_snr(s))
+        start = (x, t, x0)
+        x = _unipc_step(x, t, t_next, x0, None if step == last else previous)
     return SampleResult(x, len(grid) - 1)
 
 
@@ -276,13 +379,14 @@ def euler_maruyama(
 #                                         Dispatch
 # ------------------------------------------------------------------------------------------------
 
-SAMPLERS = ("euler", "heun", "midpoint", "dpm++2m", "dopri5", "sde")
-# The fixed-grid ODE solvers: ``steps`` intervals of ``time_grid(steps, shift, t_end)``, no options.
+SAMPLERS = ("euler", "heun", "midpoint", "dpm++2m", "unipc", "dopri5", "sde")
+# The fixed-grid ODE solvers: ``steps`` intervals of ``time_grid(steps, shift, t_end, grid)``.
 _GRID_SOLVERS: dict[str, Callable[[VelocityFn, Tensor, list[float]], SampleResult]] = {
     "euler": euler,
     "heun": heun,
     "midpoint": midpoint,
     "dpm++2m": dpm_solver_2m,
+    "unipc": unipc,
 }
 
 
@@ -298,13 +402,15 @@ def solve(
 ) -> SampleResult:
     """Run sampler ``name`` from ``noise`` (at t = 1); ``options`` go to that sampler.
 
-    NFE: ``steps`` for "euler" and "dpm++2m", ``2·steps`` for "heun" and "midpoint"; "dopri5"
-    adapts; "sde" uses ``steps`` (last step included).
+    NFE: ``steps`` for "euler", "dpm++2m" and "unipc", ``2·steps`` for "heun" and "midpoint";
+    "dopri5" adapts; "sde" uses ``steps`` (last step included). The fixed-grid solvers take one
+    option, ``grid``: the spacing of their time grid (GRIDS; default "uniform").
     """
     if name in _GRID_SOLVERS:
+        spacing = options.pop("grid", "uniform")
         if options:
             raise InputTypeError(f"sampler {name!r} takes no options {sorted(options)}")
-        return _GRID_SOLVERS[name](fn, noise, time_grid(steps, shift, t_end))
+        return _GRID_SOLVERS[name](fn, noise, time_grid(steps, shift, t_end, spacing))
     if name == "dopri5":  # adaptive: ``steps`` and ``shift`` only fix the end point
         return dopri5(fn, noise, 1.0, float(time_shift(torch.tensor(t_end), shift)), **options)
     if name == "sde":
@@ -318,10 +424,11 @@ def solve(
 
 # The options each flow solver takes beyond ``steps``, ``shift`` and ``t_end`` (``solve``'s own).
 SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "euler": (),
-    "heun": (),
-    "midpoint": (),
-    "dpm++2m": (),
+    "euler": ("grid",),
+    "heun": ("grid",),
+    "midpoint": ("grid",),
+    "dpm++2m": ("grid",),
+    "unipc": ("grid",),
     "dopri5": ("atol", "rtol", "max_steps"),
     "sde": ("diffusion", "diffusion_norm", "last_step", "last_step_size"),
 }
@@ -359,6 +466,7 @@ OPTION_CHECKS: dict[str, Callable[[Any, str, str | None], Any]] = {
     "cfg_channels": _optional(lambda v, k, o: check_int(v, k, owner=o)),
     "guidance": _guidance_name,
     "shift": _optional(lambda v, k, o: check_number(v, k, low=0, low_open=True, owner=o)),
+    "grid": lambda v, k, o: check_choice(v, k, GRIDS, owner=o),
     "t_end": _optional(lambda v, k, o: check_number(v, k, low=0, high=1, high_open=True, owner=o)),
     "amp": lambda v, k, o: check_bool(v, k, owner=o),
     "use_cache": lambda v, k, o: check_bool(v, k, owner=o),

@@ -128,6 +128,7 @@ def sample_logits(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     excluded_logits: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one id per row of ``logits [..., V]`` → ``[...]``.
 
@@ -135,6 +136,10 @@ def sample_logits(
     share the softmax with ``logits`` (fairseq's specials, set to -inf after its log-softmax); the
     nucleus of ``top_p`` is then measured in that full-vocabulary mass at ``temperature``
     (``top_candidates``' ``log_norm``). Without them, or without ``top_p``, nothing changes.
+
+    ``noise`` (optional, decoding loops): a preallocated float buffer of the draws' shape
+    (``[B*, min(top_k, V)]``) that the uniform draws overwrite, instead of a fresh tensor per call;
+    the draws are the same numbers.
 
     Gumbel-max: argmax(logits/T + Gumbel noise) is an exact draw from softmax(logits/T) that needs
     neither the softmax nor the exponential draw inside ``multinomial`` (which cost as much as a
@@ -151,7 +156,14 @@ def sample_logits(
     if temperature != 1.0:
         logits = logits / temperature
     values, ids = top_candidates(logits, top_k, top_p, log_norm)
-    u = uniform(values.shape, values.device, generator)
+    if noise is not None and noise.shape != values.shape:
+        raise InputError(
+            f"noise buffer {tuple(noise.shape)} must have the draws' shape {tuple(values.shape)}"
+        )
+    if noise is not None and not _elsewhere(generator, values.device):
+        u = noise.uniform_(generator=generator)  # torch.rand's draws, in place
+    else:
+        u = uniform(values.shape, values.device, generator)
     pick = (values - u.log_().neg_().log_()).argmax(dim=-1, keepdim=True)  # -log(-log u) ~ Gumbel
     if ids is not None:
         pick = ids.gather(-1, pick)
@@ -211,7 +223,9 @@ def maskgit_decode(
     initial = masked.sum(dim=1)  # B
     tokens = tokens.masked_fill(masked, mask_id)
     for step in range(1, steps + 1):
-        logits = logits_fn(tokens).float() / temperature  # B N V
+        logits = logits_fn(tokens).float()  # B N V
+        if temperature != 1.0:
+            logits = logits / temperature
         probs = logits.softmax(-1).flatten(0, 1)
         if _elsewhere(generator, probs.device):
             sampled = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
@@ -238,6 +252,13 @@ def cfg_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance on a batch stacked as [conditional; unconditional]."""
     cond, uncond = logits.float().chunk(2)
     return uncond + scale * (cond - uncond)
+
+
+def cfg_logits_(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """``cfg_logits`` written over the conditional half of fp32 ``logits`` (a decoding step's own
+    output): the same numbers, as ``+`` and ``·`` commute exactly, with no new tensor."""
+    cond, uncond = logits.chunk(2)
+    return cond.sub_(uncond).mul_(scale).add_(uncond)
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:

@@ -3,8 +3,10 @@ it (start token, class dropout, named sizes), and fairseq key mapping.
 
 Three block styles: DiGIT's stage-1 fairseq decoder layer (post-LN, LayerNorm, GELU, biases), the
 pre-LN fairseq layer of DiGIT's stage 2, and a modern Llama-like one (RMSNorm, rotary positions,
-SwiGLU, no biases). Decoding continues a preallocated ``KVCache``.  Attention, feed-forwards, RMSNorm,
-rotary positions and the cache are core's transformer kit (``latentforge_core.transformer``).
+SwiGLU, no biases). Decoding continues a preallocated ``KVCache``, one position per step through
+``Transformer.decode`` (in-place cache writes; static shapes when the position is a tensor).
+Attention, feed-forwards, RMSNorm, rotary positions and the cache are core's transformer kit
+(``latentforge_core.transformer``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn as nn
 
+from latentforge_core.attention import attention
 from latentforge_core.checkpoint import CheckpointError, load_state_file
 from latentforge_core.errors import (
     InputError,
@@ -89,6 +92,59 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.norm1(x), **attn_kw))
         return x + self.drop(self.mlp(self.norm2(x)))
 
+    def decode(self, x, cache: KVCache, layer: int, position, rope) -> torch.Tensor:
+        """``forward`` for one new position per row (``Transformer.decode``), without dropout."""
+        if self.post_norm:
+            x = self.norm1(x + decode_attention(self.attn, x, cache, layer, position, rope))
+            return self.norm2(x + self.mlp(x))
+        x = x + decode_attention(self.attn, self.norm1(x), cache, layer, position, rope)
+        return x + self.mlp(self.norm2(x))
+
+
+def table_row(table: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+    """Row ``position`` of a position table ``[P, C]`` → ``[C]``; a 0-d tensor position is gathered
+    on the device (``table[t]`` would read it on the host, which a compiled graph cannot)."""
+    if isinstance(position, int):
+        return table[position]
+    return table.index_select(0, position.view(1))[0]
+
+
+def decode_attention(
+    attn: Attention,
+    x: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    position: int | torch.Tensor,
+    rope: RotaryEmbedding | None,
+) -> torch.Tensor:
+    """``attn`` on ``x [R, 1, D]`` at ``position``: its key and value go into slot ``position`` of
+    ``cache`` in place, and the query attends to slots ``0 … position``.
+
+    An int position reads the valid prefix, a slice, so no mask is built; a 0-d tensor position
+    reads the whole cache under a mask computed from it, so that every shape is the same at every
+    step (one captured CUDA graph replays them all).
+    """
+    qkv = attn.qkv(x).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)  # 3, R, H, 1, Dh
+    if rope is not None:  # RotaryEmbedding's rotation of q and k, at a maybe-tensor position
+        cos, sin = table_row(rope.cos, position), table_row(rope.sin, position)  # Dh each
+        qk = qkv[:2]  # 2, R, H, 1, Dh
+        (q, k), v = torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin).unbind(0), qkv[2]
+    else:
+        q, k, v = qkv.unbind(0)  # R, H, 1, Dh each
+    keys, values = cache.k[layer], cache.v[layer]  # R, H, L, Dh
+    mask = None
+    if isinstance(position, int):
+        keys.narrow(2, position, 1).copy_(k)
+        values.narrow(2, position, 1).copy_(v)
+        keys, values = keys[:, :, : position + 1], values[:, :, : position + 1]  # R, H, position+1, Dh
+    else:
+        slot = position.view(1)
+        keys.index_copy_(2, slot, k.to(keys.dtype))
+        values.index_copy_(2, slot, v.to(values.dtype))
+        mask = (torch.arange(keys.shape[2], device=keys.device) <= position)[None]  # 1, L
+    out = attention(q.to(keys.dtype), keys, values, attn_mask=mask, backend="sdpa")  # R, H, 1, Dh
+    return attn.proj(out.transpose(1, 2).flatten(2))  # R, 1, D
+
 
 class Transformer(nn.Module):
     """The block stack, a final norm for pre-norm styles, and rotary tables for the modern one."""
@@ -150,6 +206,18 @@ class Transformer(nn.Module):
             hidden.append(x)
         if cache is not None:
             cache.length = start + x.shape[1]
+        return self.norm(x)
+
+    def decode(self, x: torch.Tensor, cache: KVCache, position: int | torch.Tensor) -> torch.Tensor:
+        """One new position per row: ``x [R, 1, D]`` at ``position`` (an int, or a 0-d long tensor
+        for static shapes, see :func:`decode_attention`) → final hidden states ``[R, 1, D]``.
+
+        The per-step twin of ``forward(x, cache=cache)`` (the same arithmetic, so the same tokens)
+        without its bookkeeping: no length checks or ``cache.length`` updates inside the loop; the
+        caller bounds the positions once.
+        """
+        for layer, block in enumerate(self.blocks):
+            x = block.decode(x, cache, layer, position, self.rope)
         return self.norm(x)
 
 

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,12 @@ from latentforge_tokenizers.vavae import VAVAE
 log = logging.getLogger("latentforge")
 
 SUPPORTED_CLASS = "AutoencoderKL"
+# every diffusers class a latentforge tokenizer converts -> (that tokenizer, the models it covers)
+CONVERTED_CLASSES = {
+    "AutoencoderKL": ("diffusers-vae", "LDM's KL autoencoder: Stable Diffusion's VAEs, REPA-E's VAEs, ..."),
+    "AutoencoderRAE": ("diffusers-rae", "RAE: a DINOv2-with-registers, SigLIP2 or MAE encoder + ViT decoder"),
+    "VQModel": ("diffusers-vqmodel", "only VQModels of our MAGE VQGAN's form, as vqgan_to_diffusers writes"),
+}
 # diffusers block type -> whether the stage has an attention after each ResNet block
 DOWN_BLOCKS = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}
 UP_BLOCKS = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
@@ -65,8 +71,9 @@ def _diffusers():
         import diffusers
     except ImportError as err:
         raise MissingDependencyError(
-            "the diffusers interop (vavae_to_diffusers, vavae_from_diffusers, the 'diffusers-vae' "
-            "tokenizer) needs diffusers, which is not installed: pip install diffusers"
+            "the diffusers interop (the *_to_diffusers / *_from_diffusers converters, the 'diffusers-vae', "
+            "'diffusers-rae' and 'diffusers-vqmodel' tokenizers) needs diffusers, which is not installed: "
+            "pip install diffusers"
         ) from err
     return diffusers
 
@@ -344,16 +351,7 @@ def vavae_from_diffusers(
     none); ``stats`` is ``"config"`` (the config's scaling as :class:`LatentStats`, or none when it
     holds none), a statistics file, a :class:`LatentStats`, or ``None`` for none (a run computes its
     own).  UnsupportedError names any setting our VAVAE cannot express."""
-    diffusers = _diffusers()
-    if isinstance(vae, (str, os.PathLike)):
-        vae = load_autoencoder_kl(vae, subfolder=subfolder)
-    if not isinstance(vae, diffusers.AutoencoderKL):
-        if isinstance(vae, diffusers.ModelMixin):
-            raise UnsupportedError(_class_message(type(vae).__name__, "this model"))
-        raise InputTypeError(
-            "vavae_from_diffusers expects a diffusers AutoencoderKL, a folder or an 'hf:<org>/<repo>' id, "
-            f"got {type(vae).__name__}"
-        )
+    vae = diffusers_model(vae, SUPPORTED_CLASS, "vavae_from_diffusers", subfolder=subfolder)
     cfg = dict(vae.config)
     widths, attn = _check_config(cfg)
     resolution = _square_size(cfg) if image_size is None else image_size
@@ -383,17 +381,22 @@ def vavae_from_diffusers(
         sd |= {f"linear_proj.{k}": v for k, v in model.linear_proj.state_dict().items()}
         log.info("diffusers AutoencoderKL has no VF projection: linear_proj stays at its initialisation")
     load_into(model, sd)
-    if isinstance(stats, str) and stats == "config":
-        model.set_stats(stats_from_config(cfg, model.z_channels))
-    elif isinstance(stats, LatentStats) or stats is None:
-        model.set_stats(stats)
-    elif isinstance(stats, (str, os.PathLike)):
-        model.set_stats(LatentStats.load(stats))
-    else:
-        raise InputTypeError(
-            f"stats must be 'config', a statistics file, a LatentStats or None, got {type(stats).__name__}"
-        )
+    model.set_stats(chosen_stats(stats, "config", lambda: stats_from_config(cfg, model.z_channels)))
     return model.eval()
+
+
+def chosen_stats(stats: Any, keyword: str, from_diffusers: Callable[[], LatentStats]) -> LatentStats | None:
+    """The latent statistics a converted tokenizer gets: ``keyword`` (the diffusers model's own,
+    ``from_diffusers()``), a statistics file, a :class:`LatentStats`, or None (raw latents)."""
+    if isinstance(stats, str) and stats == keyword:
+        return from_diffusers()
+    if isinstance(stats, LatentStats) or stats is None:
+        return stats
+    if isinstance(stats, (str, os.PathLike)):
+        return LatentStats.load(stats)
+    raise InputTypeError(
+        f"stats must be {keyword!r}, a statistics file, a LatentStats or None, got {type(stats).__name__}"
+    )
 
 
 #################################################################################
@@ -401,11 +404,13 @@ def vavae_from_diffusers(
 #################################################################################
 
 
-def _class_message(cls: str | None, where: str) -> str:
+def class_message(cls: str | None, where: str, expected: str) -> str:
+    """``where`` holds diffusers class ``cls``, not ``expected``: the message lists every class we convert."""
+    tokenizer, _ = CONVERTED_CLASSES[expected]
+    listing = "; ".join(f"{c} → '{t}' ({what})" for c, (t, what) in CONVERTED_CLASSES.items())
     return (
-        f"{where} holds a diffusers {cls or 'model of unknown class'}, not an {SUPPORTED_CLASS}: the "
-        f"diffusers-vae tokenizer and vavae_from_diffusers convert {SUPPORTED_CLASS} only (LDM's KL "
-        "autoencoder: Stable Diffusion's VAEs, sd-vae-ft-mse, REPA-E's e2e VAEs, ...)"
+        f"{where} holds a diffusers {cls or 'model of unknown class'}; the {tokenizer} tokenizer converts "
+        f"{expected} only. Supported diffusers classes: {listing}"
     )
 
 
@@ -419,23 +424,27 @@ def _read_class(config: Path) -> str | None:
     return data.get("_class_name")
 
 
-def _local_folder(path: Path, subfolder: str | None) -> Path:
+def _local_folder(path: Path, subfolder: str | None, expected: str) -> Path:
     if path.is_file():
+        hint = (
+            ". For an LDM/VA-VAE state dict use 'vavae-f16d32' with pretrained="
+            if expected == SUPPORTED_CLASS
+            else ""
+        )
         raise InputError(
-            f"{path} is a file; the diffusers-vae tokenizer takes a diffusers model folder (config.json + "
-            "diffusion_pytorch_model.safetensors, as save_pretrained writes). For an LDM/VA-VAE state "
-            "dict use 'vavae-f16d32' with pretrained="
+            f"{path} is a file; the {CONVERTED_CLASSES[expected][0]} tokenizer takes a diffusers model "
+            f"folder (config.json + diffusion_pytorch_model.safetensors, as save_pretrained writes){hint}"
         )
     if subfolder:
         path = path / subfolder
     elif not (path / CONFIG_NAME).is_file() and (path / "vae" / CONFIG_NAME).is_file():
         path = path / "vae"  # a pipeline folder
     if not (path / CONFIG_NAME).is_file():
-        raise MissingFileError(f"{path} has no {CONFIG_NAME}: expected a diffusers AutoencoderKL folder")
+        raise MissingFileError(f"{path} has no {CONFIG_NAME}: expected a diffusers {expected} folder")
     return path
 
 
-def _hub_folder(hub: HubId, subfolder: str | None) -> Path:
+def _hub_folder(hub: HubId, subfolder: str | None, expected: str) -> Path:
     """Download only the config and the weights (not a whole pipeline repository)."""
     sub = (subfolder or hub.file or "").strip("/")
 
@@ -450,8 +459,8 @@ def _hub_folder(hub: HubId, subfolder: str | None) -> Path:
         sub = "vae"  # a pipeline repository
         config = fetch(CONFIG_NAME)
     cls = _read_class(config)
-    if cls != SUPPORTED_CLASS:
-        raise UnsupportedError(_class_message(cls, str(hub)))
+    if cls != expected:
+        raise UnsupportedError(class_message(cls, str(hub), expected))
     errors = []
     for name in WEIGHT_NAMES:
         try:
@@ -462,18 +471,41 @@ def _hub_folder(hub: HubId, subfolder: str | None) -> Path:
     raise MissingFileError(f"{hub}: no diffusers weights ({', '.join(WEIGHT_NAMES)}): {errors[0]}")
 
 
-def load_autoencoder_kl(source: str | os.PathLike, *, subfolder: str | None = None):
-    """diffusers' ``AutoencoderKL.from_pretrained`` on a local folder or an ``hf:`` id, after checking
-    the folder's ``_class_name`` (UnsupportedError for another diffusers class)."""
+def load_diffusers_model(source: str | os.PathLike, expected: str, *, subfolder: str | None = None):
+    """diffusers' ``<expected>.from_pretrained`` on a local folder or an ``hf:`` id (a pipeline's
+    ``vae/`` subfolder found by itself), after checking the folder's ``_class_name``
+    (UnsupportedError naming it and every class we convert)."""
     diffusers = _diffusers()
     if is_hub_id(source):
-        folder = _hub_folder(HubId.parse(str(source)), subfolder)
+        folder = _hub_folder(HubId.parse(str(source)), subfolder, expected)
     else:
-        folder = _local_folder(resolve(source), subfolder)
+        folder = _local_folder(resolve(source), subfolder, expected)
         cls = _read_class(folder / CONFIG_NAME)
-        if cls != SUPPORTED_CLASS:
-            raise UnsupportedError(_class_message(cls, str(folder)))
-    return diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        if cls != expected:
+            raise UnsupportedError(class_message(cls, str(folder), expected))
+    return getattr(diffusers, expected).from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+def diffusers_model(vae: Any, expected: str, converter: str, *, subfolder: str | None = None):
+    """``vae`` as a diffusers ``<expected>``: a model of that class, or a folder / ``hf:`` id loaded
+    through :func:`load_diffusers_model`; another diffusers class is refused listing the ones we
+    convert, anything else naming what ``converter`` takes."""
+    diffusers = _diffusers()
+    if isinstance(vae, (str, os.PathLike)):
+        vae = load_diffusers_model(vae, expected, subfolder=subfolder)
+    if not isinstance(vae, getattr(diffusers, expected)):
+        if isinstance(vae, diffusers.ModelMixin):
+            raise UnsupportedError(class_message(type(vae).__name__, "this model", expected))
+        raise InputTypeError(
+            f"{converter} expects a diffusers {expected}, a folder or an 'hf:<org>/<repo>' id, "
+            f"got {type(vae).__name__}"
+        )
+    return vae
+
+
+def load_autoencoder_kl(source: str | os.PathLike, *, subfolder: str | None = None):
+    """:func:`load_diffusers_model` for an ``AutoencoderKL``."""
+    return load_diffusers_model(source, SUPPORTED_CLASS, subfolder=subfolder)
 
 
 #################################################################################

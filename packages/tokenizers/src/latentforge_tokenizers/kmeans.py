@@ -3,8 +3,9 @@
 DiGIT clusters DINOv2 patch features (block L−3 + final LayerNorm) with ``faiss.Kmeans`` (K = 8192
 for ViT-B, 16384 for ViT-L, 20 iterations, seed 1234, at most 256 points per centroid) and then
 turns every image into a 16×16 grid of nearest-centroid ids.  ``KMeans`` fits the same way from a
-stream of feature batches (reservoir-sampled, so the features never sit in memory at once) on faiss
-when it is installed — faiss-gpu on CUDA — or on a plain torch Lloyd loop.  ``KMeansTokenizer``
+stream of feature batches (reservoir-sampled, so the features never sit in memory at once) on a
+torch Lloyd loop (blocked GEMM + argmin, faster than faiss on CPU) or on faiss — faiss-gpu on CUDA,
+the default there when installed.  ``KMeansTokenizer``
 composes any registered encoder with the centroids.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +26,7 @@ from torch import nn
 from latentforge_core import registry
 from latentforge_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from latentforge_core.device import resolve_device
+from latentforge_core.distances import block_rows, row_blocks
 from latentforge_core.errors import (
     InputError,
     InputTypeError,
@@ -49,6 +52,15 @@ def faiss_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _faiss_gpus() -> bool:
+    """Whether faiss is installed with GPU support and sees a GPU."""
+    if not faiss_available():
+        return False
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,15 +196,37 @@ def _split_empty(centroids: torch.Tensor, counts: torch.Tensor, generator: torch
         counts[donor] -= counts[empty]
 
 
+def _members(ids: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[K, N]`` one-hot membership matrix of assignments ``ids [N]`` as a sparse CSR matrix."""
+    crow = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=ids.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    members = torch.sort(ids, stable=True).indices  # N: point ids, cluster by cluster, in order
+    values = torch.ones(ids.shape[0], dtype=dtype, device=ids.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, members, values, size=(counts.shape[0], ids.shape[0]))
+
+
 def _lloyd_torch(x: torch.Tensor, init: torch.Tensor, n_iter: int, generator: torch.Generator):
+    """Lloyd's iterations, each one pass of blocked GEMM + argmin over ``x`` and one segment sum.
+
+    ‖x‖² is computed once; the new centroids' sums are one sparse one-hot × ``x`` product per
+    iteration (16 ms at 100k × 768 where index_add_ took 24 ms and a sort + segment sum 200 ms).
+    """
     centroids = init.clone()
     k = centroids.shape[0]
+    x_sqnorm = x.square().sum(1)  # N
+    ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    best = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    rows = block_rows(k)
     objective = []
     for _ in range(n_iter):
-        ids, dist = nearest(x, centroids)
-        objective.append(float(dist.sum(dtype=torch.float64)))
-        counts = torch.bincount(ids, minlength=k)
-        sums = torch.zeros_like(centroids).index_add_(0, ids, x)
+        for start, block, partial in row_blocks(x, centroids, rows=rows):
+            stop = start + block.shape[0]
+            torch.min(partial, dim=1, out=(best[start:stop], ids[start:stop]))  # ‖x − c‖² − ‖x‖²
+        objective.append(float((best + x_sqnorm).clamp_min_(0.0).sum(dtype=torch.float64)))
+        counts = torch.bincount(ids, minlength=k)  # K
+        sums = _members(ids, counts, x.dtype) @ x  # K D
         nonempty = counts > 0
         centroids[nonempty] = sums[nonempty] / counts[nonempty, None].to(sums)
         if not nonempty.all():
@@ -276,15 +310,9 @@ class KMeans:
                 raise InputError(
                     f"init centroids must have shape ({k}, {x.shape[1]}), got {tuple(init.shape)}"
                 )
-        use_faiss = self.backend == "faiss" or (self.backend == "auto" and faiss_available())
-        if use_faiss:
-            import faiss
-
-            gpu = (
-                self.device.type == "cuda"
-                and hasattr(faiss, "StandardGpuResources")
-                and faiss.get_num_gpus() > 0
-            )
+        gpu = self.device.type == "cuda" and _faiss_gpus()
+        # auto: faiss-gpu on CUDA, else torch (1.59× raw faiss.Kmeans on CPU, 100k × 768, K = 1024).
+        if self.backend == "faiss" or (self.backend == "auto" and gpu):
             self.centroids, self.objective = _lloyd_faiss(
                 x, init, k, self.n_iter, self.seed, gpu, self.verbose
             )
@@ -306,7 +334,7 @@ class KMeans:
 
     def assign(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Nearest-centroid ids (int64) of the rows of ``x [N, D]``."""
-        return nearest(torch.as_tensor(x), self._fitted().to(self.device))[0]
+        return nearest(torch.as_tensor(x), self._fitted().to(self.device), with_distances=False)[0]
 
     def score(self, data: Any) -> float:
         """Inertia: the summed squared distance of every row of ``data`` to its nearest centroid."""
@@ -458,7 +486,8 @@ class KMeansTokenizer(nn.Module):
                 "this K-Means tokenizer has no centroids yet: call fit(...) or load a centroid file"
             )
         feats = self.features(images)  # B D h w
-        ids, _ = nearest(rearrange(feats, "b d h w -> (b h w) d"), self.centroids, self.centroid_sqnorm)
+        rows = rearrange(feats, "b d h w -> (b h w) d")
+        ids, _ = nearest(rows, self.centroids, self.centroid_sqnorm, with_distances=False)
         return rearrange(ids, "(b h w) -> b h w", b=feats.shape[0], h=feats.shape[2])  # B h w
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:

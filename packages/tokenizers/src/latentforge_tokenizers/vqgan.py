@@ -175,7 +175,10 @@ class VectorQuantizer(nn.Module):
     def indices(self, z: torch.Tensor) -> torch.Tensor:
         """Code ids ``[B, h, w]`` of a latent ``[B, C, h, w]`` (fp32 distances)."""
         ids, _ = nearest(
-            rearrange(z.detach(), "b c h w -> (b h w) c"), self.embedding.weight.detach(), what="latents"
+            rearrange(z.detach(), "b c h w -> (b h w) c"),
+            self.embedding.weight.detach(),
+            what="latents",
+            with_distances=False,
         )
         return rearrange(ids, "(b h w) -> b h w", b=z.shape[0], h=z.shape[2])
 
