@@ -8,7 +8,7 @@ from PIL import Image
 
 from latentforge_core import registry
 from latentforge_runner.data import Digits, ImageFolder, ResumableBatchSampler, collate
-from latentforge_runner.training import EMA, Optimization, TrainingSettings, backward
+from latentforge_runner.training import EMA, Optimization, TrainingSettings
 
 
 @pytest.mark.parametrize("pipeline", ["rae", "vavae-lightningdit"])
@@ -30,14 +30,14 @@ def test_train_images_per_second(measure, full, tmp_path, pipeline):
     sampler = ResumableBatchSampler(len(data), batch)
 
     def run():
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             b = data.batch(next(iter(sampler)))
             sampler.advance()
             with torch.no_grad():
                 z = tokenizer.encode(b["image"])
-            backward(generator.loss(z, b["label"]), 1, 0)
+            optim.backward(generator.loss(z, b["label"]), 1, step)
             optim.step()
-            ema.update(generator)
+            ema.update(generator, step)
 
     measure(run, group=f"runner train tiny-{pipeline}", impl="ours", items=batch * steps, unit="images/s")
 

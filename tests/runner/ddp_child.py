@@ -36,3 +36,4 @@ if dist.is_main:
     torch.save({k: v.clone() for k, v in state.model.state_dict().items()}, out)
 del state, entry  # DDP's reducer goes while the process group it uses still exists
 distributed.cleanup()
+kit_loop.finished()

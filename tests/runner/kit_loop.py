@@ -66,6 +66,23 @@ def fit(
     return last
 
 
+def flow_items(items: int) -> Callable[[list[int]], dict[str, torch.Tensor]]:
+    """A tiny flow-matching data set for ``test-dit`` (latents 4×8×8, 10 classes) with its noise and
+    times fixed per item: the same numbers whichever process draws an item."""
+    g = torch.Generator().manual_seed(1)
+    table = {
+        "x": torch.randn(items, 4, 8, 8, generator=g),
+        "y": torch.randint(0, 10, (items,), generator=g),
+        "noise": torch.randn(items, 4, 8, 8, generator=g),
+        "t": torch.rand(items, generator=g),
+    }
+    return lambda indices: {k: v[indices] for k, v in table.items()}
+
+
+def flow_loss(entry, batch) -> torch.Tensor:
+    return entry(batch["x"], batch["y"], noise=batch["noise"], t=batch["t"])
+
+
 def cross_entropy(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
 
@@ -89,5 +106,18 @@ def run_child(child: Path, args: list[str], out: Path, nproc: int | None = None)
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run([*launcher, *argv], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        # gloo's threads can abort the interpreter at its exit ("terminate called without an active
+        # exception", about 1 launch in 20 here), after every process reported its work done: only
+        # that form is tolerated.
+        exit_abort = "terminate called without an active exception" in proc.stderr
+        all_done = proc.stdout.count(FINISHED) == nproc
+        assert proc.returncode == 0 or (exit_abort and all_done), proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
+
+
+FINISHED = "child finished"  # the last line of each child process, printed by finished()
+
+
+def finished() -> None:
+    """A child's last act, after its process groups are gone: what :func:`run_child` counts."""
+    print(FINISHED, flush=True)

@@ -34,6 +34,7 @@ from latentforge_runner.data import (
     collate,
     expand_braces,
 )
+from latentforge_runner.latents import LatentShards
 from latentforge_runner.training import TrainState
 
 try:
@@ -358,3 +359,30 @@ def test_without_the_datasets_package_hf_datasets_says_what_to_install(monkeypat
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets → ImportError
     with pytest.raises(DataError, match="needs the Hugging Face datasets package: pip install datasets"):
         HFImages(tmp_path, 32)
+
+
+@needs_datasets
+def test_every_image_recipe_reads_the_chosen_split_and_columns(sources, tmp_path):
+    """cache-latents and latent-stats on a renamed, non-default hf-datasets split see the folder's
+    images; a split without the image column is refused by name (here by linear-probe)."""
+    digits = datasets.load_from_disk(sources["hf-datasets"])["train"]
+    renamed = digits.rename_columns({"image": "png", "label": "digit"})
+    captions = datasets.Dataset.from_dict({"caption": ["a digit"] * 3, "digit": [0, 1, 2]})
+    splits = {"train": renamed.select(range(8)), "holdout": renamed, "meta": captions}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "renamed"))
+    hf = ("data.name=hf-datasets", f"data.root={tmp_path / 'renamed'}", "data.image_column=png")
+    hf += ("data.label_column=digit",)
+    common = ("tokenizer.name=test-rae-tiny", "data.image_size=32")
+    for name, source in (("hf", (*hf, "data.split=holdout")), ("folder", _source("folder", sources))):
+        _quiet("cache-latents", [*common, *source, "flip=false", f"run.output_dir={tmp_path / name}"])
+        _quiet("latent-stats", [*common, *source, f"run.output_dir={tmp_path / name / 'stats'}"])
+    cached = LatentShards(tmp_path / "hf", flip=False, split="holdout")
+    expected = LatentShards(tmp_path / "folder", flip=False)
+    assert len(cached) == N_IMAGES and torch.equal(cached.labels, expected.labels)
+    assert torch.equal(cached.batch(range(N_IMAGES))["latents"], expected.batch(range(N_IMAGES))["latents"])
+    stats = [load_file(tmp_path / name / "stats" / "latent_stats.safetensors") for name in ("hf", "folder")]
+    assert stats[0].keys() == stats[1].keys()
+    assert all(torch.equal(stats[0][k], stats[1][k]) for k in stats[0])
+    probe = ("encoder.name=test-vit-tiny", "data.image_size=32", "epochs=1", *hf, "data.split=meta")
+    with pytest.raises(DataError, match=r"'meta' split .* has the columns \['caption', 'digit'\].*not 'png'"):
+        _quiet("linear-probe", [*probe, f"run.output_dir={tmp_path / 'probe'}"])

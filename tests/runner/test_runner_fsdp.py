@@ -15,7 +15,7 @@ from latentforge_core import registry
 from latentforge_core.errors import InputError
 from latentforge_runner import distributed
 from latentforge_runner.config import ConfigError, parse
-from latentforge_runner.training import Batches, TrainingSettings
+from latentforge_runner.training import EMA, Batches, TrainingSettings, update_averages
 
 CHILD = Path(__file__).with_name("fsdp_child.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -32,9 +32,22 @@ def _run(run_dir: Path, strategy="fsdp", batch=8, accum=1, ckpt="none", steps=6,
     return kit_loop.run_child(CHILD, args, out, nproc)
 
 
+WEIGHTS = ("model", "ema", "ema_0.9", "ema_sigma_0.1", "snapshot")  # every EMA kind, and a snapshot
+
+
 def _max_diff(a, b) -> float:
-    """The largest difference of the model and EMA weights of two runs."""
-    return max((a[part][k] - b[part][k]).abs().max().item() for part in ("model", "ema") for k in a[part])
+    """The largest difference of the model and EMA weights (every kind, a snapshot) of two runs."""
+    assert all(a[part].keys() == b[part].keys() for part in WEIGHTS)
+    return max((a[part][k] - b[part][k]).abs().max().item() for part in WEIGHTS for k in a[part])
+
+
+def _holds_shards_of_the_ema(run, shards: int) -> bool:
+    """The EMA is sharded when the model is, the main process holding its shards only (dim 0 split,
+    its rows rounded up), and the EMA gathered for evaluation is the whole EMA."""
+    share = run["ema_numel"] / shards
+    sharded = run["ema_sharded"] == run["sharded"]
+    gathered = all(torch.equal(run["evaluated"][k], run["ema"][k]) for k in run["ema"])
+    return sharded and gathered and share <= run["ema_held"] < 1.05 * share
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +64,7 @@ def fsdp(tmp_path_factory):
 
 def test_fsdp_two_processes_match_one_process(single, fsdp):
     assert fsdp["sharded"] and not single["sharded"]
+    assert _holds_shards_of_the_ema(fsdp, 2) and _holds_shards_of_the_ema(single, 1)
     assert _max_diff(fsdp, single) < TOL
     assert set(fsdp["model"]) == set(single["model"])  # whole state dicts with the same names
     opt_a, opt_b = fsdp["optimizer"]["state"], single["optimizer"]["state"]
@@ -65,14 +79,14 @@ def test_fsdp_with_activation_checkpointing_and_accumulation(tmp_path, single):
 
 def test_ddp_and_fsdp_agree(tmp_path, fsdp):
     ddp = _run(tmp_path / "run", strategy="ddp", ckpt="every_k", nproc=2)
-    assert not ddp["sharded"]
+    assert not ddp["sharded"] and _holds_shards_of_the_ema(ddp, 1)  # DDP: a whole EMA per process
     assert _max_diff(ddp, fsdp) < TOL
 
 
 @pytest.mark.parametrize("shard", [2, 1])  # meshes (replicate, shard) = (1, 2) and (2, 1)
 def test_hsdp_matches_one_process(tmp_path, single, shard):
     run = _run(tmp_path / "run", strategy="hsdp", shard=shard, nproc=2)
-    assert run["sharded"]
+    assert run["sharded"] and _holds_shards_of_the_ema(run, shard)
     assert _max_diff(run, single) < TOL
 
 
@@ -198,6 +212,15 @@ def test_batch_not_divisible_by_the_processes(batch, world, accum):
     info = distributed.DistInfo(rank=0, world_size=world)
     with pytest.raises(ConfigError, match=f"batch_size {batch} is not divisible by {world} process"):
         Batches(lambda indices: {}, 64, t, info)
+
+
+def test_ema_that_does_not_match_the_model_shards_is_a_clear_error():
+    """An EMA made before ``wrap`` shards its model holds whole tensors where the model holds shards:
+    a shard of one row would broadcast into the whole EMA tensor without the check."""
+    average = EMA(torch.nn.Linear(3, 2), 0.9)  # weight [2, 3]
+    shard = torch.nn.Linear(3, 1)  # weight [1, 3]: the first process's shard of it
+    with pytest.raises(InputError, match=r"EMA holds weight as \(2, 3\), the model as \(1, 3\).*after "):
+        update_averages([average], shard, 1)
 
 
 def test_recipe_without_sharding_refuses_fsdp():

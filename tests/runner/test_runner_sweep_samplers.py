@@ -41,7 +41,7 @@ def _sweep(generator_run, out, *extra):
 
 @pytest.mark.filterwarnings("ignore:the covariance of")
 def test_sweep_tabulates_the_metric_against_nfe(generator_run, tmp_path):
-    _sweep(generator_run, tmp_path, "samplers=[euler,heun,dpm++2m]", "steps=[1,4]")
+    _sweep(generator_run, tmp_path, "samplers=[euler,heun,dpm++2m,unipc]", "steps=[1,4]")
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     nfe = {(r["sampler"], r["steps"]): r["nfe"] for r in rows}
     assert nfe == {
@@ -51,15 +51,29 @@ def test_sweep_tabulates_the_metric_against_nfe(generator_run, tmp_path):
         ("heun", 4): 8,
         ("dpm++2m", 1): 1,
         ("dpm++2m", 4): 4,
+        ("unipc", 1): 1,
+        ("unipc", 4): 4,
     }
+    assert {r["grid"] for r in rows} == {"uniform"}
     value = {(r["sampler"], r["steps"]): r["fd-dinov2"] for r in rows}
     assert all(np.isfinite(v) and v > 0 for v in value.values())
-    # One step of each is x − v from the same noise for Euler and DPM-Solver++ (its first step to t = 0
-    # is x̂0): the same samples, the same metric; four steps differ.
-    assert value[("euler", 1)] == value[("dpm++2m", 1)]
-    assert value[("euler", 4)] != value[("dpm++2m", 4)]
+    # One step of each is x − v from the same noise for Euler, DPM-Solver++ and UniPC (their first
+    # step to t = 0 is x̂0): the same samples, the same metric; four steps differ.
+    assert value[("euler", 1)] == value[("dpm++2m", 1)] == value[("unipc", 1)]
+    assert len({value[(s, 4)] for s in ("euler", "dpm++2m", "unipc")}) == 3
     table = (tmp_path / "sweep.md").read_text()
     assert "| sampler | NFE 1 | NFE 2 | NFE 4 | NFE 8 |" in table and "| heun |  | " in table
+
+
+@pytest.mark.filterwarnings("ignore:the covariance of")
+def test_sweep_over_time_grids(generator_run, tmp_path):
+    """Each sampler on each grid: a few-step grid changes the samples, and is its own table row."""
+    _sweep(generator_run, tmp_path, "samplers=[unipc]", "grids=[uniform,logsnr,edm]", "steps=[4]")
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [(r["grid"], r["nfe"]) for r in rows] == [("uniform", 4), ("logsnr", 4), ("edm", 4)]
+    assert len({r["fd-dinov2"] for r in rows}) == 3
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| unipc (logsnr grid) | " in table and "| unipc (edm grid) | " in table
 
 
 def test_sweep_bad_input(generator_run, tmp_path):
@@ -67,3 +81,11 @@ def test_sweep_bad_input(generator_run, tmp_path):
         _sweep(generator_run, tmp_path / "a", "samplers=[euler,rk4]")
     with pytest.raises(ConfigError, match="steps"):
         _sweep(generator_run, tmp_path / "b", "steps=[0]")
+    with pytest.raises(
+        ConfigError, match="grids: unknown \\['karras'\\]; expected some of uniform, logsnr, edm"
+    ):
+        _sweep(generator_run, tmp_path / "c", "grids=[uniform,karras]")
+    with pytest.raises(ConfigError, match="\\['dopri5'\\] choose their own times"):
+        _sweep(generator_run, tmp_path / "d", "samplers=[unipc,dopri5]", "grids=[logsnr]")
+    with pytest.raises(ConfigError, match="sampler.grid: give the time grids as grids="):
+        _sweep(generator_run, tmp_path / "e", "sampler={grid: logsnr}")

@@ -7,6 +7,8 @@ latentforge validate train-generator --config rae-ditdh-xl    # names resolve, p
 latentforge validate rae-ditdh-xl                      # the same: a config names its recipe
 latentforge cp rae-ditdh-xl my-run.yaml                # a shipped config, to edit (--force overwrites)
 latentforge ls [encoders|tokenizers|generators|metrics|recipes|configs]
+latentforge export RUN_DIR [--out ema.safetensors]     # a sharded checkpoint's whole weights
+latentforge plan --config repa-sit-xl-2 --gpus 16     # per-GPU memory: strategy × checkpointing
 
 ``run`` and ``validate`` take the same arguments.  A bad input ends with one line saying what was
 wrong and what was expected (exit status 2); ``--debug`` shows the traceback instead.
@@ -224,6 +226,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per-process memory of a training config for each strategy × activation checkpointing."""
+    from latentforge_runner import plan
+
+    recipe, config = resolve_target(args.target, args.config, None)
+    if recipe is None and config is None:
+        raise ConfigError("name a config: `latentforge plan --config CONFIG [key.sub=value ...]`")
+    recipe, cfg = load_settings(recipe, config, args.overrides)
+    if recipe not in plan.PLANNED_RECIPES:
+        raise ConfigError(
+            f"plan estimates {', '.join(plan.PLANNED_RECIPES)} runs; {config or recipe} is for recipe "
+            f"{recipe!r}"
+        )
+    validate(cfg)
+    strategies = args.strategy or plan.STRATEGIES
+    rows = plan.plan_rows(cfg, args.gpus, args.device, strategies=strategies)
+    if args.json:
+        print(plan.to_json(rows, config=config or recipe, recipe=recipe, device=args.device))
+    else:
+        t = cfg.training
+        title = (
+            f"{config or recipe}: {args.gpus} process(es) on {args.device}, global batch {t.batch_size}, "
+            f"grad_accum {t.grad_accum}, precision {t.precision}"
+        )
+        print(plan.format_table(rows, title))
+    return 0
+
+
 def cmd_cp(args: argparse.Namespace) -> int:
     """Copy a shipped config to ``dest`` (a file, or a folder to put it in), to edit and run."""
     shipped = shipped_configs()
@@ -251,6 +281,31 @@ def cmd_cp(args: argparse.Namespace) -> int:
     except OSError as err:
         raise ConfigError(f"cannot copy {name} to {dest}: {err.strerror or err}") from err
     print(f"copied {name} ({source}) to {dest}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Whole safetensors weights of a checkpoint (a run folder's newest, or the ``checkpoints/<step>/``
+    named), as a full checkpoint holds them: every module into ``--out`` (a folder; default the
+    checkpoint folder itself), or the one ``--weights`` to ``--out`` when it ends in ``.safetensors``."""
+    from latentforge_core.checkpoint import save_checkpoint
+    from latentforge_runner.training import consolidate, list_checkpoints, load_weights
+
+    target = Path(args.target)
+    found = list_checkpoints(target / "checkpoints")
+    folder = found[-1] if found else target
+    if not (folder / "state.pt").is_file():
+        raise ConfigError(
+            f"{target} is neither a run folder with whole checkpoints nor a checkpoint folder: expected "
+            "RUN_DIR (holding checkpoints/<step>/) or RUN_DIR/checkpoints/<step> (holding state.pt)"
+        )
+    if args.out is not None and args.out.endswith(".safetensors"):
+        state_dict, config = load_weights(folder, args.weights)
+        save_checkpoint(state_dict, args.out, config)
+        print(f"exported the {args.weights} weights of {folder} to {args.out}")
+        return 0
+    out = consolidate(folder, args.out)
+    print(f"exported {', '.join(sorted(p.name for p in out.glob('*.safetensors')))} of {folder} to {out}")
     return 0
 
 
@@ -323,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list registered components (with their distribution) or shipped configs")
     ls.add_argument("kind", nargs="?", help="encoders, tokenizers, generators, metrics, recipes or configs")
     ls.set_defaults(fn=cmd_ls)
+    plan = sub.add_parser("plan", help="estimate per-GPU memory of a training config (nothing allocated)")
+    plan.add_argument("target", nargs="?", metavar="CONFIG", help="a YAML file or a shipped config name")
+    plan.add_argument("--config", "-c", help="the same, as run and validate take it")
+    plan.add_argument("--gpus", type=int, default=8, help="processes (GPUs) of the run (default 8)")
+    plan.add_argument("--device", default="cuda", help="cuda (bf16 autocast unless fp32) or cpu (fp32)")
+    plan.add_argument("--strategy", action="append", help="only this strategy (repeatable; default all)")
+    plan.add_argument("--json", action="store_true", help="print the rows as JSON (bytes) instead")
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides (YAML values)")
+    plan.set_defaults(fn=cmd_plan)
+    export = sub.add_parser("export", help="write a (sharded) checkpoint's weights as whole safetensors")
+    export.add_argument(
+        "target", metavar="RUN_DIR", help="a run folder (its newest checkpoint) or a checkpoint folder"
+    )
+    export.add_argument("--out", help="a folder for every module, or a .safetensors file for --weights")
+    export.add_argument("--weights", default="ema", help="the module --out FILE gets (default: ema)")
+    export.set_defaults(fn=cmd_export)
     parser._subparsers_by_name = {"run": run, "validate": val}  # type: ignore[attr-defined]
     return parser
 

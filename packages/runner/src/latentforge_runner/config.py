@@ -533,19 +533,23 @@ def check_component(kind: str, block: Component, where: str, injected: Sequence[
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npy")
 
 
+def without_weight_files(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` less those naming weight files or hub ids: what builds the architecture alone."""
+    return {
+        k: v
+        for k, v in params.items()
+        if not (isinstance(v, str) and (v.endswith(WEIGHT_SUFFIXES) or v.startswith("hf:")))
+    }
+
+
 def _build_on_meta(factory: Any, params: dict[str, Any], where: str, kind: str, name: str) -> None:
     """A builder taking ``**kwargs`` passes them on: build it on the meta device (no memory, no
     weights read) to see that every parameter is accepted somewhere down the line."""
     import torch
 
-    files = {
-        k
-        for k, v in params.items()
-        if isinstance(v, str) and (v.endswith(WEIGHT_SUFFIXES) or v.startswith("hf:"))
-    }
     try:
         with torch.device("meta"):
-            factory(**{k: v for k, v in params.items() if k not in files})
+            factory(**without_weight_files(params))
     except TypeError as err:  # an unknown keyword, one the named size fixes, a value of the wrong type
         raise ConfigError(
             f"{where}.params: {kind[:-1]} {name!r} does not accept these parameters: {err}"

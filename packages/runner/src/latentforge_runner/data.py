@@ -60,7 +60,8 @@ class DataSettings(Settings):
     # of .tar shards, one .tar or a pattern (shard-{000..099}.tar); hf-datasets: a save_to_disk folder,
     # .parquet files or hf:<org>/<repo>
     root: str | None = None
-    split: str = "train"  # hf-datasets: the split to read (a DatasetDict's key, parquet <split>-*.parquet)
+    # hf-datasets: the split to read (a DatasetDict's key, parquet <split>-*.parquet); latents: its cache file
+    split: str = "train"
     image_column: str = "image"  # hf-datasets: the column of encoded images (ImageNet-1k: image)
     label_column: str = "label"  # hf-datasets: the column of class indices (ImageNet-1k: label)
     image_size: int = setting(256, ge=1)  # pixels on each side of a training image
@@ -81,11 +82,7 @@ def build_training_data(d: DataSettings, tokenizer: str, seed: int):
     """Images (``digits``, ``folder``, ``webdataset``, ``hf-datasets``, augmented by ``seed``) or the
     latent shards of ``tokenizer``."""
     if d.name != "latents":
-        augment: dict[str, Any] = dict(crop=d.crop, resize=d.resize, flip=d.flip, seed=seed)
-        if d.name == "hf-datasets":
-            augment |= dict(image_column=d.image_column, label_column=d.label_column)
-        split = d.split if d.name == "hf-datasets" else "train"
-        images = build_dataset(d.name, split=split, image_size=d.image_size, root=d.root, **augment)
+        images = build_images(d, crop=d.crop, resize=d.resize, flip=d.flip, seed=seed)
         check_classes(images, d)
         if d.limit is None or d.limit >= len(images):
             return images
@@ -98,13 +95,26 @@ def build_training_data(d: DataSettings, tokenizer: str, seed: int):
         raise DataError(
             "data.limit applies to images: cache fewer of them instead (cache-latents max_images=…)"
         )
-    shards = LatentShards(d.root, flip=None)
+    shards = LatentShards(d.root, flip=None, split=d.split)
     if shards.tokenizer != tokenizer:
         raise DataError(
-            f"the shards in {d.root} hold latents of tokenizer {shards.tokenizer!r}, but this run's "
+            f"the cache in {d.root} holds latents of tokenizer {shards.tokenizer!r}, but this run's "
             f"tokenizer is {tokenizer!r}; cache them with the same tokenizer"
         )
     return check_classes(shards, d)
+
+
+def build_images(d: DataSettings, split: str | None = None, **augment: Any):
+    """The images of the ``data`` block, for every recipe that reads them: hf-datasets' ``data.split``
+    with ``data.image_column``/``data.label_column``; ``split`` (default ``train``) picks the digits'
+    split, or another hf-datasets split than ``data.split`` (a held-out one); ``augment`` =
+    ImageFolder's crop/flip."""
+    if d.name == "latents":
+        raise DataError("data.name 'latents' holds cached latents, no images: this recipe reads images")
+    if d.name == "hf-datasets":
+        augment |= dict(image_column=d.image_column, label_column=d.label_column)
+        split = split or d.split
+    return build_dataset(d.name, split=split or "train", image_size=d.image_size, root=d.root, **augment)
 
 
 def check_classes(dataset, d: DataSettings):

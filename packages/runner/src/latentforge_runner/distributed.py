@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from latentforge_core.checkpoint import CheckpointError
 from latentforge_core.device import resolve_device, seed_everything
 from latentforge_core.errors import InputError
 
@@ -87,7 +89,6 @@ def wrap(
     method: str = "forward",
     compile: bool = False,
     training: Any = None,
-    keep_for_ema: bool = True,
     sharding: bool = True,
 ):
     """What a training step calls: ``module.<method>`` as the forward (so DDP's gradient hooks see a
@@ -97,9 +98,9 @@ def wrap(
     ``activation_checkpointing`` recomputes the transformer blocks' activations in the backward
     (:func:`checkpoint_blocks`, any number of processes), and with several processes ``strategy``
     ``fsdp``/``hsdp`` shards the model with FSDP2 instead of DDP (:func:`fully_shard_model`: each
-    block, then the root; ``module`` is sharded in place).  Under FSDP the EMA is a full copy on every
-    process: when ``keep_for_ema`` and the run has an EMA, a plain copy of ``module`` is kept for
-    :func:`unsharded_copy` before sharding.  One process is never wrapped: ``fsdp`` runs unsharded.
+    block, then the root; ``module`` is sharded in place).  Under FSDP the EMAs are sharded alike: the
+    structure of ``module`` is kept on the meta device (no memory) before sharding, for
+    :func:`average_copy`.  One process is never wrapped: ``fsdp`` runs unsharded.
     ``sharding=False`` refuses ``fsdp``/``hsdp`` (for any number of processes): a recipe whose steps
     call the model outside this entry (a GAN's losses, a PSNR pass) cannot run under FSDP2, whose
     root forward is what gathers the parameters."""
@@ -114,14 +115,16 @@ def wrap(
     sharded = info.enabled and strategy in ("fsdp", "hsdp")
     if sharded:
         _check_fsdp(info, training)
-        if keep_for_ema and getattr(training, "ema_decay", None) is not None:
-            _PLAIN_COPIES[module] = copy.deepcopy(module)
+        structure = _meta_copy(module)  # before checkpoint_blocks: the EMAs never run a backward
     if training is not None and training.activation_checkpointing != "none":
         every = 1 if training.activation_checkpointing == "full" else training.activation_checkpointing_every
         checkpoint_blocks(module, every)
     entry = module if method == "forward" else _Method(module, method)
     if sharded:
         entry = fully_shard_model(entry, info, training)
+        mesh = next(p.device_mesh for p in module.parameters() if isinstance(p, _dtensor()))
+        offload = {"offload_policy": _cpu_offload()} if training.cpu_offload else {}
+        _STRUCTURES[module] = (structure, {"mesh": mesh, **offload})
     elif info.enabled:
         ids = [info.device.index] if info.device.type == "cuda" else None
         entry = torch.nn.parallel.DistributedDataParallel(entry, device_ids=ids)
@@ -186,7 +189,7 @@ def checkpoint_blocks(module: torch.nn.Module, every: int = 1) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# FSDP2: sharding, and full tensors for the EMA and the checkpoints
+# FSDP2: sharding, and full tensors for the checkpoints
 # ------------------------------------------------------------------------------------------------
 def _check_fsdp(info: DistInfo, training: Any) -> None:
     backend = dist.get_backend() if dist.is_initialized() else None
@@ -240,19 +243,31 @@ def fully_shard_model(entry: torch.nn.Module, info: DistInfo, training: Any) -> 
     ``entry`` (the root, whose forward every step calls); mixed precision on CUDA unless
     ``training.precision`` is fp32 (bf16 parameters, fp16 under ``precision: fp16``; fp32 gradient
     reduction); CPU offload when asked."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     kwargs: dict[str, Any] = {"mesh": device_mesh(info, training)}
     if info.device.type == "cuda" and training.dtype != torch.float32:  # auto is bf16 on CUDA
         param_dtype = training.dtype or torch.bfloat16
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if training.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    for blocks in transformer_blocks(entry):
+        kwargs["offload_policy"] = _cpu_offload()
+    return _shard_blocks_and_root(entry, kwargs)
+
+
+def _shard_blocks_and_root(module: torch.nn.Module, kwargs: Mapping[str, Any]) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for blocks in transformer_blocks(module):
         for block in blocks:
             fully_shard(block, **kwargs)
-    fully_shard(entry, **kwargs)
-    return entry
+    fully_shard(module, **kwargs)
+    return module
+
+
+def _cpu_offload() -> Any:
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return CPUOffloadPolicy()
 
 
 def _dtensor() -> type:
@@ -278,6 +293,9 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     if not isinstance(like, _dtensor()):
         return full
+    cut_alike = isinstance(full, _dtensor()) and full.placements == like.placements
+    if cut_alike and full.device_mesh == like.device_mesh:  # a sharded checkpoint's optimiser state
+        return full.to(dtype=like.dtype)
     full = full.to(device=like.device, dtype=like.dtype)
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
@@ -311,32 +329,136 @@ def load_full_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tens
             value.copy_(state[key])
 
 
-_PLAIN_COPIES: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+# ------------------------------------------------------------------------------------------------
+# EMAs sharded like their model: local updates, gathered whole for evaluation only
+# ------------------------------------------------------------------------------------------------
+# A module wrap() sharded, or an EMA average_copy() made: its unsharded structure on the meta device,
+# and the fully_shard arguments (mesh, CPU offload) a copy of it is sharded with.
+_STRUCTURES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.nn.Module, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are on the meta device: the structure
+    alone, made without a second copy of the weights (they are replaced while copying)."""
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        is_param = isinstance(tensor, torch.nn.Parameter)
+        memo[id(tensor)] = torch.nn.Parameter(meta, tensor.requires_grad) if is_param else meta
+    return copy.deepcopy(module, memo)
+
+
+def _structure_of(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The structure of a sharded ``module`` (a root :func:`wrap` sharded or a part of one, e.g. the
+    generator inside REPA's wrapper, or an EMA) and its sharding arguments."""
+    for root, (structure, kwargs) in list(_STRUCTURES.items()):
+        name = next((n for n, m in root.named_modules() if m is module), None)
+        if name is not None:
+            return (structure.get_submodule(name) if name else structure), kwargs
+    raise InputError(
+        f"{type(module).__name__} is sharded by FSDP but not by distributed.wrap: wrap it with "
+        "distributed.wrap(..., training=t) before making its EMA"
+    )
+
+
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view: writing it writes the DTensor); else itself."""
+    return value.to_local() if isinstance(value, _dtensor()) else value
 
 
 @torch.no_grad()
-def unsharded_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A plain deep copy of ``module`` with its current whole parameters, on every process (the EMA).
+def average_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with its current weights to average into (an EMA), without gradients.
 
-    FSDP2 modules cannot be deep-copied: :func:`wrap` keeps a copy of what it shards (when the run has
-    an EMA), from which this takes ``module`` (the sharded root or a part of it, the generator inside
-    REPA's wrapper); the parameters are then gathered into it (a collective)."""
+    Unsharded: a deep copy.  Under FSDP a copy of ``model``'s structure sharded as ``model`` is (each
+    block, then the root, on the same mesh: the same placements), filled from ``model``'s own shards
+    with no communication: each process holds its shards only, and an update is a local lerp between
+    shards (:func:`local_tensor`).  :func:`gathered_copy` makes it whole for evaluation."""
+    if not is_sharded(model):
+        return copy.deepcopy(model).requires_grad_(False)
+    structure, kwargs = _structure_of(model)
+    average = _shard_blocks_and_root(_meta_copy(structure), kwargs)
+    device = next(local_tensor(p).device for p in model.parameters())  # the host under CPU offload
+    average.to_empty(device=device).requires_grad_(False)
+    own = dict(average.named_parameters()) | dict(average.named_buffers())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        local_tensor(own[name]).copy_(local_tensor(tensor))
+    _STRUCTURES[average] = (structure, kwargs)
+    return average
+
+
+@torch.no_grad()
+def gathered_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A whole, unsharded copy of an :func:`average_copy` sharded by FSDP, on every process (an
+    all-gather: every process calls it together); ``module`` itself when unsharded."""
     if not is_sharded(module):
-        return copy.deepcopy(module)
-    for root, plain in list(_PLAIN_COPIES.items()):
-        name = next((n for n, m in root.named_modules() if m is module), None)
-        if name is None:
-            continue
-        del _PLAIN_COPIES[root]  # the rest of the copy goes
-        out = plain.get_submodule(name) if name else plain
-        params = dict(out.named_parameters())
-        for key, param in module.named_parameters():
-            params[key].copy_(full_tensor(param.detach()))
-        return out
-    raise InputError(
-        f"{type(module).__name__} is sharded by FSDP but no plain copy of it was kept: wrap it with "
-        "distributed.wrap(..., training=t) before making its EMA"
-    )
+        return module
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))  # every process
+    out = _meta_copy(_structure_of(module)[0])
+    out.load_state_dict(whole, assign=True)  # the gathered tensors themselves, no second copy
+    device = next(iter(whole.values())).device
+    for name, buffer in module.named_buffers():  # non-persistent ones too (not in a state dict)
+        owner, _, key = name.rpartition(".")
+        setattr(out.get_submodule(owner), key, buffer.detach().to(device, copy=True))
+    return out.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded checkpoints: torch.distributed.checkpoint (DCP) folders
+# ------------------------------------------------------------------------------------------------
+def save_sharded(tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike) -> None:
+    """Write ``tensors`` (DTensor shards or whole tensors) as a DCP folder: each process writes its own
+    shards (``__<rank>_0.distcp``; whole tensors held by every process are written once) and the main
+    one the ``.metadata`` that maps them.  A collective under torchrun: every process calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    with _one_process_is_meant():
+        dcp.save(dict(tensors), checkpoint_id=folder, no_dist=not _in_group())
+
+
+def load_sharded(
+    targets: Mapping[str, torch.Tensor], folder: str | os.PathLike, collective: bool = True
+) -> None:
+    """Fill ``targets`` in place from a DCP folder, whatever the number of processes that wrote it (DCP
+    reads the parts of the saved shards each target's own shard covers).  ``collective``: every process
+    calls it together; else this process reads alone (exporting, sampling)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _one_process_is_meant():
+            dcp.load(dict(targets), checkpoint_id=folder, no_dist=not (collective and _in_group()))
+    except CheckpointException as err:  # a BaseException gathering every process's failure
+        rank, failure = next(iter(err.failures.items()))
+        cause = getattr(failure, "exc", failure)
+        raise CheckpointError(
+            f"the DCP folder {folder} does not load (process {rank}: {type(cause).__name__} {cause})"
+        ) from err
+
+
+def sharded_metadata(folder: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """``{key: (whole shape, dtype)}`` of the tensors of a DCP folder, from its ``.metadata`` only."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = FileSystemReader(folder).read_metadata().state_dict_metadata
+    return {k: (m.size, m.properties.dtype) for k, m in saved.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """DCP warns whenever it reads or writes without a process group, which one process does on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+        yield
 
 
 @contextlib.contextmanager

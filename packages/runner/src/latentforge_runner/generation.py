@@ -37,7 +37,7 @@ from latentforge_runner.config import (
     to_plain,
 )
 from latentforge_runner.data import ImageSource, reference_statistics
-from latentforge_runner.training import list_checkpoints
+from latentforge_runner.training import list_checkpoints, load_weights
 
 log = logging.getLogger("latentforge")
 
@@ -195,7 +195,7 @@ def load_generator(
     if weights == "ema" and train.training.ema_decay is None:
         weights = "model"  # a run without EMA (DiGIT's recipe)
     try:
-        sd, config = load_checkpoint(folder / f"{weights}.safetensors")
+        sd, config = load_weights(folder, weights)  # a full checkpoint's file, or a sharded one's DCP folder
     except FileNotFoundError as err:
         raise CheckpointError(f"{err}: expected a checkpoint folder of a generator run") from err
     name = train.generator.name

@@ -93,6 +93,8 @@ RUN_ONLY_KEYS = (
     "<training>.max_minutes",
     "<training>.activation_checkpointing",  # recomputes what it would have kept: bitwise the same
     "<training>.activation_checkpointing_every",
+    "<training>.ema_snapshot_every",  # when post-hoc EMA snapshots are written, not what is trained
+    "<training>.checkpoint_format",  # how checkpoints are written; either format resumes bitwise
     "<training>.steps",
     "eval.every",
 )

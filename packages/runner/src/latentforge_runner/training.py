@@ -60,9 +60,10 @@ from latentforge_core.checkpoint import (
 )
 from latentforge_core.device import rng_state, set_rng_state
 from latentforge_core.errors import InputError, InputTypeError, NumericalError, RunInterrupted, first_line
-from latentforge_runner import distributed
+from latentforge_runner import distributed, ema
 from latentforge_runner.config import ConfigError, SettingError, Settings, setting, settings
 from latentforge_runner.data import ResumableBatchSampler, collate
+from latentforge_runner.ema import SIGMA_REL_MAX
 
 log = logging.getLogger("latentforge")
 
@@ -88,6 +89,11 @@ class TrainingSettings(Settings):
     eps: float = setting(1e-8, gt=0)  # AdamW's epsilon
     grad_clip: float | None = setting(None, gt=0)  # max global grad norm; None = no clipping
     ema_decay: float | None = setting(0.9999, ge=0, lt=1)  # None = no EMA
+    ema_decays: tuple[float, ...] = setting((), ge=0, lt=1)  # more EMA rates tracked: ema_<decay>.safetensors
+    # EDM2's power-function EMAs tracked (σ_rel each, e.g. [0.05, 0.1]): ema_sigma_<σ_rel>.safetensors
+    ema_profiles: tuple[float, ...] = setting((), gt=0, lt=SIGMA_REL_MAX)
+    # Steps between snapshots of the ema_profiles in <run>/ema_snapshots/ (kept: post-hoc EMA reads them)
+    ema_snapshot_every: int | None = setting(None, ge=1)
     # auto: bf16 autocast on CUDA, fp32 on CPU; fp16: fp16 autocast with a gradient scaler (GPUs without
     # bf16), its scale saved in every checkpoint
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -96,6 +102,11 @@ class TrainingSettings(Settings):
     log_every: int = setting(50, ge=1)  # updates between logged scalars
     checkpoint_every: int = setting(1000, ge=1)  # updates between checkpoints (and one at the end)
     keep_checkpoints: int = setting(2, ge=1)  # newest whole checkpoints kept on disk
+    # full: whole weights gathered to the main process, which writes safetensors; sharded: every process
+    # writes its own shards of weights and optimiser state (a DCP folder: no gather, for fsdp/hsdp runs
+    # too large for one process), resumable on any number of processes; `latentforge export` makes
+    # safetensors of it
+    checkpoint_format: Literal["full", "sharded"] = "full"
     num_workers: int = setting(0, ge=0)  # data loader processes (0: load in the main process)
     # Wall-clock budget of this process in minutes (a cluster job's limit less the time a checkpoint
     # takes): before a step that would not fit, checkpoint and exit 75 (requeue); None: no budget.
@@ -124,6 +135,16 @@ class TrainingSettings(Settings):
                 "decay_end",
                 f"decay_end {self.decay_end} must come after the warm-up ({self.warmup_steps} steps): "
                 "expected decay_end > warmup_steps",
+            )
+        for key in ("ema_decays", "ema_profiles"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise SettingError(key, f"{key} {list(values)} names a value twice: expected distinct values")
+        if self.ema_snapshot_every is not None and not self.ema_profiles:
+            raise SettingError(
+                "ema_snapshot_every",
+                "ema_snapshot_every snapshots the power-function EMAs, but ema_profiles is empty: set "
+                "training.ema_profiles (e.g. [0.05, 0.1]) or leave ema_snapshot_every unset",
             )
         if self.cpu_offload and self.strategy != "fsdp":
             raise SettingError(
@@ -230,11 +251,12 @@ class Optimization:
             self.scheduler.step()
         return logs
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, whole: bool = True) -> dict[str, Any]:
         """The optimiser's and schedule's states; under FSDP with whole tensors (gathered on every
-        process, in host memory), so a checkpoint is the same whatever the processes and strategy."""
+        process, in host memory), so a checkpoint is the same whatever the processes and strategy —
+        or, ``whole=False``, the tensors as this process holds them (what a sharded checkpoint writes)."""
         optimizer = self.optimizer.state_dict()
-        if any(isinstance(p, _DTensor()) for p in self.params):
+        if whole and any(isinstance(p, _DTensor()) for p in self.params):
             whole = distributed.full_tensor
             optimizer["state"] = {
                 i: {k: whole(v).cpu() if isinstance(v, _DTensor()) else v for k, v in s.items()}
@@ -277,22 +299,58 @@ def _DTensor() -> type:
 class EMA:
     """An exponential moving average of a model's parameters (buffers copied), updated every step.
 
-    Under FSDP it is still a whole, unsharded copy on every process, updated from the gathered whole
-    parameters (one all-gather of the model per step): every process holds the same EMA, which
-    samples and saves as it does unsharded, at the memory of one more copy of the weights."""
+    Under FSDP it is sharded as its model is (:func:`~latentforge_runner.distributed.average_copy`):
+    each process holds and updates its own shards, with no communication, and the whole EMA is
+    gathered only to evaluate (:meth:`TrainState.eval_model`), to save a full checkpoint or a snapshot."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.module = distributed.unsharded_copy(model).eval().requires_grad_(False)
+        self.module = distributed.average_copy(model).eval()
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        ema_params = dict(self.module.named_parameters())
-        for name, param in model.named_parameters():
-            ema_params[name].lerp_(distributed.full_tensor(param.detach()), 1.0 - self.decay)
-        ema_buffers = dict(self.module.named_buffers())
-        for name, buf in model.named_buffers():
-            ema_buffers[name].copy_(buf)
+    def decay_at(self, step: int) -> float:
+        """The decay of the update that ends ``step`` (1 for the first)."""
+        return self.decay
+
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Average in ``model``'s parameters after the update that ends ``step``."""
+        update_averages([self], model, step)
+
+
+class PowerEMA(EMA):
+    """EDM2's power-function EMA of width ``sigma_rel``: at step t it weighs step τ's parameters in
+    proportion to τ^γ, so it averages a fixed fraction of the run whatever its length (see
+    :mod:`latentforge_runner.ema`; its snapshots make any other width reconstructible after training)."""
+
+    def __init__(self, model: torch.nn.Module, sigma_rel: float):
+        super().__init__(model, decay=0.0)
+        self.sigma_rel, self.gamma = sigma_rel, ema.gamma_of(sigma_rel)
+
+    def decay_at(self, step: int) -> float:
+        return ema.power_beta(self.gamma, step)
+
+
+@torch.no_grad()
+def update_averages(averages: Iterable[EMA], model: torch.nn.Module, step: int) -> None:
+    """Every EMA of ``averages`` after the update that ends ``step``; under FSDP each process lerps its
+    shards toward the model's (the same placements: no communication)."""
+    averages = list(averages)
+    weights = [1.0 - average.decay_at(step) for average in averages]
+    params = [dict(average.module.named_parameters()) for average in averages]
+    local = distributed.local_tensor
+    for name, param in model.named_parameters():
+        source = local(param.detach())
+        for own, weight in zip(params, weights, strict=True):
+            target = local(own[name])
+            if target.shape != source.shape:  # lerp_ would broadcast a one-row shard silently
+                raise InputError(
+                    f"the EMA holds {name} as {tuple(target.shape)}, the model as {tuple(source.shape)}: "
+                    "make the EMA of a model FSDP shards after distributed.wrap(..., training=t)"
+                )
+            target.lerp_(source, weight)
+    buffers = [dict(average.module.named_buffers()) for average in averages]
+    for name, buf in model.named_buffers():
+        for own in buffers:
+            own[name].copy_(buf)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,26 +651,47 @@ class StepLog:
 class Checkpointer:
     """Whole-or-nothing checkpoint folders ``<run_dir>/checkpoints/<step>/`` (the newest ``keep``).
 
-    ``weights`` name the modules saved as ``<name>.safetensors`` (``model`` carries ``config``, whose
-    ``name`` a resume checks); ``state`` is everything else, saved with the RNG states as ``state.pt``.
+    ``weights`` name the modules saved; ``state`` is everything else, saved with the RNG states as
+    ``state.pt``.  A full checkpoint holds each module as ``<name>.safetensors`` (``model`` and ``ema``
+    carry ``config``, whose ``name`` a resume checks); a sharded one holds the modules and the
+    optimisers' tensors in a DCP folder ``dcp/`` that every process writes its shards into, and
+    ``config`` in ``state.pt``.  :meth:`load` reads either, on any number of processes.
     """
 
     def __init__(self, run_dir: str | Path, keep: int, dist: distributed.DistInfo, config: Mapping[str, Any]):
         self.folder = Path(run_dir) / "checkpoints"
         self.keep, self.dist, self.config = keep, dist, dict(config)
 
-    def save(self, step: int, weights: Mapping[str, torch.nn.Module], state: Mapping[str, Any]) -> Path:
-        """Write ``checkpoints/<step>/`` on the main process; every process waits for it."""
+    def save(
+        self,
+        step: int,
+        weights: Mapping[str, torch.nn.Module],
+        state: Mapping[str, Any],
+        sharded: bool = False,
+    ) -> Path:
+        """Write ``checkpoints/<step>/`` into a hidden ``.partial`` folder, renamed by the main process
+        once whole; every process waits for it.  Full: whole state dicts (under FSDP gathered, a
+        collective) written by the main process.  ``sharded``: each process writes its own shards of
+        the weights and of the optimisers' state (the ``*optimizer`` entries of ``state``) to ``dcp/``."""
         final = self.folder / f"{step:08d}"
-        # Whole state dicts (under FSDP a collective, so every process gathers; the main one writes).
-        states = {name: distributed.full_state_dict(module) for name, module in weights.items()}
-        if self.dist.is_main and not final.exists():
-            tmp = self.folder / f".{final.name}.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for name in weights:
-                meta = {**self.config, "step": step} if name in ("model", "ema") else {"step": step}
-                save_checkpoint(states[name], tmp / f"{name}.safetensors", meta)
+        tmp = self.folder / f".{final.name}.partial"
+        written = final.exists()  # the same on every process: nobody renames before the barrier below
+        if sharded:
+            states: dict[str, Any] = {}
+            if not written:
+                if self.dist.is_main:
+                    _fresh_folder(tmp)
+                distributed.barrier()  # the folder exists before any process writes into it
+                tensors, state = _split_tensors(weights, state)
+                distributed.save_sharded(tensors, tmp / SHARDED)
+                state = {**state, "config": self.config, "weights": list(weights)}
+        else:  # whole state dicts (under FSDP a collective, so every process gathers; the main one writes)
+            states = {name: distributed.full_state_dict(module) for name, module in weights.items()}
+        if self.dist.is_main and not written:
+            if not sharded:
+                _fresh_folder(tmp)
+            for name, sd in states.items():
+                save_checkpoint(sd, tmp / f"{name}.safetensors", _weights_config(name, self.config, step))
             save_torch({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
             os.replace(tmp, final)
             _fsync_dir(self.folder)
@@ -650,18 +729,35 @@ class Checkpointer:
             os.replace(folder, target)
         return target
 
-    def load(self, folder: str | Path, weights: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
+    def load(
+        self,
+        folder: str | Path,
+        weights: Mapping[str, torch.nn.Module],
+        params: Mapping[str, list[torch.Tensor]] | None = None,
+    ) -> dict[str, Any]:
         """Load ``weights`` from ``folder`` and restore the RNG states; returns the saved state.
 
-        A file of the folder that does not load (truncated, corrupted, ``state.pt`` missing) raises
-        :class:`UnreadableCheckpoint`; a checkpoint that loads but does not fit this run (another
-        model, another size, weights this run trains and it lacks) raises :class:`CheckpointError`."""
+        ``params`` are the parameters of each optimiser by its state key (``optimizer``,
+        ``<key>_optimizer``): a sharded checkpoint's optimiser tensors are read into tensors cut as
+        these are.  A file of the folder that does not load (truncated, corrupted, ``state.pt`` or
+        ``dcp/.metadata`` missing) raises :class:`UnreadableCheckpoint`; a checkpoint that loads but
+        does not fit this run (another model, another size, weights this run trains and it lacks)
+        raises :class:`CheckpointError` (a sharded one before any of its tensors is read)."""
         folder = Path(folder)
-        expected = self.config.get("name")
         state = _read(folder, "state.pt", load_torch_file)
         if not isinstance(state, Mapping) or not set(state) >= STATE_KEYS:
             missing = sorted(STATE_KEYS - set(state)) if isinstance(state, Mapping) else sorted(STATE_KEYS)
             raise UnreadableCheckpoint(f"{folder}: state.pt lacks {', '.join(missing)}")
+        if is_sharded_checkpoint(folder):
+            state = self._load_sharded(folder, weights, dict(state), params or {})
+        else:
+            self._load_full(folder, weights)
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", folder, state["step"])
+        return dict(state)
+
+    def _load_full(self, folder: Path, weights: Mapping[str, torch.nn.Module]) -> None:
+        expected = self.config.get("name")
         for name, module in weights.items():
             path = folder / f"{name}.safetensors"
             if not path.is_file():
@@ -673,18 +769,68 @@ class Checkpointer:
                 raise CheckpointError(
                     f"{folder} is a checkpoint of {config.get('name')!r}, but this run trains {expected!r}"
                 )
-            what = f"model {expected or type(module).__name__}" if name == "model" else name
-            try:
-                check_state_dict(module.state_dict(), sd, what=what)
-            except CheckpointError as err:
-                raise CheckpointError(f"{path}: {err}") from err
+            self._check(module, sd, name, path)
             distributed.load_full_state_dict(module, sd)
-        set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", folder, state["step"])
-        return dict(state)
+
+    def _load_sharded(
+        self,
+        folder: Path,
+        weights: Mapping[str, torch.nn.Module],
+        state: dict[str, Any],
+        params: Mapping[str, list[torch.Tensor]],
+    ) -> dict[str, Any]:
+        """The weights read in place into ``weights``' own tensors (their shards under FSDP) and the
+        optimisers' tensors into ``state``, from a DCP folder written by any number of processes."""
+        expected, saved_name = self.config.get("name"), dict(state.get("config") or {}).get("name")
+        if expected and saved_name not in (None, expected):
+            raise CheckpointError(
+                f"{folder} is a DCP checkpoint of {saved_name!r}, but this run trains {expected!r}"
+            )
+        saved = _read(folder, SHARDED, _dcp_metadata)
+        targets: dict[str, torch.Tensor] = {}
+        for name, module in weights.items():
+            own = module.state_dict()  # FSDP2: the DTensor shards themselves, so loading fills them
+            given = _saved_tensors(saved, name, device="meta")  # shapes only: nothing read yet
+            if not given:
+                raise CheckpointError(
+                    f"{folder} has no {name} weights (in {SHARDED}/), but this run trains one"
+                )
+            self._check(module, given, name, folder / SHARDED)
+            targets |= {f"{name}/{key}": value for key, value in own.items()}
+        for key, held in params.items():
+            if key not in state:
+                continue  # resume names the optimiser the checkpoint lacks
+            per_param = state[key]["state"]
+            for saved_key, (size, dtype) in saved.items():
+                what, _, rest = saved_key.partition("/")
+                if what != key:
+                    continue
+                index, _, part = rest.partition("/")
+                i = int(index)
+                like = held[i] if i < len(held) and held[i].shape == size else None
+                target = (
+                    torch.empty(size, dtype=dtype) if like is None else torch.zeros_like(like, dtype=dtype)
+                )
+                per_param.setdefault(i, {})[part] = targets[saved_key] = target
+        try:
+            distributed.load_sharded(targets, folder / SHARDED)
+        except Exception as err:  # DCP wraps every process's failure (a truncated or missing shard file)
+            raise UnreadableCheckpoint(f"{folder}: {SHARDED}/ does not load ({first_line(err)})") from err
+        return state
+
+    def _check(
+        self, module: torch.nn.Module, given: Mapping[str, torch.Tensor], name: str, where: Path
+    ) -> None:
+        expected = self.config.get("name")
+        what = f"model {expected or type(module).__name__}" if name == "model" else name
+        try:
+            check_state_dict(module.state_dict(), given, what=what)
+        except CheckpointError as err:
+            raise CheckpointError(f"{where}: {err}") from err
 
 
 STATE_KEYS = {"step", "rng", "optimizer", "scheduler", "data"}  # what every state.pt holds
+SHARDED = "dcp"  # a sharded checkpoint's DCP folder: .metadata and one __<rank>_0.distcp per process
 
 
 class UnreadableCheckpoint(CheckpointError):
@@ -694,12 +840,123 @@ class UnreadableCheckpoint(CheckpointError):
 
 def _read(folder: Path, name: str, reader: Callable[[Path], Any]) -> Any:
     path = folder / name
-    if not path.is_file():
+    if not path.exists():
         raise UnreadableCheckpoint(f"{folder}: {name} is missing")
     try:
         return reader(path)
     except (CheckpointError, OSError) as err:
         raise UnreadableCheckpoint(f"{folder}: {name} does not load ({first_line(err)})") from err
+
+
+def _dcp_metadata(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    try:
+        return distributed.sharded_metadata(path)
+    except Exception as err:  # missing, or truncated: unpickling it fails with any error
+        raise CheckpointError(f"its .metadata does not load: {first_line(err)}") from err
+
+
+def _saved_tensors(
+    saved: Mapping[str, tuple[torch.Size, torch.dtype]], name: str, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Empty tensors shaped as the weights ``name`` of a DCP folder's metadata, by their own keys."""
+    prefix = f"{name}/"
+    return {
+        key[len(prefix) :]: torch.empty(size, dtype=dtype, device=device)
+        for key, (size, dtype) in saved.items()
+        if key.startswith(prefix)
+    }
+
+
+def _split_tensors(
+    weights: Mapping[str, torch.nn.Module], state: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What a sharded checkpoint writes through DCP (``<name>/<key>`` of every module's state dict,
+    ``<optimizer>/<index>/<part>`` of every optimiser's per-parameter tensors, as the processes hold
+    them) and what stays for ``state.pt`` (the rest: schedules, hyperparameters, steps' counts)."""
+    tensors = {
+        f"{name}/{key}": value
+        for name, module in weights.items()
+        for key, value in module.state_dict().items()
+    }
+    small = dict(state)
+    for key, value in state.items():
+        if not key.endswith("optimizer"):
+            continue
+        kept: dict[int, dict[str, Any]] = {}
+        for i, per_param in value["state"].items():
+            kept[i] = {part: v for part, v in per_param.items() if not isinstance(v, torch.Tensor)}
+            tensors |= {
+                f"{key}/{i}/{part}": v for part, v in per_param.items() if isinstance(v, torch.Tensor)
+            }
+        small[key] = {**value, "state": kept}
+    return tensors, small
+
+
+def _weights_config(name: str, config: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """The metadata of a checkpoint's ``<name>.safetensors``: the model's config for the weights that
+    sample (the model and its EMAs), the step for all."""
+    return {**config, "step": step} if name in ("model", "ema") or name.startswith("ema_") else {"step": step}
+
+
+def _fresh_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
+def is_sharded_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` is a checkpoint written with ``training.checkpoint_format: sharded``."""
+    return (Path(folder) / SHARDED).is_dir()
+
+
+def checkpoint_weights(folder: str | Path) -> list[str]:
+    """The names of the weights (``model``, ``ema``, ``ema_0.999``, …) a checkpoint folder holds, in
+    either format."""
+    folder = Path(folder)
+    names = {p.stem for p in folder.glob("*.safetensors")}
+    if is_sharded_checkpoint(folder):
+        names |= set(_read(folder, "state.pt", load_torch_file).get("weights", []))
+    return sorted(names)
+
+
+def load_weights(folder: str | Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state dict, config)`` of the weights ``name`` (``model``, ``ema``, …) of a checkpoint folder,
+    full or sharded (whole tensors, read by this process alone), as :func:`load_checkpoint` gives them."""
+    folder = Path(folder)
+    if (folder / f"{name}.safetensors").is_file() or not is_sharded_checkpoint(folder):
+        return load_checkpoint(folder / f"{name}.safetensors")
+    state = _read(folder, "state.pt", load_torch_file)
+    tensors = _saved_tensors(_read(folder, SHARDED, _dcp_metadata), name)
+    if not tensors:
+        held = ", ".join(state.get("weights", [])) or "none"
+        raise CheckpointError(f"{folder} holds no {name} weights (it holds: {held})")
+    try:
+        distributed.load_sharded(
+            {f"{name}/{k}": v for k, v in tensors.items()}, folder / SHARDED, collective=False
+        )
+    except Exception as err:
+        raise UnreadableCheckpoint(f"{folder}: {SHARDED}/ does not load ({first_line(err)})") from err
+    return tensors, _weights_config(name, state.get("config") or {}, state["step"])
+
+
+def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
+    """Write every module of the checkpoint ``folder`` as ``<name>.safetensors`` (whole tensors, the
+    metadata of a full checkpoint) into ``out``, by default ``folder`` itself (a sharded checkpoint then
+    reads as a full one too); returns the folder written.  No process group is needed: this is
+    ``latentforge export``."""
+    folder = Path(folder)
+    out = folder if out is None else Path(out)
+    names = checkpoint_weights(folder)
+    if not names:
+        raise CheckpointError(
+            f"{folder} holds no weights: expected a checkpoint folder (checkpoints/<step>/, with a "
+            f"{SHARDED}/ folder or .safetensors files)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if out != folder or not (out / f"{name}.safetensors").is_file():
+            sd, config = load_weights(folder, name)
+            save_checkpoint(sd, out / f"{name}.safetensors", config)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -727,6 +984,11 @@ class TrainState:
         self.model, self.t, self.dist = model, t, dist
         self.optim = Optimization(model.parameters() if params is None else params, t)
         self.ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
+        self.profiles = {sigma: PowerEMA(model, sigma) for sigma in t.ema_profiles}
+        self.emas = {ema.decay_name(d): EMA(model, d) for d in t.ema_decays} | {
+            ema.profile_name(sigma): profile for sigma, profile in self.profiles.items()
+        }  # tracked beside ``ema``, saved as ``<name>.safetensors``
+        self.snapshots = Path(run_dir) / ema.SNAPSHOT_DIR
         self.batches = Batches(data, num_items, t, dist)
         self.checkpointer = Checkpointer(run_dir, t.keep_checkpoints, dist, config or {})
         self.others: dict[str, tuple[torch.nn.Module, Optimization, str]] = {}
@@ -751,23 +1013,33 @@ class TrainState:
         return optim
 
     def update(self) -> dict[str, float]:
-        """The model's optimiser step, then its EMA; returns ``grad_norm`` when clipping."""
+        """The model's optimiser step, then its EMAs (and a snapshot of the power-function ones when
+        due); returns ``grad_norm`` when clipping."""
         logs = self.optim.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
+        step = self.step + 1  # the step this update ends
+        update_averages([a for a in [self.ema, *self.emas.values()] if a is not None], self.model, step)
+        every = self.t.ema_snapshot_every
+        if every is not None and (step % every == 0 or step == self.t.steps):  # every process: a gather
+            modules = {sigma: profile.module for sigma, profile in self.profiles.items()}
+            ema.write_snapshot(self.snapshots, step, modules, self.checkpointer.config, self.dist.is_main)
         return logs
 
     def eval_model(self) -> torch.nn.Module:
-        """The EMA weights when there are any, else the live model, in eval mode."""
+        """The EMA weights when there are any, else the live model, in eval mode.  Under FSDP a whole
+        copy of the sharded EMA gathered now: every process calls it together, once per evaluation,
+        and keeps it while sampling (dropped after, as it holds a whole copy of the weights)."""
         if self.ema is None and distributed.is_sharded(self.model):
             raise InputError(
                 f"training.strategy {self.t.strategy} shards the model, which then runs only inside the "
                 "training step: set training.ema_decay to evaluate and sample from the (whole) EMA"
             )
-        return (self.ema.module if self.ema is not None else self.model).eval()
+        if self.ema is None:
+            return self.model.eval()
+        return distributed.gathered_copy(self.ema.module).eval()
 
     def _weights(self) -> dict[str, torch.nn.Module]:
         weights = {"model": self.model} | ({"ema": self.ema.module} if self.ema is not None else {})
+        weights |= {name: average.module for name, average in self.emas.items()}
         return weights | self.companions | {name: module for name, (module, _, _) in self.others.items()}
 
     def step_log(self, logger: Any, desc: str) -> StepLog:
@@ -827,20 +1099,24 @@ class TrainState:
         )
 
     def save(self) -> Path:
-        state = {**self.optim.state_dict(), "data": self.batches.state_dict()}
+        sharded = self.t.checkpoint_format == "sharded"
+        state = {**self.optim.state_dict(whole=not sharded), "data": self.batches.state_dict()}
         for _, optim, key in self.others.values():
-            state |= {f"{key}_{part}": value for part, value in optim.state_dict().items()}
+            state |= {f"{key}_{part}": value for part, value in optim.state_dict(whole=not sharded).items()}
         state["log"] = {desc: step_log.state_dict() for desc, step_log in self.logs.items()}
-        folder = self.checkpointer.save(self.step, self._weights(), state)
+        folder = self.checkpointer.save(self.step, self._weights(), state, sharded=sharded)
         self.saved_step = self.step
         return folder
 
     def resume(self, folder: str | Path | None = None) -> bool:
         """Continue from ``folder``, else from the run's newest whole checkpoint; False when there is
         none.  Without ``folder``, a newest checkpoint that does not load (:class:`UnreadableCheckpoint`)
-        is set aside as ``.<step>.unreadable`` with a warning and the one before it resumes."""
+        is set aside as ``.<step>.unreadable`` with a warning and the one before it resumes.  Either
+        checkpoint format resumes, whatever this run's ``checkpoint_format`` and number of processes."""
+        params = {"optimizer": self.optim.params}  # where a sharded checkpoint's optimiser tensors go
+        params |= {f"{key}_optimizer": optim.params for _, optim, key in self.others.values()}
         if folder is not None:
-            state = self.checkpointer.load(folder, self._weights())
+            state = self.checkpointer.load(folder, self._weights(), params)
         else:
             found = self.checkpointer.whole()
             if not found:
@@ -848,7 +1124,7 @@ class TrainState:
             unreadable: list[tuple[Path, UnreadableCheckpoint]] = []
             for folder in reversed(found):
                 try:
-                    state = self.checkpointer.load(folder, self._weights())
+                    state = self.checkpointer.load(folder, self._weights(), params)
                     break
                 except UnreadableCheckpoint as err:
                     unreadable.append((folder, err))

@@ -17,7 +17,7 @@ import torch
 
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, ConfigError, Settings, component, setting, settings
-from latentforge_runner.data import DataSettings, build_dataset
+from latentforge_runner.data import DataSettings, build_images
 from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_runner.training import progress_bar
 
@@ -41,9 +41,7 @@ class FitKMeansRecipe:
 
     def setup(self) -> None:
         self.run_dir, self.dist, self.logger = open_run("fit-kmeans", self.cfg)
-        self.dataset = build_dataset(
-            self.cfg.data.name, image_size=self.cfg.data.image_size, root=self.cfg.data.root
-        )
+        self.dataset = build_images(self.cfg.data)
         self.tokenizer = self.cfg.tokenizer.build("tokenizers").to(self.dist.device)
         if not callable(getattr(self.tokenizer, "fit", None)):
             raise ConfigError(

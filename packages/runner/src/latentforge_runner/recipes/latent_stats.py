@@ -23,7 +23,7 @@ import torch
 from latentforge_core.device import seed_everything
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, ConfigError, Settings, component, setting, settings
-from latentforge_runner.data import DataSettings, build_dataset
+from latentforge_runner.data import DataSettings, build_images
 from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_runner.training import progress_bar
 from latentforge_tokenizers.stats import stats_path
@@ -56,7 +56,7 @@ class LatentStatsRecipe:
             raise ConfigError(
                 f"batch_size must be ≥ 1 and max_images ≥ 0, got {cfg.batch_size}, {cfg.max_images}"
             )
-        self.dataset = build_dataset(cfg.data.name, image_size=cfg.data.image_size, root=cfg.data.root)
+        self.dataset = build_images(cfg.data)
         seed_everything(cfg.run.seed)  # random-weight parts (the tiny test tokenizers) equal on every rank
         self.tokenizer = cfg.tokenizer.build("tokenizers").to(self.dist.device).eval()
         if self.tokenizer.vocab_size is not None:

@@ -5,8 +5,9 @@
     latentforge run linear-probe encoder.name=dinov2-vitb14 data.name=folder data.root=/data/imagenet/train \\
         val_root=/data/imagenet/val data.image_size=224 epochs=90
 
-Training features come from ``data`` (the digits' ``train`` split), held-out ones from the digits'
-``test`` split or ``val_root`` (same layout and class folders).  Features are taken once; the probe
+Training features come from ``data`` (the digits' ``train`` split, hf-datasets' ``data.split``),
+held-out ones from ``val_split`` (the digits', or hf-datasets' of ``data.root``) or ``val_root`` (same
+layout and class folders).  Features are taken once; the probe
 itself is :class:`latentforge_metrics.probe.LinearProbe`.  Writes ``<output_dir>/report.json``.
 """
 
@@ -15,12 +16,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+import attrs
 import torch
 
 from latentforge_metrics.probe import LinearProbe
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, Settings, component, setting, settings
-from latentforge_runner.data import DataError, DataSettings, build_dataset
+from latentforge_runner.data import DataError, DataSettings, build_images
 from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_runner.training import progress_bar
@@ -32,7 +34,8 @@ log = logging.getLogger("latentforge")
 class LinearProbeSettings(Settings):
     run: RunSettings = RunSettings(output_dir="runs/linear-probe")  # where and on what it runs
     data: DataSettings = DataSettings()  # the training split
-    val_root: str | None = None  # held-out folder (folders only; the digits use their test split)
+    val_root: str | None = None  # held-out folder or hf-datasets root (default: data.root's val_split)
+    val_split: str = "test"  # digits, hf-datasets: the held-out split (ImageNet-1k on the hub: validation)
     encoder: Component = component("encoders")  # the frozen encoder whose features are probed
     output: Literal["cls", "pooled", "map", "tokens"] = "cls"  # maps and tokens are averaged
     epochs: int = setting(90, ge=1)  # passes of the probe's SGD over the features
@@ -55,9 +58,9 @@ class LinearProbeRecipe:
             raise DataError(
                 "linear-probe on a folder needs val_root: a held-out folder with the same classes"
             )
-        size, root = cfg.data.image_size, cfg.data.root
-        self.train = build_dataset(cfg.data.name, split="train", image_size=size, root=root)
-        self.val = build_dataset(cfg.data.name, split="test", image_size=size, root=cfg.val_root or root)
+        self.train = build_images(cfg.data)
+        held_out = attrs.evolve(cfg.data, root=cfg.val_root or cfg.data.root)
+        self.val = build_images(held_out, split=cfg.val_split)
         if cfg.data.name == "folder" and self.train.classes != self.val.classes:
             raise DataError(
                 f"val_root's classes {self.val.classes[:5]}… differ from data.root's "

@@ -67,6 +67,7 @@ from latentforge_runner.config import (
     settings,
     to_plain,
 )
+from latentforge_runner.ema import check_weights, weights_name
 from latentforge_runner.generation import (
     GENERATOR_RECIPES,
     autoguidance,
@@ -94,7 +95,9 @@ class SampleSettings(Settings):
     run: RunSettings = RunSettings(output_dir="runs/sample")  # where and on what it runs
     generator_run: str | None = None  # a train-generator/train-tokens run folder; or give generator
     checkpoint: str | None = None  # a checkpoint folder; default: the run's newest whole one
-    weights: Literal["ema", "model"] = "ema"  # a run trained without EMA has only its model weights
+    # ema, model (a run trained without EMA has only these), a tracked ema_<decay> or ema_sigma_<σ_rel>,
+    # or with checkpoint=<run>/posthoc a reconstruction the posthoc-ema recipe wrote
+    weights: str = setting("ema", validator=weights_name)
     # A released generator instead of a run: its registry name and params.pretrained (a path or an
     # hf: id of the official file), with the tokenizer (and its latent statistics) it was trained on.
     generator: Component | None = component(
@@ -301,6 +304,9 @@ class SampleRecipe:
         self.sampler2, self.image_size = {}, self.decoder.preprocessing.input_size
 
     def _load_generator(self, run: Path, train: Any, checkpoint: str | None, shape: dict[str, Any]):
+        found = [Path(checkpoint)] if checkpoint is not None else list_checkpoints(run / "checkpoints")
+        if found:  # none: load_generator says so
+            check_weights(found[-1], self.cfg.weights)
         generator = load_generator(run, train, checkpoint, self.cfg.weights, shape)
         return generator.to(self.device).eval()
 

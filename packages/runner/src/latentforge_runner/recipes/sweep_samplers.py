@@ -2,13 +2,14 @@
 against the velocity evaluations (NFE) each spends — which sampler to use at a given budget.
 
     latentforge run sweep-samplers generator_run=runs/tiny-rae reference=digits.npz \\
-        samplers=[euler,heun,dpm++2m] steps=[2,4,8,16] num_samples=1000 \\
-        metric=fd-dinov2 'metric_params={encoder: test-vit-tiny, output: pooled}'
+        samplers=[euler,heun,dpm++2m,unipc] grids=[uniform,logsnr] steps=[2,4,8,16] \\
+        num_samples=1000 metric=fd-dinov2 'metric_params={encoder: test-vit-tiny, output: pooled}'
 
 Every configuration samples the same class-balanced labels from the same starting noise (the run's
 EMA, its tokenizer and latent statistics, as ``sample`` reads them), so the rows differ by the
-sampler alone.  Writes ``sweep.json`` (one row per sampler and step count: NFE, the metric) and
-``sweep.md`` (the metric in a sampler × NFE table).
+sampler alone.  Each sampler runs on each time grid of ``grids`` (the fixed-grid samplers' spacing:
+"uniform", or the few-step "logsnr" / "edm").  Writes ``sweep.json`` (one row per sampler, grid and
+step count: NFE, the metric) and ``sweep.md`` (the metric in a sampler × NFE table).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from latentforge_generators.samplers import SAMPLERS
+from latentforge_generators.samplers import GRIDS, SAMPLERS, SOLVER_OPTIONS
 from latentforge_runner import distributed
 from latentforge_runner.config import ConfigError, Settings, sampler_block, setting, settings
 from latentforge_runner.generation import (
@@ -43,7 +44,10 @@ class SweepSamplersSettings(Settings):
     run: RunSettings = RunSettings(output_dir="runs/sweep-samplers")  # where and on what it runs
     generator_run: str  # a train-generator run folder (its newest checkpoint, EMA weights)
     weights: Literal["ema", "model"] = "ema"  # a run trained without EMA has only its model weights
-    samplers: tuple[str, ...] = ("euler", "heun", "dpm++2m")  # the fixed-grid ODE samplers compared
+    samplers: tuple[str, ...] = ("euler", "heun", "dpm++2m", "unipc")  # the ODE samplers compared
+    grids: tuple[str, ...] = (
+        "uniform",
+    )  # time-grid spacings tried with every sampler (uniform, logsnr, edm)
     steps: tuple[int, ...] = setting((4, 8, 16, 32), ge=1)  # step counts tried with every sampler
     sampler: dict = sampler_block(run="generator_run")  # other sample() options of every row (cfg_scale, …)
     num_samples: int = setting(1000, ge=2)  # class-balanced samples per row
@@ -61,7 +65,7 @@ class SweepSamplersRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        for key in ("samplers", "steps"):
+        for key in ("samplers", "grids", "steps"):
             if not getattr(cfg, key):
                 raise ConfigError(f"{key}: name at least one")
         self.run_dir, self.dist, self.logger = open_run("sweep-samplers", cfg)
@@ -82,6 +86,17 @@ class SweepSamplersRecipe:
         unknown = [s for s in cfg.samplers if s not in SAMPLERS]
         if unknown:
             raise ConfigError(f"samplers: unknown {unknown}; expected some of {', '.join(SAMPLERS)}")
+        unknown = [g for g in cfg.grids if g not in GRIDS]
+        if unknown:
+            raise ConfigError(f"grids: unknown {unknown}; expected some of {', '.join(GRIDS)}")
+        gridless = [s for s in cfg.samplers if "grid" not in SOLVER_OPTIONS[s]]
+        if gridless and cfg.grids != ("uniform",):
+            raise ConfigError(
+                f"grids: {list(cfg.grids)} set the spacing of fixed-grid samplers, but {gridless} "
+                "choose their own times; sweep those separately with grids=[uniform]"
+            )
+        if "grid" in cfg.sampler:
+            raise ConfigError("sampler.grid: give the time grids as grids=[...], which the sweep iterates")
         e = EvalSettings(
             fid_samples=cfg.num_samples,
             fid_reference=cfg.reference,
@@ -95,12 +110,24 @@ class SweepSamplersRecipe:
     def run(self) -> dict[str, Any]:
         cfg, rows = self.cfg, []
         for sampler in cfg.samplers:
-            for steps in cfg.steps:
-                options = {**cfg.sampler, "sampler": sampler, "steps": steps, "return_nfe": True}
-                nfe: list[int] = []
-                value = self.measure(len(rows), lambda index, o=options, n=nfe: self._images(index, o, n))
-                rows.append({"sampler": sampler, "steps": steps, "nfe": nfe[0], cfg.metric: value})
-                log.info("%s, %d steps (NFE %d): %s %.4f", sampler, steps, nfe[0], cfg.metric, value)
+            for grid in cfg.grids:
+                for steps in cfg.steps:
+                    options = {**cfg.sampler, "sampler": sampler, "steps": steps, "return_nfe": True}
+                    if grid != "uniform":  # the samplers without a grid take no grid option
+                        options["grid"] = grid
+                    nfe: list[int] = []
+                    value = self.measure(len(rows), lambda index, o=options, n=nfe: self._images(index, o, n))
+                    row = {"sampler": sampler, "grid": grid, "steps": steps, "nfe": nfe[0], cfg.metric: value}
+                    rows.append(row)
+                    log.info(
+                        "%s, %s grid, %d steps (NFE %d): %s %.4f",
+                        sampler,
+                        grid,
+                        steps,
+                        nfe[0],
+                        cfg.metric,
+                        value,
+                    )
         self.rows = rows
         return {"rows": len(rows)}
 
@@ -118,9 +145,13 @@ class SweepSamplersRecipe:
         nfes = sorted({r["nfe"] for r in self.rows})
         lines = [f"| sampler | {' | '.join(f'NFE {n}' for n in nfes)} |", "|---|" + "---|" * len(nfes)]
         for sampler in cfg.samplers:
-            by_nfe = {r["nfe"]: r[cfg.metric] for r in self.rows if r["sampler"] == sampler}
-            cells = [f"{by_nfe[n]:.4f}" if n in by_nfe else "" for n in nfes]
-            lines.append(f"| {sampler} | {' | '.join(cells)} |")
+            for grid in cfg.grids:
+                by_nfe = {
+                    r["nfe"]: r[cfg.metric] for r in self.rows if (r["sampler"], r["grid"]) == (sampler, grid)
+                }
+                cells = [f"{by_nfe[n]:.4f}" if n in by_nfe else "" for n in nfes]
+                name = sampler if grid == "uniform" else f"{sampler} ({grid} grid)"
+                lines.append(f"| {name} | {' | '.join(cells)} |")
         table = "\n".join(lines) + "\n"
         (self.run_dir / "sweep.md").write_text(f"{cfg.metric} of {cfg.num_samples} samples\n\n{table}")
         log.info("%s of %d samples by sampler and NFE:\n%s", cfg.metric, cfg.num_samples, table)

@@ -7,7 +7,7 @@
 The tokenizer (RAE, VA-VAE) gives latents ``[B, C, h, w]``, normalised by the statistics of this run
 (``latent_stats.safetensors`` in the run folder: the tokenizer's own, else computed on the first
 ``eval.stats_batches`` batches); the generator receives ``in_channels``/``input_size``/``num_classes``
-and learns them with its transport's loss.  With ``data.name: latents`` the run reads the shards
+and learns them with its transport's loss.  With ``data.name: latents`` the run reads the cache
 ``cache-latents`` wrote instead of encoding images.  Every ``eval.every`` steps a class-balanced grid
 from the EMA goes to TensorBoard and ``samples/``, and with ``eval.fid_samples`` an online FID.
 Token models train with ``train-tokens``, DiGIT's stage 2 with ``train-stage2``.
@@ -109,7 +109,7 @@ class TrainGeneratorRecipe:
         self.state = TrainState(
             self.generator,
             t,
-            data=self.dataset.batch if self.cached else self.dataset,  # the shards live in memory
+            data=self.dataset.batch if self.cached else self.dataset,  # gathered from memory or the map
             num_items=len(self.dataset),
             dist=self.dist,
             run_dir=self.run_dir,
@@ -161,9 +161,11 @@ class TrainGeneratorRecipe:
 
     # -------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] ``[B, 3, H, W]`` from the EMA (or the model) for class ``labels``."""
-        e, model = self.cfg.eval, self.state.eval_model()
+    def generate(self, labels: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Images in [0, 1] ``[B, 3, H, W]`` from the EMA (or the model) for class ``labels``.
+        ``model``: the weights :meth:`~latentforge_runner.training.TrainState.eval_model` gave for this
+        evaluation (under FSDP a gathered copy, made by every process together); by default taken now."""
+        e, model = self.cfg.eval, self.state.eval_model() if model is None else model.eval()
         if self.guidance is None:
             k = self.cfg.data.num_classes
             self.guidance = autoguidance(e.guidance_model, e.guidance_weights, self.tokenizer, k, self.device)
@@ -176,11 +178,12 @@ class TrainGeneratorRecipe:
     def evaluate(self) -> None:
         """A class-balanced sample grid, and the online FID when asked; the training RNG is untouched."""
         e, k, step = self.cfg.eval, self.cfg.data.num_classes, self.state.step
+        model = self.state.eval_model()  # every process: under FSDP the EMA is gathered here, once
         with rng_kept():
             if self.dist.is_main:
-                images = self.generate(balanced_labels(e.num_samples, k)).cpu()
+                images = self.generate(balanced_labels(e.num_samples, k), model).cpu()
                 save_grid(images, self.logger, self.run_dir, step)
-            self.fid(step, lambda index: self.generate(index % k))
+            self.fid(step, lambda index: self.generate(index % k, model))
 
     def save(self) -> None:
         self.evaluate()

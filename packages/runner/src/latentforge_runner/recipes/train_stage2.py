@@ -22,7 +22,7 @@ import torch
 from latentforge_core.device import autocast
 from latentforge_runner import distributed
 from latentforge_runner.config import Component, ConfigError, Settings, component, settings
-from latentforge_runner.data import DataSettings, build_dataset, collate
+from latentforge_runner.data import DataSettings, build_images, collate
 from latentforge_runner.generation import (
     EvalSettings,
     OnlineFID,
@@ -67,15 +67,7 @@ class TrainStage2Recipe:
                 "train-stage2 encodes both tokenizers on the same images: data.name must be 'digits' or "
                 "'folder', not cached latents"
             )
-        self.dataset = build_dataset(
-            d.name,
-            image_size=d.image_size,
-            root=d.root,
-            crop=d.crop,
-            resize=d.resize,
-            flip=d.flip,
-            seed=t.seed,
-        )
+        self.dataset = build_images(d, crop=d.crop, resize=d.resize, flip=d.flip, seed=t.seed)
         self.tokenizer = frozen_tokenizer(cfg.tokenizer, cfg.run.seed, self.device)
         check_image_size(self.tokenizer, cfg.data.image_size, cfg.tokenizer.name)
         self.condition = frozen_tokenizer(cfg.condition_tokenizer, cfg.run.seed, self.device)
@@ -129,10 +121,12 @@ class TrainStage2Recipe:
 
     # -------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def generate(self, index: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] ``[B, 3, H, W]`` regenerated from the K-Means tokens of images ``index``."""
+    def generate(self, index: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Images in [0, 1] ``[B, 3, H, W]`` regenerated from the K-Means tokens of images ``index``.
+        ``model``: the weights :meth:`~latentforge_runner.training.TrainState.eval_model` gave for this
+        evaluation (under FSDP a gathered copy, made by every process together); by default taken now."""
         images = collate([self.dataset[int(i) % len(self.dataset)] for i in index])["image"]
-        model = self.state.eval_model()
+        model = self.state.eval_model() if model is None else model.eval()
         try:
             codes = model.sample(self.condition.encode(images.to(self.device)), **self.cfg.eval.sampler)
             return self.tokenizer.decode(codes).float().clamp(0, 1)
@@ -142,11 +136,12 @@ class TrainStage2Recipe:
     def evaluate(self) -> None:
         """A grid regenerated from the first images' K-Means tokens, and the online FID when asked."""
         step = self.state.step
+        model = self.state.eval_model()  # every process: under FSDP the EMA is gathered here, once
         with rng_kept():  # the training RNG is untouched
             if self.dist.is_main:
-                images = self.generate(torch.arange(self.cfg.eval.num_samples)).cpu()
+                images = self.generate(torch.arange(self.cfg.eval.num_samples), model).cpu()
                 save_grid(images, self.logger, self.run_dir, step)
-            self.fid(step, self.generate)
+            self.fid(step, lambda index: self.generate(index, model))
 
     def save(self) -> None:
         self.evaluate()

@@ -39,7 +39,7 @@ from latentforge_runner.config import (
     setting,
     settings,
 )
-from latentforge_runner.data import DataSettings, Digits, build_dataset
+from latentforge_runner.data import DataSettings, Digits, build_dataset, build_images
 from latentforge_runner.reports import write_report
 from latentforge_runner.run_folder import RunSettings, open_run
 from latentforge_runner.training import (
@@ -177,10 +177,7 @@ class TrainTokenizerRecipe:
     # ---------------------------------------------------------------------------- building
     def _train_data(self):
         d = self.cfg.data
-        dataset = build_dataset(
-            d.name, image_size=d.image_size, root=d.root, crop=d.crop, resize=d.resize, flip=d.flip,
-            seed=self.cfg.training.seed,
-        )  # fmt: skip
+        dataset = build_images(d, crop=d.crop, resize=d.resize, flip=d.flip, seed=self.cfg.training.seed)
         n = len(dataset) if d.limit is None else min(d.limit, len(dataset))
         if isinstance(dataset, Digits):  # in memory: gather batches without a DataLoader
             return dataset.batch, n

@@ -120,9 +120,11 @@ class TrainTokensRecipe:
 
     # -------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] ``[B, 3, H, W]`` from the EMA (or the model) for class ``labels``."""
-        model = self.state.eval_model()
+    def generate(self, labels: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Images in [0, 1] ``[B, 3, H, W]`` from the EMA (or the model) for class ``labels``.
+        ``model``: the weights :meth:`~latentforge_runner.training.TrainState.eval_model` gave for this
+        evaluation (under FSDP a gathered copy, made by every process together); by default taken now."""
+        model = self.state.eval_model() if model is None else model.eval()
         try:
             ids = model.sample(labels.to(self.device), **self.cfg.eval.sampler)
             return self.tokenizer.decode(ids).float().clamp(0, 1)
@@ -134,11 +136,12 @@ class TrainTokensRecipe:
         e, k, step = self.cfg.eval, self.cfg.data.num_classes, self.state.step
         if not self.tokenizer.can_decode:
             return  # K-Means tokens decode through stage 2
+        model = self.state.eval_model()  # every process: under FSDP the EMA is gathered here, once
         with rng_kept():  # the training RNG is untouched
             if self.dist.is_main:
-                images = self.generate(balanced_labels(e.num_samples, k)).cpu()
+                images = self.generate(balanced_labels(e.num_samples, k), model).cpu()
                 save_grid(images, self.logger, self.run_dir, step)
-            self.fid(step, lambda index: self.generate(index % k))
+            self.fid(step, lambda index: self.generate(index % k, model))
 
     def save(self) -> None:
         self.evaluate()
