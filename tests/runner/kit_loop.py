@@ -5,14 +5,16 @@ A recipe writes this loop itself (see ``recipes/train_generator.py``); the tests
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
+import pytest
 import torch
 
 from latentforge_core.device import autocast
@@ -121,3 +123,25 @@ FINISHED = "child finished"  # the last line of each child process, printed by f
 def finished() -> None:
     """A child's last act, after its process groups are gone: what :func:`run_child` counts."""
     print(FINISHED, flush=True)
+
+
+class Stopped(Exception):
+    """What :func:`stopped_after_checkpoint` raises: the run ended right after a checkpoint."""
+
+
+@contextlib.contextmanager
+def stopped_after_checkpoint(monkeypatch, step: int) -> Iterator[None]:
+    """The run inside stops right after writing checkpoint ``step`` (a kill that loses the steps
+    after it); the test fails unless it did."""
+    save = TrainState.save
+
+    def save_then_stop(state):
+        path = save(state)
+        if state.step == step:
+            raise Stopped
+        return path
+
+    monkeypatch.setattr(TrainState, "save", save_then_stop)
+    with pytest.raises(Stopped):
+        yield
+    monkeypatch.setattr(TrainState, "save", save)

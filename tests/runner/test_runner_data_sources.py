@@ -17,6 +17,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import kit_loop
 import numpy as np
 import pytest
 import torch
@@ -35,7 +36,6 @@ from latentforge_runner.data import (
     expand_braces,
 )
 from latentforge_runner.latents import LatentShards
-from latentforge_runner.training import TrainState
 
 try:
     import datasets
@@ -220,21 +220,8 @@ def test_training_on_a_source_equals_training_on_the_folder(sources, folder_run,
 def test_stopped_after_a_checkpoint_and_rerun_ends_bitwise(sources, folder_run, name, tmp_path, monkeypatch):
     """Killed right after checkpoint 4 (steps 5… lost), rerun with the same command, two loader
     workers this time: the weights at step 8 are the uninterrupted run's."""
-    save = TrainState.save
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(state):
-        path = save(state)
-        if state.step == 4:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(TrainState, "save", save_then_die)
-    with pytest.raises(Killed):
+    with kit_loop.stopped_after_checkpoint(monkeypatch, 4):
         _train(tmp_path, _source(name, sources))
-    monkeypatch.setattr(TrainState, "save", save)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["00000004"]
     losses, weights = _train(tmp_path, _source(name, sources), "training.num_workers=2")
     assert losses == folder_run[0]

@@ -3,6 +3,7 @@
 
 import json
 
+import kit_loop
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,7 +11,6 @@ from safetensors.torch import load_file
 from latentforge_runner import cli
 from latentforge_runner.data import DataError
 from latentforge_runner.recipes.train_generator import TrainGeneratorRecipe
-from latentforge_runner.training import TrainState
 
 QUICK = [
     "training.steps=3",
@@ -150,20 +150,7 @@ def test_stopped_and_rerun_on_the_cache_ends_bitwise(cache, tmp_path, monkeypatc
         return load_file(out / "checkpoints" / "00000004" / "model.safetensors")
 
     whole = train(tmp_path / "whole")
-    save = TrainState.save
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(state):
-        path = save(state)
-        if state.step == 2:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(TrainState, "save", save_then_die)
-    with pytest.raises(Killed):
+    with kit_loop.stopped_after_checkpoint(monkeypatch, 2):
         train(tmp_path / "cut")
-    monkeypatch.setattr(TrainState, "save", save)
     resumed = train(tmp_path / "cut")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
