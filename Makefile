@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-gpu bench lint
+.PHONY: setup demo test test-slow test-gpu bench bench-headline lint
 
 setup:
 	@bash scripts/setup.sh
@@ -34,3 +34,9 @@ lint: setup
 
 bench: setup
 	$(PY) -m pytest benchmarks -m "slow or not slow" --benchmark-enable --benchmark-json=benchmarks/results.json -q
+
+# The rows of the README's speed table, from one run (about half an hour on a 2-core CPU; run it on a
+# quiet machine), then the table rewritten from that run's JSON.
+bench-headline: setup
+	$(PY) -m pytest benchmarks -m headline --benchmark-enable --benchmark-json=benchmarks/headline.json -q
+	$(PY) benchmarks/readme_speed.py benchmarks/headline.json README.md

@@ -74,6 +74,7 @@ def jpeg_folder(full, tmp_path_factory):
     return root
 
 
+@pytest.mark.headline
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_jpeg_folder_images_per_second(measure_interleaved, full, jpeg_folder, train_steps, workers):
     """Bicubic short side → 256, random 256 crop, random flip, to a float tensor, batches of 32."""
@@ -152,6 +153,7 @@ def write_caches(folder, n: int, shard_size: int) -> None:
         )
 
 
+@pytest.mark.headline
 def test_cached_latents_per_second(measure_interleaved, full, tmp_path, train_steps):
     """Open the cache, then one epoch of shuffled batches of 256 (originals and flips) through ``batch``."""
     n, batch = (2048, 256) if full else (16, 8)

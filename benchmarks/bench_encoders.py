@@ -51,6 +51,7 @@ def peer_call(model, family: str, x: torch.Tensor):
     return model(pixel_values=x)
 
 
+@pytest.mark.headline
 @pytest.mark.parametrize("impl", ["ours", "transformers"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_encoder_images_per_second(measure, full, device, family, impl):

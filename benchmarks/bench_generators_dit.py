@@ -59,13 +59,13 @@ def training_step(model, forward, shape, batch: int, generator: torch.Generator)
 
 SIZES = {**DIT_SIZES, **LIGHTNINGDIT_SIZES}
 CASES = [  # registry name, class, latent (C, S), has a diffusers peer
-    ("dit-s-2", DiT, (4, 32), True),
-    ("dit-b-2", DiT, (4, 32), True),
-    ("lightningdit-b-1", LightningDiT, (32, 16), False),
+    pytest.param("dit-s-2", DiT, (4, 32), True, id="dit-s-2"),
+    pytest.param("dit-b-2", DiT, (4, 32), True, id="dit-b-2", marks=pytest.mark.headline),
+    pytest.param("lightningdit-b-1", LightningDiT, (32, 16), False, id="lightningdit-b-1"),
 ]
 
 
-@pytest.mark.parametrize("name,cls,latent,has_peer", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,cls,latent,has_peer", CASES)
 def test_train_step(measure_interleaved, full, name, cls, latent, has_peer):
     torch.manual_seed(0)
     channels, size = latent

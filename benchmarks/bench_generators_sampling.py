@@ -99,6 +99,7 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, tol: float) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.headline
 def test_sampling_euler_cfg(measure, setup):
     out = measure(
         lambda: _sample(setup, steps=setup.steps),
@@ -123,6 +124,7 @@ def test_sampling_euler_cfg_two_forwards(measure, setup):
     _close(out, _sample(setup, steps=setup.steps), 1e-4)
 
 
+@pytest.mark.headline
 def test_sampling_euler_cfg_diffusers(measure, setup, full):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -151,6 +153,7 @@ def test_sampling_euler_cfg_diffusers(measure, setup, full):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.headline
 def test_sampling_heun_cfg(measure, setup):
     out = measure(
         lambda: _sample(setup, sampler="heun", steps=setup.steps // 2),
@@ -163,6 +166,7 @@ def test_sampling_heun_cfg(measure, setup):
     assert out.shape == setup.noise.shape
 
 
+@pytest.mark.headline
 def test_sampling_heun_cfg_diffusers(measure, setup, full):
     from diffusers import FlowMatchHeunDiscreteScheduler
 
@@ -194,6 +198,7 @@ def test_sampling_heun_cfg_diffusers(measure, setup, full):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.headline
 def test_sampling_dopri5_cfg(measure, setup):
     _, nfe = _sample(setup, sampler="dopri5", atol=ATOL, rtol=RTOL, return_nfe=True)
     out = measure(
@@ -208,6 +213,7 @@ def test_sampling_dopri5_cfg(measure, setup):
     print(f"ours dopri5: NFE {nfe}")
 
 
+@pytest.mark.headline
 def test_sampling_dopri5_cfg_torchdiffeq(measure, setup, full):
     from torchdiffeq import odeint
 
@@ -237,3 +243,83 @@ def test_sampling_dopri5_cfg_torchdiffeq(measure, setup, full):
     print(f"torchdiffeq dopri5: NFE {nfe}; ours: NFE {ours_nfe}")
     if not full:  # both meet the same tolerance; their step-size controls differ in detail
         _close(out, ours, 50 * RTOL)
+
+
+# ------------------------------------------------------------------------------------------------
+#                     The sampler loop alone: a one-multiply model, the loop's own cost
+# ------------------------------------------------------------------------------------------------
+# Above, DiT-S/2's forward is over 99% of every step on a CPU and the same in every loop, so the
+# ratios sit at 1.0.  Here the model is one multiply (dx/dt = x/2) on the same latents: what is left
+# is each loop's own work per step (its arithmetic, temporaries and bookkeeping), the share a short
+# forward leaves visible (a small model, or a GPU step bound by launches).
+SOLVES = 20  # per timed call: one solve takes well under a millisecond
+
+
+def _one_multiply(x: torch.Tensor, t) -> torch.Tensor:
+    return x * 0.5
+
+
+def _solves(solve):
+    def run():
+        with torch.no_grad():
+            for _ in range(SOLVES):
+                out = solve()
+        return out
+
+    return run
+
+
+@pytest.mark.headline
+@pytest.mark.parametrize("name", ["euler", "heun", "dopri5"])
+def test_sampler_loop_alone(measure_interleaved, setup, name):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+    from torchdiffeq import odeint
+
+    from latentforge_generators.samplers import dopri5
+
+    x, steps = setup.noise, setup.steps
+    grid = np.linspace(1.0, 0.0, steps + 1)
+    peers = {
+        "euler": FlowMatchEulerDiscreteScheduler(),
+        "heun": FlowMatchHeunDiscreteScheduler(),
+    }
+
+    def diffusers_loop(name):
+        scheduler = peers[name]
+        if name == "euler":
+            scheduler.set_timesteps(sigmas=grid[:-1])
+        else:
+            scheduler.set_timesteps(steps // 2 + 1)
+        y = x
+        for timestep in scheduler.timesteps:
+            y = scheduler.step(_one_multiply(y, timestep), timestep, y).prev_sample
+        return y
+
+    span = torch.tensor([1.0, 0.0], device=x.device)
+    loops = {
+        "euler": (lambda: euler(_one_multiply, x, grid.tolist()).x, lambda: diffusers_loop("euler")),
+        "heun": (
+            lambda: heun(_one_multiply, x, np.linspace(1.0, 0.0, steps // 2 + 1).tolist()).x,
+            lambda: diffusers_loop("heun"),
+        ),
+        "dopri5": (
+            lambda: dopri5(_one_multiply, x, atol=ATOL, rtol=RTOL).x,
+            lambda: odeint(lambda t, y: _one_multiply(y, t), x, span, method="dopri5", atol=ATOL, rtol=RTOL)[
+                -1
+            ],
+        ),
+    }
+    peer_names = {
+        "euler": "diffusers FlowMatchEuler",
+        "heun": "diffusers FlowMatchHeun",
+        "dopri5": "torchdiffeq",
+    }
+    ours, peer = loops[name]
+    with torch.no_grad():  # every loop solves the same linear ODE: x(0) = e^{-1/2}·x(1)
+        _close(ours(), peer(), 1e-3)
+    measure_interleaved(
+        {"ours": _solves(ours), peer_names[name]: _solves(peer)},
+        group=f"sampler loop alone (1-multiply model) {name}",
+        items=SOLVES,
+        unit="solves/s",
+    )

@@ -82,6 +82,7 @@ def models(full, device, shape):
     return llama, ours
 
 
+@pytest.mark.headline
 def test_gpt_sampling(measure_interleaved, models, device, shape):
     llama, ours = models
     grid, batch = shape

@@ -24,6 +24,7 @@ def features(full, device):
     return real.to(device), fake.to(device)
 
 
+@pytest.mark.headline
 def test_precision_recall(measure_interleaved, features, device):
     real, fake = features
     out = {}

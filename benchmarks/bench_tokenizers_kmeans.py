@@ -62,6 +62,7 @@ LLOYD_FITS = {
 FITS = {**LLOYD_FITS, "sklearn-minibatch": fit_sklearn}
 
 
+@pytest.mark.headline
 def test_kmeans_fit(measure_interleaved, benchmark, full):
     """The Lloyd fits in turn, round by round (one fit varies by ±15% on a loaded 2-core machine)."""
     x, k, n_iter = problem(full)
@@ -142,6 +143,7 @@ def test_kmeans_equal_inertia(measure, benchmark, full, impl):
     assert inertia <= target * (1 + 1e-6)
 
 
+@pytest.mark.headline
 def test_kmeans_assign(measure_interleaved, full):
     """Nearest-centroid ids: ours (ids only, as ``KMeans.assign`` and the tokenizer's ``encode``; and
     with the distances) against faiss' exact ``IndexFlatL2``, interleaved round by round."""
