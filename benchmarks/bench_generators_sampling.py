@@ -11,6 +11,9 @@ Groups (images/s and MFU; the ratio column is ours / peer in the same run):
 * Heun, NFE ≈ 50: ours (25 steps, NFE 50) beside diffusers' ``FlowMatchHeunDiscreteScheduler`` (26
   sigmas, NFE 51: its last interval, onto σ = 0, is an Euler step).
 * dopri5 (SiT's atol 1e-6, rtol 1e-3): ours beside ``torchdiffeq.odeint``; each row's name gives its NFE.
+* Each loop alone, with a one-multiply model in place of DiT-S/2: what the loop itself costs.
+
+The implementations of a group run interleaved, round by round, so the machine's load hits them alike.
 
 diffusers' flow-match schedulers use σ = our t (1 noise → 0 data) and step ``x += (σ_next - σ)·out``, so
 the model they drive must return our velocity dx/dt, and it is called with ``timestep = 1000·σ``. In the
@@ -95,126 +98,79 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, tol: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-#                                       Euler, 50 steps
+#             The same model under each loop, interleaved round by round (a few seconds a call)
 # ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.headline
-def test_sampling_euler_cfg(measure, setup):
-    out = measure(
-        lambda: _sample(setup, steps=setup.steps),
-        group=f"sample euler-{setup.steps} cfg",
-        impl="ours",
-        items=len(setup.y),
-        unit="images/s",
-        flops=setup.steps * setup.forward_flops,
-    )
-    assert out.shape == setup.noise.shape
-
-
-def test_sampling_euler_cfg_two_forwards(measure, setup):
-    out = measure(
-        lambda: _sample(setup, steps=setup.steps, guidance=TwoForwardCFG(scale=CFG_SCALE)),
-        group=f"sample euler-{setup.steps} cfg",
-        impl="two forwards",
-        items=len(setup.y),
-        unit="images/s",
-        flops=setup.steps * setup.forward_flops,
-    )
-    _close(out, _sample(setup, steps=setup.steps), 1e-4)
-
-
-@pytest.mark.headline
-def test_sampling_euler_cfg_diffusers(measure, setup, full):
+def test_sampling_euler_cfg(measure_interleaved, setup, full):
+    """Ours beside diffusers' Euler loop and beside guidance as two separate forwards."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     grid = np.linspace(1.0, 0.0, setup.steps + 1)  # our time_grid(steps); diffusers appends the final 0
     scheduler = FlowMatchEulerDiscreteScheduler()
 
-    def run():
+    def diffusers():
         scheduler.set_timesteps(sigmas=grid[:-1])
         return _diffusers_loop(setup, scheduler)
 
-    out = measure(
-        run,
-        group=f"sample euler-{setup.steps} cfg",
-        impl="diffusers FlowMatchEuler",
-        items=len(setup.y),
-        unit="images/s",
-        flops=setup.steps * setup.forward_flops,
-    )
+    def two_forwards():
+        return _sample(setup, steps=setup.steps, guidance=TwoForwardCFG(scale=CFG_SCALE))
+
+    ours = _sample(setup, steps=setup.steps)
+    _close(two_forwards(), ours, 1e-4)
+    theirs = diffusers()
     assert len(scheduler.timesteps) == setup.steps
     if not full:  # float32 σ and timestep/1000 against our float64 grid: round-off only
-        _close(out, _sample(setup, steps=setup.steps), 1e-4)
-
-
-# ------------------------------------------------------------------------------------------------
-#                                        Heun, NFE ≈ 50
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.headline
-def test_sampling_heun_cfg(measure, setup):
-    out = measure(
-        lambda: _sample(setup, sampler="heun", steps=setup.steps // 2),
-        group=f"sample heun-nfe{setup.steps} cfg",
-        impl="ours",
+        _close(theirs, ours, 1e-4)
+    measure_interleaved(
+        {
+            "ours": lambda: _sample(setup, steps=setup.steps),
+            "two forwards": two_forwards,
+            "diffusers FlowMatchEuler": diffusers,
+        },
+        group=f"sample euler-{setup.steps} cfg",
         items=len(setup.y),
         unit="images/s",
         flops=setup.steps * setup.forward_flops,
+        rounds=3,
     )
-    assert out.shape == setup.noise.shape
 
 
 @pytest.mark.headline
-def test_sampling_heun_cfg_diffusers(measure, setup, full):
+def test_sampling_heun_cfg(measure_interleaved, setup, full):
+    """Ours (25 steps, NFE 50) beside diffusers' Heun loop (26 sigmas, NFE 51: its last interval,
+    onto σ = 0, is an Euler step)."""
     from diffusers import FlowMatchHeunDiscreteScheduler
 
     scheduler = FlowMatchHeunDiscreteScheduler()
     sigmas = setup.steps // 2 + 1  # 25 Heun intervals and the Euler one onto σ = 0
+    peer = f"diffusers FlowMatchHeun (NFE {2 * sigmas - 1})"
 
-    def run():
+    def diffusers():
         scheduler.set_timesteps(sigmas)
         return _diffusers_loop(setup, scheduler)
 
-    out = measure(
-        run,
-        group=f"sample heun-nfe{setup.steps} cfg",
-        impl=f"diffusers FlowMatchHeun (NFE {2 * sigmas - 1})",
-        items=len(setup.y),
-        unit="images/s",
-        flops=(2 * sigmas - 1) * setup.forward_flops,
-    )
+    theirs = diffusers()
     assert len(scheduler.timesteps) == 2 * sigmas - 1
     if not full:  # ours on its grid: Heun to its last σ, then one Euler step to 0
         grid = torch.cat([scheduler.sigmas[::2], torch.zeros(1)]).tolist()
         with torch.no_grad():
             x = heun(setup.velocity, setup.noise, grid[:-1]).x
-            _close(out, euler(setup.velocity, x, grid[-2:]).x, 1e-4)
-
-
-# ------------------------------------------------------------------------------------------------
-#                                   Adaptive dopri5 (SiT's tolerances)
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.headline
-def test_sampling_dopri5_cfg(measure, setup):
-    _, nfe = _sample(setup, sampler="dopri5", atol=ATOL, rtol=RTOL, return_nfe=True)
-    out = measure(
-        lambda: _sample(setup, sampler="dopri5", atol=ATOL, rtol=RTOL),
-        group="sample dopri5 cfg",
-        impl="ours",
+            _close(theirs, euler(setup.velocity, x, grid[-2:]).x, 1e-4)
+    measure_interleaved(
+        {"ours": lambda: _sample(setup, sampler="heun", steps=setup.steps // 2), peer: diffusers},
+        group=f"sample heun-nfe{setup.steps} cfg",
         items=len(setup.y),
         unit="images/s",
-        flops=nfe * setup.forward_flops,
+        flops={"ours": setup.steps * setup.forward_flops, peer: (2 * sigmas - 1) * setup.forward_flops},
+        rounds=3,
     )
-    assert out.shape == setup.noise.shape
-    print(f"ours dopri5: NFE {nfe}")
 
 
 @pytest.mark.headline
-def test_sampling_dopri5_cfg_torchdiffeq(measure, setup, full):
+def test_sampling_dopri5_cfg(measure_interleaved, setup, full):
+    """Ours beside ``torchdiffeq.odeint`` at SiT's tolerances; each row's name gives its NFE."""
     from torchdiffeq import odeint
 
     calls = []
@@ -223,26 +179,28 @@ def test_sampling_dopri5_cfg_torchdiffeq(measure, setup, full):
         calls.append(1)
         return setup.velocity(x, float(t))
 
-    def run():
-        calls.clear()
+    def torchdiffeq():
         with torch.no_grad():
             span = torch.tensor([1.0, 0.0], device=setup.noise.device)
             return odeint(func, setup.noise, span, method="dopri5", atol=ATOL, rtol=RTOL)[-1]
 
-    run()
-    nfe = len(calls)
-    out = measure(
-        run,
+    def ours():
+        return _sample(setup, sampler="dopri5", atol=ATOL, rtol=RTOL)
+
+    theirs = torchdiffeq()
+    mine, nfe = _sample(setup, sampler="dopri5", atol=ATOL, rtol=RTOL, return_nfe=True)
+    if not full:  # both meet the same tolerance; their step-size controls differ in detail
+        _close(theirs, mine, 50 * RTOL)
+    peer = f"torchdiffeq odeint (NFE {len(calls)})"
+    measure_interleaved(
+        {"ours": ours, peer: torchdiffeq},
         group="sample dopri5 cfg",
-        impl=f"torchdiffeq odeint (NFE {nfe})",
         items=len(setup.y),
         unit="images/s",
-        flops=nfe * setup.forward_flops,
+        flops={"ours": nfe * setup.forward_flops, peer: len(calls) * setup.forward_flops},
+        rounds=3,
     )
-    ours, ours_nfe = _sample(setup, sampler="dopri5", atol=ATOL, rtol=RTOL, return_nfe=True)
-    print(f"torchdiffeq dopri5: NFE {nfe}; ours: NFE {ours_nfe}")
-    if not full:  # both meet the same tolerance; their step-size controls differ in detail
-        _close(out, ours, 50 * RTOL)
+    print(f"dopri5: ours NFE {nfe}, {peer}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -174,9 +174,20 @@ def measure_interleaved(benchmark, full, device):
     change in the machine's load or memory state during the run hits all of them alike (separate
     tests minutes apart measured ratios that drifted by 20%).  Each implementation's figure is the
     median of its own per-call times; pytest-benchmark times the whole round.
+
+    ``flops`` is one call's cost, or ``{impl: cost}`` where the implementations differ (an adaptive
+    solver's evaluations).
     """
 
-    def run(fns: dict, *, group: str, items: int, unit: str, flops: float | None = None, rounds: int = 5):
+    def run(
+        fns: dict,
+        *,
+        group: str,
+        items: int,
+        unit: str,
+        flops: float | dict[str, float] | None = None,
+        rounds: int = 5,
+    ):
         seconds: dict[str, list[float]] = {impl: [] for impl in fns}
 
         def one_round():
@@ -199,7 +210,8 @@ def measure_interleaved(benchmark, full, device):
             return  # timing disabled: the tiny run only checks that every implementation runs
         for impl, times in seconds.items():
             median = sorted(times[-rounds:])[rounds // 2]  # the warm-up round is dropped
-            row = _row(group, impl, unit, items, median, flops, peak, load)
+            cost = flops.get(impl) if isinstance(flops, dict) else flops
+            row = _row(group, impl, unit, items, median, cost, peak, load)
             _rows.append(row)
             benchmark.extra_info[impl] = row
 

@@ -22,11 +22,17 @@ from torch.utils.flop_counter import register_flop_formula
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _onednn_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN's GEMM: on CPUs where MKL's sgemm takes a generic path (AMD)
+    it runs these shapes faster."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # ..., out
+
+
 @torch.library.custom_op("latentforge_core::onednn_linear", mutates_args=())
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` by oneDNN's GEMM: on CPUs where MKL's sgemm takes a generic path (AMD)
-    it runs these shapes faster.  A custom op, so ``torch.compile`` keeps it whole and fuses around it."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # ..., out
+    """:func:`_onednn_gemm` as a custom op, so ``torch.compile`` keeps it whole and fuses around it,
+    with an autograd formula."""
+    return _onednn_gemm(x, weight, bias)
 
 
 @_onednn_linear.register_fake
@@ -90,7 +96,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and not torch.is_autocast_enabled("cpu")
         and x.numel() * weight.shape[0] > SMALL_GEMM_MACS
     ):
-        return _onednn_linear(x, weight, bias)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return _onednn_linear(x, weight, bias)
+        # Nothing for autograd to record: the kernel itself, without the custom op's Python layer
+        # (~7 µs a call, 4% of a small model's decoding step).
+        return _onednn_gemm(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from latentforge_core.attention import attention
 from latentforge_core.checkpoint import CheckpointError, load_state_file
 from latentforge_core.errors import (
     InputError,
@@ -92,12 +92,12 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.norm1(x), **attn_kw))
         return x + self.drop(self.mlp(self.norm2(x)))
 
-    def decode(self, x, cache: KVCache, layer: int, position, rope) -> torch.Tensor:
+    def decode(self, x, cache: KVCache, layer: int, position, rotation) -> torch.Tensor:
         """``forward`` for one new position per row (``Transformer.decode``), without dropout."""
         if self.post_norm:
-            x = self.norm1(x + decode_attention(self.attn, x, cache, layer, position, rope))
+            x = self.norm1(x + decode_attention(self.attn, x, cache, layer, position, rotation))
             return self.norm2(x + self.mlp(x))
-        x = x + decode_attention(self.attn, self.norm1(x), cache, layer, position, rope)
+        x = x + decode_attention(self.attn, self.norm1(x), cache, layer, position, rotation)
         return x + self.mlp(self.norm2(x))
 
 
@@ -115,18 +115,19 @@ def decode_attention(
     cache: KVCache,
     layer: int,
     position: int | torch.Tensor,
-    rope: RotaryEmbedding | None,
+    rotation: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     """``attn`` on ``x [R, 1, D]`` at ``position``: its key and value go into slot ``position`` of
-    ``cache`` in place, and the query attends to slots ``0 … position``.
+    ``cache`` in place, and the query attends to slots ``0 … position``.  ``rotation`` is the rotary
+    table's (cos, sin) rows at ``position`` (``Transformer.decode`` reads them once per step).
 
     An int position reads the valid prefix, a slice, so no mask is built; a 0-d tensor position
     reads the whole cache under a mask computed from it, so that every shape is the same at every
     step (one captured CUDA graph replays them all).
     """
     qkv = attn.qkv(x).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)  # 3, R, H, 1, Dh
-    if rope is not None:  # RotaryEmbedding's rotation of q and k, at a maybe-tensor position
-        cos, sin = table_row(rope.cos, position), table_row(rope.sin, position)  # Dh each
+    if rotation is not None:  # RotaryEmbedding's rotation of q and k
+        cos, sin = rotation  # Dh each
         qk = qkv[:2]  # 2, R, H, 1, Dh
         (q, k), v = torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin).unbind(0), qkv[2]
     else:
@@ -142,7 +143,7 @@ def decode_attention(
         keys.index_copy_(2, slot, k.to(keys.dtype))
         values.index_copy_(2, slot, v.to(values.dtype))
         mask = (torch.arange(keys.shape[2], device=keys.device) <= position)[None]  # 1, L
-    out = attention(q.to(keys.dtype), keys, values, attn_mask=mask, backend="sdpa")  # R, H, 1, Dh
+    out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask)  # R, H, 1, Dh
     return attn.proj(out.transpose(1, 2).flatten(2))  # R, 1, D
 
 
@@ -216,8 +217,11 @@ class Transformer(nn.Module):
         without its bookkeeping: no length checks or ``cache.length`` updates inside the loop; the
         caller bounds the positions once.
         """
+        rotation = None
+        if self.rope is not None:
+            rotation = table_row(self.rope.cos, position), table_row(self.rope.sin, position)  # Dh each
         for layer, block in enumerate(self.blocks):
-            x = block.decode(x, cache, layer, position, self.rope)
+            x = block.decode(x, cache, layer, position, rotation)
         return self.norm(x)
 
 
