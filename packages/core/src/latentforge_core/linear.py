@@ -40,16 +40,17 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@register_flop_formula(torch.ops.latentforge_core.onednn_linear)
+@register_flop_formula([torch.ops.latentforge_core.onednn_linear, torch.ops.mkldnn._linear_pointwise])
 def _onednn_linear_flops(
     x_shape: Sequence[int],
     weight_shape: Sequence[int],
     bias_shape: Sequence[int] | None = None,
-    *,
+    *_: Any,  # the kernel's fused-activation arguments
     out_shape: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> int:
-    """For ``FlopCounterMode``: 2 FLOPs per multiply-add, as it counts ``F.linear``."""
+    """For ``FlopCounterMode``: 2 FLOPs per multiply-add, as it counts ``F.linear`` (both the custom
+    op and the kernel it wraps, which :func:`linear` calls directly without autograd)."""
     return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
 
 
