@@ -78,7 +78,7 @@ HOT_PATHS = (
     ),
     *(
         HotPath(
-            f"JPEG folder → 256 px crop + flip, {workers} loader workers",
+            f"JPEG folder → 256 px crop + flip, {workers} loader worker{'' if workers == 1 else 's'}",
             f"data JPEG folder → 256px crop+flip, {workers} workers",
             "torchvision",
             None,
