@@ -35,7 +35,7 @@ lint: setup
 bench: setup
 	$(PY) -m pytest benchmarks -m "slow or not slow" --benchmark-enable --benchmark-json=benchmarks/results.json -q
 
-# The rows of the README's speed table, from one run (about half an hour on a 2-core CPU; run it on a
+# The rows of the README's speed table, from one run (about 20 minutes on a 2-core CPU; run it on a
 # quiet machine), then the table rewritten from that run's JSON.
 bench-headline: setup
 	$(PY) -m pytest benchmarks -m headline --benchmark-enable --benchmark-json=benchmarks/headline.json -q

@@ -83,11 +83,10 @@ def _sample(setup: Setup, **options):
 
 
 @torch.no_grad()
-def _diffusers_loop(setup: Setup, scheduler) -> torch.Tensor:
+def _diffusers_loop(model, x: torch.Tensor, scheduler) -> torch.Tensor:
     """A diffusers pipeline's denoising loop, without the pipeline: model, then ``scheduler.step``."""
-    x = setup.noise
     for timestep in scheduler.timesteps:
-        x = scheduler.step(setup.diffusers_model(x, timestep), timestep, x).prev_sample
+        x = scheduler.step(model(x, timestep), timestep, x).prev_sample
     return x
 
 
@@ -112,7 +111,7 @@ def test_sampling_euler_cfg(measure_interleaved, setup, full):
 
     def diffusers():
         scheduler.set_timesteps(sigmas=grid[:-1])
-        return _diffusers_loop(setup, scheduler)
+        return _diffusers_loop(setup.diffusers_model, setup.noise, scheduler)
 
     def two_forwards():
         return _sample(setup, steps=setup.steps, guidance=TwoForwardCFG(scale=CFG_SCALE))
@@ -149,7 +148,7 @@ def test_sampling_heun_cfg(measure_interleaved, setup, full):
 
     def diffusers():
         scheduler.set_timesteps(sigmas)
-        return _diffusers_loop(setup, scheduler)
+        return _diffusers_loop(setup.diffusers_model, setup.noise, scheduler)
 
     theirs = diffusers()
     assert len(scheduler.timesteps) == 2 * sigmas - 1
@@ -236,47 +235,37 @@ def test_sampler_loop_alone(measure_interleaved, setup, name):
     from latentforge_generators.samplers import dopri5
 
     x, steps = setup.noise, setup.steps
-    grid = np.linspace(1.0, 0.0, steps + 1)
-    peers = {
-        "euler": FlowMatchEulerDiscreteScheduler(),
-        "heun": FlowMatchHeunDiscreteScheduler(),
-    }
-
-    def diffusers_loop(name):
-        scheduler = peers[name]
-        if name == "euler":
-            scheduler.set_timesteps(sigmas=grid[:-1])
-        else:
-            scheduler.set_timesteps(steps // 2 + 1)
-        y = x
-        for timestep in scheduler.timesteps:
-            y = scheduler.step(_one_multiply(y, timestep), timestep, y).prev_sample
-        return y
-
+    euler_grid, heun_grid = np.linspace(1.0, 0.0, steps + 1), np.linspace(1.0, 0.0, steps // 2 + 1)
     span = torch.tensor([1.0, 0.0], device=x.device)
-    loops = {
-        "euler": (lambda: euler(_one_multiply, x, grid.tolist()).x, lambda: diffusers_loop("euler")),
+    diffusers_euler, diffusers_heun = FlowMatchEulerDiscreteScheduler(), FlowMatchHeunDiscreteScheduler()
+
+    def diffusers(scheduler, **grid):
+        scheduler.set_timesteps(**grid)  # also rewinds its step index, as a pipeline call does
+        return _diffusers_loop(_one_multiply, x, scheduler)
+
+    ours, peer, peer_name = {
+        "euler": (
+            lambda: euler(_one_multiply, x, euler_grid.tolist()).x,
+            lambda: diffusers(diffusers_euler, sigmas=euler_grid[:-1]),
+            "diffusers FlowMatchEuler",
+        ),
         "heun": (
-            lambda: heun(_one_multiply, x, np.linspace(1.0, 0.0, steps // 2 + 1).tolist()).x,
-            lambda: diffusers_loop("heun"),
+            lambda: heun(_one_multiply, x, heun_grid.tolist()).x,
+            lambda: diffusers(diffusers_heun, num_inference_steps=steps // 2 + 1),
+            "diffusers FlowMatchHeun",
         ),
         "dopri5": (
             lambda: dopri5(_one_multiply, x, atol=ATOL, rtol=RTOL).x,
             lambda: odeint(lambda t, y: _one_multiply(y, t), x, span, method="dopri5", atol=ATOL, rtol=RTOL)[
                 -1
             ],
+            "torchdiffeq",
         ),
-    }
-    peer_names = {
-        "euler": "diffusers FlowMatchEuler",
-        "heun": "diffusers FlowMatchHeun",
-        "dopri5": "torchdiffeq",
-    }
-    ours, peer = loops[name]
+    }[name]
     with torch.no_grad():  # every loop solves the same linear ODE: x(0) = e^{-1/2}·x(1)
         _close(ours(), peer(), 1e-3)
     measure_interleaved(
-        {"ours": _solves(ours), peer_names[name]: _solves(peer)},
+        {"ours": _solves(ours), peer_name: _solves(peer)},
         group=f"sampler loop alone (1-multiply model) {name}",
         items=SOLVES,
         unit="solves/s",

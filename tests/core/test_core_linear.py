@@ -55,5 +55,6 @@ def test_flop_counter_counts_the_onednn_op_like_f_linear():
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] == 3 * 2 * 21 * 256 * 512  # forward, input and weight gradients
     with torch.no_grad(), FlopCounterMode(display=False) as counter:  # the kernel without the op
-        layer(x)
+        out = layer(x)
     assert counter.get_total_flops() == 2 * 21 * 256 * 512
+    assert torch.equal(out, layer(x).detach())  # the same kernel as through the op

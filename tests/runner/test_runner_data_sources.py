@@ -34,6 +34,7 @@ from latentforge_runner.data import (
     build_dataset,
     collate,
     expand_braces,
+    to_tensor,
 )
 from latentforge_runner.latents import LatentShards
 
@@ -373,3 +374,14 @@ def test_every_image_recipe_reads_the_chosen_split_and_columns(sources, tmp_path
     probe = ("encoder.name=test-vit-tiny", "data.image_size=32", "epochs=1", *hf, "data.split=meta")
     with pytest.raises(DataError, match=r"'meta' split .* has the columns \['caption', 'digit'\].*not 'png'"):
         _quiet("linear-probe", [*probe, f"run.output_dir={tmp_path / 'probe'}"])
+
+
+def test_to_tensor_gives_contiguous_channels_first_floats_of_a_cropped_flipped_view():
+    """A non-square crop of a mirrored image (a negative-stride view), as the loaders pass it."""
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 31, 3), dtype=np.uint8)
+    view = pixels[2:14, 5:26][:, ::-1]  # 12 × 21, flipped
+    out = to_tensor(view)
+    assert out.shape == (3, 12, 21) and out.dtype == torch.float32 and out.is_contiguous()
+    for channel in range(3):
+        expected = torch.from_numpy(view[:, :, channel].copy()).float() / 255.0
+        assert torch.equal(out[channel], expected)
